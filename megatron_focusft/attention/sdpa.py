@@ -1,0 +1,25 @@
+"""`sdpa` backend: torch scaled_dot_product_attention with the materialised mask (short sequences)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_focusft.masks import SegmentMask
+
+
+def sdpa_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: SegmentMask, scale: float
+) -> torch.Tensor:
+    """query [b, hq, s, d], key/value [b, hkv, s, d] -> [b, hq, s, d]; O(s^2) mask memory.
+
+    Rows that see no key (padding) would be NaN under softmax; they are given their own
+    diagonal entry to attend to and their output is zeroed, so values and gradients stay finite.
+    """
+    dense = mask.to_dense()
+    empty_rows = ~dense.any(dim=-1)
+    dense = dense | torch.diag_embed(empty_rows)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=dense[:, None], scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.masked_fill(empty_rows[:, None, :, None], 0.0)
