@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -131,7 +131,7 @@ def validate_inputs(
     return doc_ids, loss_mask, block_ids, sink_mask
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SegmentMask:
     """Per-token description of a segment mask; derived forms are computed once and cached.
 
@@ -212,6 +212,16 @@ class SegmentMask:
         built by ``segment_mask``); raises ValueError otherwise.
         """
         return _column_intervals(self)
+
+    def derived(self, key: Any, build: Callable[[SegmentMask], Any]) -> Any:
+        """`build(self)`, computed once per mask and key (backend forms: BlockMask, varlen plan).
+
+        Every layer of a step sees the same mask, so each backend compiles it only once.
+        """
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        if key not in cache:
+            cache[key] = build(self)
+        return cache[key]
 
     def to(self, device: torch.device | str) -> SegmentMask:
         return SegmentMask(*(t.to(device) for t in

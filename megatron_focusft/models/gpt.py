@@ -1,0 +1,31 @@
+"""The one seam where the model class is chosen: Megatron's GPTModel with our layer spec."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_focusft.models.presets import ModelPreset
+
+
+def build_gpt_model(
+    config: TransformerConfig,
+    preset: ModelPreset,
+    layer_spec: ModuleSpec,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:
+    """A Llama-like GPTModel (RoPE, untied embeddings); logits come out [b, s, vocab/tp]."""
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=preset.vocab_size,
+        max_sequence_length=preset.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(preset.rotary_base),
+    )

@@ -1,0 +1,79 @@
+"""Model shapes used by tests, the demo, benchmarks and examples: the one place they live."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A Llama-like decoder: RoPE, SwiGLU, RMSNorm, GQA, no biases, untied output layer."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # Tests, demo and CPU benchmarks.
+    "tiny": ModelPreset(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
+                        num_query_groups=2, vocab_size=512, max_position_embeddings=8192),
+    # GPU benchmarks: about 1.2B parameters.
+    "1b": ModelPreset(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                      num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,
+                      rotary_base=500000.0),
+    # Llama-3-8B shape (examples, communication model).
+    "llama3-8b": ModelPreset(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                             num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,
+                             rotary_base=500000.0),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def transformer_config(preset: ModelPreset, **overrides: object) -> TransformerConfig:
+    """Megatron TransformerConfig for a preset; overrides set parallelism, dtype, init, etc."""
+    fields = dict(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups,
+        kv_channels=preset.hidden_size // preset.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=0.02,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def with_layers(preset: ModelPreset, num_layers: int) -> ModelPreset:
+    return dataclasses.replace(preset, num_layers=num_layers)

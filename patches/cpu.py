@@ -1,0 +1,142 @@
+"""CPU compatibility shim for megatron-core 0.19: the places it hard-codes CUDA.
+
+Applied only by an explicit `apply_cpu_patches()` call, and only when CUDA is absent. Two
+kinds of patch, each listed with its reason:
+- PATCHED_MODULES: the module-global `torch` is replaced by a proxy that behaves like torch
+  except that CUDA devices resolve to the CPU and CUDA-only calls (synchronize,
+  current_device) become their CPU equivalents. Code outside those modules is untouched.
+- PATCHED_FUNCTIONS: a function whose CUDA assumption is not a device argument (an assert on
+  the tensor type) is replaced by a CPU version with the same arithmetic.
+No numerics change: only where tensors live. tests/patches/test_cpu.py fails if megatron-core
+changes a patched function's signature or no longer contains the CUDA code a module is
+patched for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+import torch
+
+# module -> why it is patched (the CUDA-only code it contains)
+PATCHED_MODULES: dict[str, str] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+        "RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()",
+    "megatron.core.distributed.param_and_grad_buffer":
+        "gradient buffers are allocated on torch.cuda.current_device()",
+    "megatron.core.distributed.distributed_data_parallel":
+        "torch.cuda.synchronize() around buffer allocation and release",
+    "megatron.core.optimizer.optimizer":
+        "found_inf / scale tensors are created with device='cuda'",
+    "megatron.core.optimizer.clip_grads":
+        "gradient norms are reduced in tensors created with device='cuda'",
+    "megatron.core.utils":
+        "the multi-tensor L2-norm fallback returns its result in a tensor created with device='cuda'",
+    "megatron.core.pipeline_parallel.schedules":
+        "the token counter of every schedule is created with device='cuda'",
+    "megatron.core.pipeline_parallel.p2p_communication":
+        "shape exchange buffers on torch.cuda.current_device() and torch.cuda.synchronize()",
+}
+
+_CPU = torch.device("cpu")
+
+
+def _clip_grad_by_total_norm_cpu(
+    parameters: list[torch.Tensor] | torch.Tensor,
+    max_norm: int | float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
+    """Scale gradients in place by max_norm / (total_norm + 1e-6) when that is below 1.
+
+    The arithmetic of megatron's version (multi_tensor_scale: grad * coeff in fp32), without
+    its assertion that gradients are torch.cuda.FloatTensor.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for grad in grads:
+        grad.mul_(clip_coeff)
+
+
+# (module, function name) -> (replacement, signature it was written against, reason)
+PATCHED_FUNCTIONS: dict[tuple[str, str], tuple[Any, str, str]] = {
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): (
+        _clip_grad_by_total_norm_cpu,
+        "(parameters: Union[List[torch.Tensor], torch.Tensor], max_norm: Union[int, float], "
+        "total_norm: float, use_decoupled_grad: bool = False)",
+        "asserts param.grad.type() == 'torch.cuda.FloatTensor'",
+    ),
+}
+
+
+def _to_cpu_device(device: Any) -> Any:
+    """CUDA device specs (str, int index, torch.device) resolve to the CPU; others pass through."""
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+class _CpuCuda(types.SimpleNamespace):
+    """Stands in for `torch.cuda` inside a patched module."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return _CPU
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        return None
+
+    @staticmethod
+    def is_available() -> bool:
+        return False
+
+
+class _CpuTorch(types.ModuleType):
+    """Stands in for `torch` inside a patched module: factory calls get CPU devices."""
+
+    cuda = _CpuCuda()
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(torch, name)
+        if callable(value) and name in _FACTORIES:
+            def factory(*args: Any, _fn: Any = value, **kwargs: Any) -> Any:
+                if "device" in kwargs:
+                    kwargs["device"] = _to_cpu_device(kwargs["device"])
+                return _fn(*args, **kwargs)
+
+            return factory
+        return value
+
+
+_FACTORIES = frozenset({"zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like"})
+_CPU_TORCH = _CpuTorch("torch")
+
+
+def apply_cpu_patches(force: bool = False) -> list[str]:
+    """Apply PATCHED_MODULES and PATCHED_FUNCTIONS for CPU runs; no-op when CUDA is available.
+
+    `force` patches even with CUDA present (tests only). Returns the patched names.
+    Idempotent.
+    """
+    if torch.cuda.is_available() and not force:
+        return []
+    for name in PATCHED_MODULES:
+        importlib.import_module(name).torch = _CPU_TORCH
+    for (module_name, function_name), (replacement, _, _) in PATCHED_FUNCTIONS.items():
+        setattr(importlib.import_module(module_name), function_name, replacement)
+    return list(PATCHED_MODULES) + [f"{m}.{f}" for m, f in PATCHED_FUNCTIONS]
