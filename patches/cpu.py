@@ -14,6 +14,7 @@ patched for.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 from typing import Any
@@ -25,7 +26,7 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding":
         "RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()",
     "megatron.core.distributed.param_and_grad_buffer":
-        "gradient buffers are allocated on torch.cuda.current_device()",
+        "gradient buffers on torch.cuda.current_device(); grad sync waits on torch.cuda.current_stream()",
     "megatron.core.distributed.distributed_data_parallel":
         "torch.cuda.synchronize() around buffer allocation and release",
     "megatron.core.optimizer.optimizer":
@@ -87,8 +88,30 @@ def _to_cpu_device(device: Any) -> Any:
     return device
 
 
+class _CpuStream:
+    """The CPU runs every op in order: waiting on events or streams is a no-op."""
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+
 class _CpuCuda(types.SimpleNamespace):
     """Stands in for `torch.cuda` inside a patched module."""
+
+    @staticmethod
+    def current_stream(device: Any = None) -> _CpuStream:
+        return _CpuStream()
+
+    @staticmethod
+    def stream(stream: Any) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch.cuda, name)

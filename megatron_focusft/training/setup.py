@@ -1,0 +1,69 @@
+"""Building a Megatron model, its DDP wrapper and optimizer from our small configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_focusft.attention.spec import get_segment_attention_layer_spec
+from megatron_focusft.models.gpt import build_gpt_model
+from megatron_focusft.models.presets import get_preset, transformer_config
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """What the model is and how it is parallelised."""
+
+    preset: str = "tiny"
+    attention_backend: str = "sdpa"
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class OptimizerSetup:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+
+
+def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, TransformerConfig]:
+    """GPTModel with segment-mask attention wrapped in Megatron's DDP (per-token loss averaging).
+
+    Parallel state must be initialised. Weights are initialised from the global torch seed
+    as one master tensor split across TP ranks, so any TP size starts from the same model.
+    """
+    preset = get_preset(setup.preset)
+    config = transformer_config(
+        preset,
+        tensor_model_parallel_size=setup.tensor_model_parallel_size,
+        sequence_parallel=setup.sequence_parallel,
+        bf16=setup.bf16,
+        params_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
+        calculate_per_token_loss=True,
+    )
+    model = build_gpt_model(config, preset, get_segment_attention_layer_spec(setup.attention_backend))
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model
+    )
+    # The schedule calls this after the last micro-batch: reduces grads across DP and divides
+    # them by the number of loss tokens (calculate_per_token_loss).
+    config.finalize_model_grads_func = finalize_model_grads
+    return ddp, config
+
+
+def build_optimizer(model: DistributedDataParallel, setup: OptimizerSetup, bf16: bool = False) -> MegatronOptimizer:
+    config = OptimizerConfig(
+        optimizer="adam", lr=setup.lr, min_lr=setup.min_lr, weight_decay=setup.weight_decay,
+        adam_beta1=setup.adam_beta1, adam_beta2=setup.adam_beta2, clip_grad=setup.clip_grad,
+        bf16=bf16, fp16=False,
+    )
+    return get_megatron_optimizer(config, [model])

@@ -1,0 +1,19 @@
+"""In-process tiny Megatron models for single-rank tests (needs the `single_rank` fixture)."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_focusft.attention.spec import get_segment_attention_layer_spec
+from megatron_focusft.models.gpt import build_gpt_model
+from megatron_focusft.models.presets import get_preset, transformer_config
+
+
+def build_tiny_model(seed: int, backend: str = "sdpa", preset: str = "tiny", **overrides) -> GPTModel:
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+    torch.manual_seed(seed)
+    p = get_preset(preset)
+    return build_gpt_model(transformer_config(p, **overrides), p, get_segment_attention_layer_spec(backend))
