@@ -17,28 +17,37 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-# module -> why it is patched (the CUDA-only code it contains)
-PATCHED_MODULES: dict[str, str] = {
-    "megatron.core.models.common.embeddings.rotary_pos_embedding":
+# module -> (why it is patched, a snippet of its source that shows the CUDA code)
+PATCHED_MODULES: dict[str, tuple[str, str]] = {
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": (
         "RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device()",
-    "megatron.core.distributed.param_and_grad_buffer":
+        "self.inv_freq.to(device=torch.cuda.current_device())"),
+    "megatron.core.distributed.param_and_grad_buffer": (
         "gradient buffers on torch.cuda.current_device(); grad sync waits on torch.cuda.current_stream()",
-    "megatron.core.distributed.distributed_data_parallel":
+        "device=torch.cuda.current_device()"),
+    "megatron.core.distributed.distributed_data_parallel": (
         "torch.cuda.synchronize() around buffer allocation and release",
-    "megatron.core.optimizer.optimizer":
+        "torch.cuda.synchronize()"),
+    "megatron.core.optimizer.optimizer": (
         "found_inf / scale tensors are created with device='cuda'",
-    "megatron.core.optimizer.clip_grads":
+        "device='cuda'"),
+    "megatron.core.optimizer.clip_grads": (
         "gradient norms are reduced in tensors created with device='cuda'",
-    "megatron.core.utils":
+        "device='cuda'"),
+    "megatron.core.utils": (
         "the multi-tensor L2-norm fallback returns its result in a tensor created with device='cuda'",
-    "megatron.core.pipeline_parallel.schedules":
+        'device="cuda"'),
+    "megatron.core.pipeline_parallel.schedules": (
         "the token counter of every schedule is created with device='cuda'",
-    "megatron.core.pipeline_parallel.p2p_communication":
+        'device="cuda"'),
+    "megatron.core.pipeline_parallel.p2p_communication": (
         "shape exchange buffers on torch.cuda.current_device() and torch.cuda.synchronize()",
+        "device=torch.cuda.current_device()"),
 }
 
 _CPU = torch.device("cpu")
@@ -68,15 +77,25 @@ def _clip_grad_by_total_norm_cpu(
         grad.mul_(clip_coeff)
 
 
-# (module, function name) -> (replacement, signature it was written against, reason)
-PATCHED_FUNCTIONS: dict[tuple[str, str], tuple[Any, str, str]] = {
-    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"): (
+@dataclass(frozen=True)
+class FunctionPatch:
+    used_in: str  # the module whose reference is replaced
+    defined_in: str  # where megatron-core defines the original
+    name: str
+    replacement: Callable[..., Any]
+    expected_signature: str
+    reason: str
+
+
+PATCHED_FUNCTIONS: tuple[FunctionPatch, ...] = (
+    FunctionPatch(
+        "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
         _clip_grad_by_total_norm_cpu,
         "(parameters: Union[List[torch.Tensor], torch.Tensor], max_norm: Union[int, float], "
         "total_norm: float, use_decoupled_grad: bool = False)",
         "asserts param.grad.type() == 'torch.cuda.FloatTensor'",
     ),
-}
+)
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -160,6 +179,6 @@ def apply_cpu_patches(force: bool = False) -> list[str]:
         return []
     for name in PATCHED_MODULES:
         importlib.import_module(name).torch = _CPU_TORCH
-    for (module_name, function_name), (replacement, _, _) in PATCHED_FUNCTIONS.items():
-        setattr(importlib.import_module(module_name), function_name, replacement)
-    return list(PATCHED_MODULES) + [f"{m}.{f}" for m, f in PATCHED_FUNCTIONS]
+    for patch in PATCHED_FUNCTIONS:
+        setattr(importlib.import_module(patch.used_in), patch.name, patch.replacement)
+    return list(PATCHED_MODULES) + [f"{p.used_in}.{p.name}" for p in PATCHED_FUNCTIONS]
