@@ -6,7 +6,8 @@ one with ``padding`` (no mask inside a segment) for bidirectional ones. Both mas
 TE's flash and cuDNN fused backends; the ``arbitrary`` type, which would fall back to TE's
 O(s^2) unfused backend, is never used.
 
-TE facts relied on (read in TE's ``dot_product_attention.py`` / ``utils.py``, v2.8 and main):
+TE facts relied on (read in TE's attention ``dot_product_attention.py``, ``backends.py`` and
+``utils.py``, v2.8 and main):
 - THD tensors are [t, heads, head_dim]; the THD output comes back as [t, heads * head_dim].
 - THD needs a mask type containing "padding", int32 ``cu_seqlens_q`` / ``cu_seqlens_kv`` of the
   same shape [n + 1], and accepts ``max_seqlen_q`` / ``max_seqlen_kv`` (passing them avoids a sync).
@@ -69,6 +70,8 @@ def te_varlen_attention(
     # TE reads module.training to decide whether to keep the softmax statistics for backward;
     # follow autograd rather than the (unknown) mode of the model that calls this function.
     module.train(torch.is_grad_enabled())
+    # TE reads the THD layout from strides; the gathered tensors are fresh, so this is a no-op.
+    q, k, v = (x.contiguous() for x in (q, k, v))
     out = module(
         q,
         k,

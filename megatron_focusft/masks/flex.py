@@ -66,11 +66,11 @@ def visible_pairs_per_tile(mask: SegmentMask, block_size: int) -> torch.Tensor:
     # how many starts (ends) of the tile fall before x and their sum: prefix sums of per-tile
     # histograms bucketed by key tile. Padding rows (start = end = 0) add nothing.
     query_tile = torch.arange(s, device=mask.device) // block_size
+    tile_bounds = torch.arange(num_tiles + 1, device=mask.device) * block_size  # x = j*B, j = 0..nt
     pairs_before = torch.zeros(b, num_tiles, num_tiles + 1, dtype=torch.long, device=mask.device)
     for bound, sign in ((kv_start, 1), (kv_end, -1)):
         count_before, sum_before = _tile_prefix_histogram(bound, query_tile, num_tiles, block_size)
-        x = torch.arange(num_tiles + 1, device=mask.device) * block_size
-        pairs_before += sign * (x * count_before - sum_before)
+        pairs_before += sign * (tile_bounds * count_before - sum_before)
     return pairs_before[:, :, 1:] - pairs_before[:, :, :-1]
 
 

@@ -21,8 +21,9 @@ calls, each expressible by flash-attn / cuDNN / TE kernels without an arbitrary 
 Memory cost: keys and values are gathered (duplicated) into packed tensors, so one call holds
 ``sum over its blocks of (visible keys of the block)`` K/V tokens. Plain causal masks cost
 nothing extra (one segment per document, no duplication); a document of ``m`` blocks that all
-see their prefix costs up to about ``m`` times its length (e.g. a focusft multi-turn sample),
-while its attention FLOPs are unchanged.
+see their prefix (a focusft multi-turn sample, say) holds between 1 and ``m`` times its length,
+about ``(m + 1) / 2`` times for equal blocks. Attention FLOPs do not grow: every score a kernel
+computes is a visible (query, key) pair.
 
 Building a plan synchronises with the device a few times (``nonzero``, ``max``); it runs once
 per mask and is cached on it (``mask.derived("varlen", ...)``), so every layer of a step
@@ -98,20 +99,22 @@ def run_varlen_plan(
     """
     b, hq, s, _ = query.shape
     dv = value.shape[-1]
-    # One token-major copy per tensor, shared by both calls: [b, h, s, d] -> [b * s, h, d].
-    q_flat, k_flat, v_flat = (x.transpose(1, 2).reshape(b * s, x.shape[1], x.shape[-1])
-                              for x in (query, key, value))
     out = query.new_zeros(b * s, hq, dv)
     for call in plan:
+        q_row, q_pos = call.q_index // s, call.q_index % s
+        kv_row, kv_pos = call.kv_index // s, call.kv_index % s
+        # Advanced indexing gathers [b, h, s, d] -> [t, h, d] straight from any layout (no
+        # token-major copy of the whole tensor); its backward accumulates duplicated keys.
         packed_out = segment_attention(
-            q_flat.index_select(0, call.q_index),
-            k_flat.index_select(0, call.kv_index),
-            v_flat.index_select(0, call.kv_index),
+            query[q_row, :, q_pos],
+            key[kv_row, :, kv_pos],
+            value[kv_row, :, kv_pos],
             call,
             scale,
         )
         # Out of place: each query index is in exactly one call, so copies never overlap.
         out = out.index_copy(0, call.q_index, packed_out.to(out.dtype))
+    # [b * s, hq, dv] -> a [b, hq, s, dv] view.
     return out.view(b, s, hq, dv).transpose(1, 2)
 
 
@@ -146,7 +149,8 @@ class _Blocks:
     causal: torch.Tensor
 
     def select(self, keep: torch.Tensor) -> _Blocks:
-        return _Blocks(*(t[keep] for t in (self.q_lo, self.q_hi, self.prefix_rank, self.n_prefix, self.causal)))
+        return _Blocks(self.q_lo[keep], self.q_hi[keep], self.prefix_rank[keep], self.n_prefix[keep],
+                       self.causal[keep])
 
 
 def _blocks(mask: SegmentMask, public_rank: torch.Tensor) -> _Blocks:
