@@ -1,0 +1,46 @@
+"""Per-sample fast weights: transient LoRA-style adapters on tensor-parallel Megatron linears."""
+
+from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers, target_projections
+from megatron_focusft.fastweights.linear import (
+    SHARD_DIMS,
+    FastWeightBinding,
+    FastWeightColumnParallelLinear,
+    FastWeightRowParallelLinear,
+    FastWeightShape,
+    bind_fast_weights,
+    check_fast_weights,
+    fast_weight_layout,
+    fast_weight_modules,
+    init_fast_weights,
+    sample_index_from_doc_ids,
+    select_samples,
+    shard_fast_weights,
+    unshard_fast_weights,
+)
+from megatron_focusft.fastweights.segmented import TokenGroups, segmented_lora, segmented_matmul
+from megatron_focusft.fastweights.spec import get_fast_weight_block_spec, with_fast_weights
+
+__all__ = [
+    "SHARD_DIMS",
+    "FastWeightBinding",
+    "FastWeightColumnParallelLinear",
+    "FastWeightConfig",
+    "FastWeightRowParallelLinear",
+    "FastWeightShape",
+    "TokenGroups",
+    "adapted_layer_numbers",
+    "bind_fast_weights",
+    "check_fast_weights",
+    "fast_weight_layout",
+    "fast_weight_modules",
+    "get_fast_weight_block_spec",
+    "init_fast_weights",
+    "sample_index_from_doc_ids",
+    "segmented_lora",
+    "segmented_matmul",
+    "select_samples",
+    "shard_fast_weights",
+    "target_projections",
+    "unshard_fast_weights",
+    "with_fast_weights",
+]
