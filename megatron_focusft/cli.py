@@ -1,0 +1,587 @@
+"""The ``focusft`` command line: ``focusft demo`` and ``focusft bench attention``.
+
+demo             a short training run of the ``tiny`` preset on the synthetic packed multi-turn
+                 retrieval task under the FocuSFT mask (CPU over gloo, or GPU); writes
+                 ``<output-dir>/results.json``. Plain SFT with the segment mask: a stand-in
+                 until the bilevel FocuSFT demo lands.
+bench attention  forward / forward+backward time of an attention backend on a representative
+                 layout of each mask kind, with TFLOP/s counted on the visible area of the mask.
+
+Megatron-Core is imported only by ``demo``: the benchmark needs torch and the masks alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import socket
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_focusft.masks import MASK_KINDS, SegmentMask, segment_mask
+
+# ---------------------------------------------------------------------------------------------
+# focusft demo
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of ``focusft demo``; the defaults take about 10 s on 2 CPU cores (3 s of training)."""
+
+    steps: int = 30
+    seq_length: int = 256
+    micro_batch_size: int = 2
+    num_micro_batches: int = 1
+    lr: float = 5e-4
+    warmup_steps: int = 3
+    mask: str = "focusft"
+    preset: str = "tiny"
+    attention_backend: str = "sdpa"
+    output_dir: str = "runs/demo"
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_length", "micro_batch_size", "num_micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.mask not in MASK_KINDS or self.mask == "block":
+            raise ValueError(f"the demo trains with mask 'focusft' or 'causal', got {self.mask!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        from megatron_focusft.data.synthetic import RetrievalTaskConfig
+
+        RetrievalTaskConfig.fitting(self.seq_length)  # raises if a sample cannot fit in a row
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_distributed() -> bool:
+    """Join torchrun's world when its env is set, else start a 1-process world.
+
+    Returns whether this call created the process group (and so must destroy it).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if cuda else "gloo"
+    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        dist.init_process_group(backend, init_method="env://")
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    return True
+
+
+def _quiet_megatron_import_warnings() -> None:
+    # Megatron warns at import that TE/Apex are absent and it falls back to torch: expected
+    # for the demo (local layer spec, torch optimizer), so it only clutters the progress lines.
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "MimoModelConfig is experimental"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
+def _data_parallel_mean(stats: dict[str, float], world_size: int) -> dict[str, float]:
+    """train_step's stats with the loss as a token mean over all data-parallel ranks.
+
+    train_step reports its own rank's micro-batches; the grad norm is already global.
+    """
+    if world_size == 1:
+        return stats
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    totals = torch.tensor([stats["loss"] * stats["num_tokens"], stats["num_tokens"]], dtype=torch.float64,
+                          device=device)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return {**stats, "loss": float(totals[0] / totals[1].clamp(min=1)), "num_tokens": int(totals[1])}
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _answer_accuracy(model: torch.nn.Module, batches: list[Any], value_range: tuple[int, int]) -> dict[str, float]:
+    """Greedy accuracy of the model on the answer value of each question (the retrieval itself).
+
+    Scored at positions whose label is a response value token; the logits are [b, s, vocab]
+    (TP = 1, so the vocabulary is not sharded).
+    """
+    lo, hi = value_range
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch.tokens, batch.position_ids, batch.attention)
+            at_answer = (batch.loss_mask > 0) & (batch.labels >= lo) & (batch.labels < hi)
+            predicted = logits.argmax(dim=-1)
+            correct += int((predicted[at_answer] == batch.labels[at_answer]).sum())
+            total += int(at_answer.sum())
+    model.train()
+    return {"answer_accuracy": correct / max(total, 1), "answers_scored": total}
+
+
+def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
+    """Train the ``tiny`` preset for config.steps steps; return (and write) the results dict."""
+    _quiet_megatron_import_warnings()
+    import megatron.core
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_focusft.data.batch import make_batch
+    from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
+    from megatron_focusft.models.presets import get_preset
+    from megatron_focusft.patches.cpu import apply_cpu_patches
+    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.training.sft import train_step
+
+    cuda = torch.cuda.is_available()
+    created_world = _init_distributed()  # sets the CUDA device of this rank first
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    owns_parallel_state = False
+    try:
+        if not cuda:
+            apply_cpu_patches()
+        owns_parallel_state = not parallel_state.model_parallel_is_initialized()
+        if owns_parallel_state:
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dp_rank = parallel_state.get_data_parallel_rank()
+        log = print if rank == 0 else (lambda *a, **k: None)
+
+        torch.manual_seed(config.seed)
+        if cuda:
+            tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
+        preset = get_preset(config.preset)
+        model, _ = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend))
+        optimizer = build_optimizer(model, OptimizerSetup(lr=config.lr, min_lr=config.lr * 0.1))
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.lr * 0.1,
+            lr_warmup_steps=min(config.warmup_steps, config.steps - 1), lr_decay_steps=config.steps,
+            lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=config.steps,
+            wd_incr_style="constant",
+        )
+        scheduler.step(increment=1)  # step 1 trains at lr / warmup_steps, not at init_lr = 0
+        task = RetrievalTaskConfig.fitting(config.seq_length, vocab_size=preset.vocab_size)
+        # Each data-parallel rank reads its own stream; the evaluation stream is disjoint.
+        packer = RetrievalPacker(task, config.seq_length, config.micro_batch_size, seed=config.seed * 1000 + dp_rank)
+        eval_packer = RetrievalPacker(task, config.seq_length, config.micro_batch_size, seed=-1 - config.seed)
+
+        def next_batch(source: RetrievalPacker) -> Any:
+            rows = source.next_rows().to(device)
+            return make_batch(rows.tokens, rows.doc_ids, rows.response, mask_kind=config.mask)
+
+        eval_batches = [next_batch(eval_packer) for _ in range(4)]
+        tokens_per_step = config.micro_batch_size * config.seq_length * config.num_micro_batches * world
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"focusft demo: preset {config.preset} ({n_params / 1e6:.1f}M params), {config.steps} steps of "
+            f"{config.num_micro_batches} x [{config.micro_batch_size}, {config.seq_length}] on {world} rank(s), "
+            f"{'CUDA' if cuda else 'CPU/gloo'}, mask {config.mask}, attention {config.attention_backend}, "
+            f"lr {config.lr:g}")
+        before = _answer_accuracy(model, eval_batches, task.value_range)
+
+        losses: list[float] = []
+        grad_norms: list[float] = []
+        loss_tokens: list[int] = []
+        step_seconds: list[float] = []
+        lrs: list[float] = []
+        start = time.perf_counter()
+        for step in range(1, config.steps + 1):
+            t0 = time.perf_counter()
+            micro_batches = [next_batch(packer) for _ in range(config.num_micro_batches)]
+            lr = optimizer.param_groups[0]["lr"]
+            stats = _data_parallel_mean(train_step(model, optimizer, micro_batches), world)
+            scheduler.step(increment=1)
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"step {step}: loss is {stats['loss']}")
+            losses.append(stats["loss"])
+            grad_norms.append(stats["grad_norm"])
+            loss_tokens.append(stats["num_tokens"])
+            step_seconds.append(dt)
+            lrs.append(lr)
+            # ETA from the recent steps: the first step also pays one-time warm-up costs.
+            recent = statistics.median(step_seconds[-5:])
+            log(f"step {step:>4}/{config.steps} | loss {stats['loss']:7.4f} | grad norm {stats['grad_norm']:6.3f} | "
+                f"lr {lr:.2e} | {tokens_per_step / dt:8,.0f} tok/s | {dt:5.2f} s/step | "
+                f"ETA {_fmt_seconds(recent * (config.steps - step))}", flush=True)
+        total_seconds = time.perf_counter() - start
+        after = _answer_accuracy(model, eval_batches, task.value_range)
+
+        steady = step_seconds[1:] or step_seconds
+        mean_step = statistics.fmean(steady)
+        head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5):]
+        results: dict[str, Any] = {
+            "command": command,
+            "config": dataclasses.asdict(config),
+            "steps": config.steps,
+            "loss": losses,
+            "grad_norm": grad_norms,
+            "lr": lrs,
+            "loss_tokens": loss_tokens,
+            "seconds_per_step": step_seconds,
+            "mean_seconds_per_step": mean_step,
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_second": tokens_per_step / mean_step,
+            "total_seconds": total_seconds,
+            "loss_start": statistics.fmean(head),
+            "loss_end": statistics.fmean(tail),
+            "answer_accuracy_before": before["answer_accuracy"],
+            "answer_accuracy_after": after["answer_accuracy"],
+            "answers_scored": after["answers_scored"],
+            # Accuracy of answering with a random value of the sample's own table.
+            "table_guess_accuracy": statistics.fmean(1 / n for n in range(task.min_pairs, task.max_pairs + 1)),
+            "task": dataclasses.asdict(task),
+            "model": {"preset": config.preset, "parameters": n_params},
+            "world_size": world,
+            "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "torch_version": torch.__version__,
+            "megatron_core_version": megatron.core.__version__,
+        }
+        log(f"done: {config.steps} steps in {_fmt_seconds(total_seconds)} ({mean_step:.3f} s/step after the first, "
+            f"{results['tokens_per_second']:,.0f} tok/s); loss {results['loss_start']:.3f} -> {results['loss_end']:.3f} "
+            f"(mean of the first / last {len(head)} steps)")
+        # A few dozen steps teach the answer format (EOS) and the value distribution; looking
+        # the key up in the table (in-context retrieval) takes far more steps than the demo.
+        log(f"answer accuracy on held-out samples: {before['answer_accuracy']:.1%} -> {after['answer_accuracy']:.1%} "
+            f"(a random value of the sample's table: {results['table_guess_accuracy']:.1%})")
+        if rank == 0:
+            out_dir = Path(config.output_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / "results.json"
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            log(f"results: {path}")
+        return results
+    finally:
+        if owns_parallel_state:
+            parallel_state.destroy_model_parallel()
+        if created_world:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# focusft bench attention
+# ---------------------------------------------------------------------------------------------
+
+# FLOPs of attention over the pairs a mask leaves visible: QK^T and PV are 2 * d FLOPs each
+# per (query, key, head) -> 4 * pairs * d * heads for the forward. The backward recomputes
+# QK^T and does 4 more matmuls (dV, dP, dQ, dK): 2.5x the forward (FlashAttention's
+# convention), so forward + backward counts 1 + 2.5 = 3.5x the forward.
+FWD_FLOPS_PER_PAIR_DIM_HEAD = 4
+BWD_OVER_FWD_FLOPS = 2.5
+FLOP_CONVENTION = (
+    "visible-area FLOPs: fwd = 4 * visible_pairs * head_dim * heads (heads = query heads; "
+    "visible_pairs summed over the batch, counted from the SegmentMask intervals); "
+    f"bwd = {BWD_OVER_FWD_FLOPS} x fwd; fwd_bwd = {1 + BWD_OVER_FWD_FLOPS} x fwd"
+)
+CPU_MAX_SEQ_LENGTH = 8192
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class AttentionBenchConfig:
+    """Settings of ``focusft bench attention``."""
+
+    backend: str = "flex"
+    masks: tuple[str, ...] = MASK_KINDS
+    seq_lengths: tuple[int, ...] = (4096, 16384, 32768)
+    batch_size: int = 1
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bf16"
+    iters: int = 10
+    warmup: int = 3
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.masks if m not in MASK_KINDS]
+        if unknown:
+            raise ValueError(f"unknown mask kind(s) {unknown}; expected any of {MASK_KINDS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
+        if self.heads < 1 or self.kv_heads < 1 or self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a positive multiple of kv_heads ({self.kv_heads})")
+        if self.head_dim < 1 or self.batch_size < 1 or self.iters < 1 or self.warmup < 0:
+            raise ValueError("head_dim, batch_size and iters must be >= 1, warmup >= 0")
+        if not self.seq_lengths or min(self.seq_lengths) < 16:
+            raise ValueError(f"seq_lengths must be >= 16 (the block layout has 9 blocks), got {self.seq_lengths}")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available")
+        if device.type == "cpu" and max(self.seq_lengths) > CPU_MAX_SEQ_LENGTH:
+            raise ValueError(f"on CPU the benchmark is a smoke test: seq lengths up to {CPU_MAX_SEQ_LENGTH} "
+                             f"(got {max(self.seq_lengths)}); try --seq-lengths 256 --heads 4 --kv-heads 2 "
+                             f"--head-dim 32 --dtype fp32")
+
+
+def count_visible_pairs(mask: SegmentMask) -> int:
+    """Number of visible (query, key) pairs of `mask`, summed over the batch, in O(b * s).
+
+    Without private keys, query q sees exactly [kv_start[q], kv_end[q]). With private (sink)
+    keys the row intervals over-count, so the count is taken per key from the column
+    intervals instead (key k is seen by two query intervals, privacy included).
+    """
+    if not mask.has_private_keys:
+        kv_start, kv_end = mask.kv_interval
+        return int((kv_end - kv_start).clamp(min=0).sum())
+    q_start, q_end, q2_start, q2_end = mask.column_intervals()
+    return int(((q_end - q_start).clamp(min=0) + (q2_end - q2_start).clamp(min=0)).sum())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of fn() in ms over `iters` runs after `warmup` runs (CUDA: events)."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bench_attention_case(config: AttentionBenchConfig, kind: str, seq_length: int) -> dict[str, Any]:
+    """Time one (mask kind, seq length) case; never raises for OOM (reported in 'error')."""
+    from megatron_focusft.attention.backends import get_attention_backend
+    from megatron_focusft.data.synthetic import benchmark_layout
+
+    device = torch.device(config.device)
+    dtype = DTYPES[config.dtype]
+    b, s, d = config.batch_size, seq_length, config.head_dim
+    mask = segment_mask(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                           for k, v in benchmark_layout(kind, s, b).items()})
+    pairs = count_visible_pairs(mask)
+    fwd_flops = FWD_FLOPS_PER_PAIR_DIM_HEAD * pairs * d * config.heads
+    result: dict[str, Any] = {
+        "backend": config.backend, "mask": kind, "seq_length": s, "batch_size": b,
+        "heads": config.heads, "kv_heads": config.kv_heads, "head_dim": d, "dtype": config.dtype,
+        "visible_pairs": pairs, "visible_fraction": pairs / (b * s * s),
+        "fwd_ms": None, "fwd_bwd_ms": None, "tflops_fwd": None, "tflops_fwd_bwd": None,
+        "fwd_bwd_skipped": None, "error": None, "fwd_mode": None, "first_call_ms": None,
+        "iters": config.iters, "warmup": config.warmup,
+        "device": _device_name(device), "torch_version": torch.__version__,
+        "flop_convention": FLOP_CONVENTION,
+    }
+    attention = get_attention_backend(config.backend)
+    scale = 1.0 / math.sqrt(d)
+    # FlexAttention refuses CPU inputs that require grad ("does not support backward on CPU"),
+    # so on CPU it is timed as an inference forward and its backward is reported as skipped.
+    backward = not (config.backend == "flex" and device.type == "cpu")
+    if not backward:
+        result["fwd_bwd_skipped"] = "FlexAttention has no backward on CPU; forward timed without grad"
+    result["fwd_mode"] = "training (inputs require grad)" if backward else "inference (no grad)"
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the previous case's tensors are gone; start from a clean pool
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(b, config.heads, s, d, device=device, dtype=dtype, generator=gen).requires_grad_(backward)
+        k, v = (torch.randn(b, config.kv_heads, s, d, device=device, dtype=dtype, generator=gen)
+                .requires_grad_(backward) for _ in range(2))
+        grad_out = torch.randn_like(q)
+
+        def forward() -> None:
+            attention(q, k, v, mask, scale)
+
+        def forward_backward() -> None:
+            q.grad = k.grad = v.grad = None
+            attention(q, k, v, mask, scale).backward(grad_out)
+
+        # First calls, untimed: compilation (flex on CUDA) and the mask's backend form.
+        t0 = time.perf_counter()
+        forward()
+        _synchronize(device)
+        result["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+        if backward:
+            forward_backward()
+        result["fwd_ms"] = _median_ms(forward, config.iters, config.warmup, device)
+        if backward:
+            result["fwd_bwd_ms"] = _median_ms(forward_backward, config.iters, config.warmup, device)
+    except torch.OutOfMemoryError as exc:
+        result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
+    if result["fwd_ms"]:
+        result["tflops_fwd"] = fwd_flops / (result["fwd_ms"] * 1e-3) / 1e12
+    if result["fwd_bwd_ms"]:
+        result["tflops_fwd_bwd"] = (1 + BWD_OVER_FWD_FLOPS) * fwd_flops / (result["fwd_bwd_ms"] * 1e-3) / 1e12
+    return result
+
+
+def _fmt(value: float | None, width: int, precision: int = 3) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{precision}f}"
+
+
+def run_bench_attention(config: AttentionBenchConfig, as_json: bool) -> list[dict[str, Any]]:
+    """All cases of `config`; prints a table (or one JSON object per line) as cases finish."""
+    results = []
+    if not as_json:
+        print(f"bench attention: backend {config.backend}, [b={config.batch_size}, hq={config.heads}, "
+              f"hkv={config.kv_heads}, d={config.head_dim}], {config.dtype}, {_device_name(torch.device(config.device))}, "
+              f"torch {torch.__version__}; median of {config.iters} after {config.warmup} warm-up")
+        print(f"TFLOP/s convention: {FLOP_CONVENTION}")
+        print(f"{'mask':>8} {'seq':>7} {'visible':>8} {'fwd ms':>10} {'fwd+bwd ms':>11} {'TF/s fwd':>9} {'TF/s f+b':>9}")
+    for s in config.seq_lengths:
+        for kind in config.masks:
+            result = bench_attention_case(config, kind, s)
+            results.append(result)
+            if as_json:
+                print(json.dumps(result), flush=True)
+                continue
+            note = result["error"] or ("fwd+bwd skipped: " + result["fwd_bwd_skipped"] if result["fwd_bwd_skipped"] else "")
+            print(f"{kind:>8} {s:>7} {result['visible_fraction']:>8.3f} {_fmt(result['fwd_ms'], 10)} "
+                  f"{_fmt(result['fwd_bwd_ms'], 11)} {_fmt(result['tflops_fwd'], 9)} "
+                  f"{_fmt(result['tflops_fwd_bwd'], 9)}  {note}".rstrip(), flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _mask_list(text: str) -> tuple[str, ...]:
+    kinds = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [kind for kind in kinds if kind not in MASK_KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated mask kinds from {MASK_KINDS}, got {text!r}")
+    return kinds
+
+
+def _defaults(cls: type) -> argparse.Namespace:
+    """A dataclass's field defaults, read without constructing (and so validating) an instance."""
+    return argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_focusft.attention.backends import ATTENTION_BACKENDS
+
+    parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+
+    demo_defaults = _defaults(DemoConfig)
+    demo = commands.add_parser("demo", help="short CPU/GPU training of the tiny preset on synthetic retrieval data",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--steps", type=int, default=demo_defaults.steps, help="optimizer steps")
+    demo.add_argument("--seq-length", type=int, default=demo_defaults.seq_length, help="tokens per packed row")
+    demo.add_argument("--micro-batch-size", type=int, default=demo_defaults.micro_batch_size,
+                      help="packed rows per micro-batch")
+    demo.add_argument("--num-micro-batches", type=int, default=demo_defaults.num_micro_batches,
+                      help="micro-batches accumulated per optimizer step")
+    demo.add_argument("--lr", type=float, default=demo_defaults.lr, help="peak learning rate (cosine decay)")
+    demo.add_argument("--mask", choices=("focusft", "causal"), default=demo_defaults.mask,
+                      help="attention mask of the training batches")
+    demo.add_argument("--output-dir", default=demo_defaults.output_dir, help="where results.json is written")
+    demo.add_argument("--seed", type=int, default=demo_defaults.seed, help="model init and data seed")
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention}")
+    bench_defaults = _defaults(AttentionBenchConfig)
+    attn = bench_commands.add_parser(
+        "attention", help="attention backend time and visible-area TFLOP/s per mask kind",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=f"TFLOP/s convention: {FLOP_CONVENTION}.",
+    )
+    attn.add_argument("--backend", choices=ATTENTION_BACKENDS, default=bench_defaults.backend,
+                      help="attention backend, timed as the model calls it (sdpa includes building its dense mask)")
+    attn.add_argument("--mask", type=_mask_list, default=",".join(bench_defaults.masks),
+                      help="mask kind(s), comma-separated")
+    attn.add_argument("--seq-lengths", type=_int_list, default=",".join(map(str, bench_defaults.seq_lengths)),
+                      help="comma-separated sequence lengths")
+    attn.add_argument("--batch-size", type=int, default=bench_defaults.batch_size, help="rows (same layout each)")
+    attn.add_argument("--heads", type=int, default=bench_defaults.heads, help="query heads")
+    attn.add_argument("--kv-heads", type=int, default=bench_defaults.kv_heads, help="key/value heads (GQA)")
+    attn.add_argument("--head-dim", type=int, default=bench_defaults.head_dim, help="head dimension")
+    attn.add_argument("--dtype", choices=sorted(DTYPES), default=bench_defaults.dtype, help="q/k/v dtype")
+    attn.add_argument("--iters", type=int, default=bench_defaults.iters, help="timed iterations (median)")
+    attn.add_argument("--warmup", type=int, default=bench_defaults.warmup, help="untimed iterations first")
+    attn.add_argument("--device", default=bench_defaults.device, help="torch device")
+    attn.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``focusft`` and ``python -m megatron_focusft.cli``; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    # Settings are validated here, before any work starts, so a bad flag is a usage error.
+    try:
+        if args.command == "demo":
+            demo_config = DemoConfig(
+                steps=args.steps, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                num_micro_batches=args.num_micro_batches, lr=args.lr, mask=args.mask,
+                output_dir=args.output_dir, seed=args.seed,
+            )
+        else:
+            bench_config = AttentionBenchConfig(
+                backend=args.backend, masks=args.mask, seq_lengths=args.seq_lengths, batch_size=args.batch_size,
+                heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                iters=args.iters, warmup=args.warmup, device=args.device,
+            )
+            from megatron_focusft.attention.backends import get_attention_backend
+
+            get_attention_backend(bench_config.backend)
+    except (ValueError, ImportError) as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage line
+    if args.command == "demo":
+        run_demo(demo_config, command=shlex.join(["focusft", *args_list]))
+    else:
+        run_bench_attention(bench_config, as_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
