@@ -50,6 +50,7 @@ class DemoConfig:
     mask: str = "focusft"
     preset: str = "tiny"
     attention_backend: str = "sdpa"
+    tensor_model_parallel_size: int = 1
     output_dir: str = "runs/demo"
     seed: int = 1234
 
@@ -166,7 +167,8 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
             apply_cpu_patches()
         owns_parallel_state = not parallel_state.model_parallel_is_initialized()
         if owns_parallel_state:
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+            parallel_state.initialize_model_parallel(
+                tensor_model_parallel_size=config.tensor_model_parallel_size, pipeline_model_parallel_size=1)
         rank, world = dist.get_rank(), dist.get_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         log = print if rank == 0 else (lambda *a, **k: None)
@@ -175,7 +177,8 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
         if cuda:
             tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
         preset = get_preset(config.preset)
-        model, _ = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend))
+        model, _ = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend,
+                                          tensor_model_parallel_size=config.tensor_model_parallel_size))
         optimizer = build_optimizer(model, OptimizerSetup(lr=config.lr, min_lr=config.lr * 0.1))
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.lr * 0.1,
@@ -525,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention mask of the training batches")
     demo.add_argument("--output-dir", default=demo_defaults.output_dir, help="where results.json is written")
     demo.add_argument("--seed", type=int, default=demo_defaults.seed, help="model init and data seed")
+    demo.add_argument("--tensor-model-parallel-size", type=int, default=demo_defaults.tensor_model_parallel_size,
+                      help="tensor-parallel ranks (launch with torchrun; the rest is data parallel)")
+    demo.add_argument("--attention-backend", choices=("sdpa", "flex", "te"), default=demo_defaults.attention_backend,
+                      help="attention backend (flex and te train on a GPU only)")
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention}")
@@ -563,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo_config = DemoConfig(
                 steps=args.steps, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                 num_micro_batches=args.num_micro_batches, lr=args.lr, mask=args.mask,
-                output_dir=args.output_dir, seed=args.seed,
+                output_dir=args.output_dir, seed=args.seed, attention_backend=args.attention_backend,
+                tensor_model_parallel_size=args.tensor_model_parallel_size,
             )
         else:
             bench_config = AttentionBenchConfig(
