@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.models.presets import ModelPreset
@@ -12,7 +13,7 @@ from megatron_focusft.models.presets import ModelPreset
 def build_gpt_model(
     config: TransformerConfig,
     preset: ModelPreset,
-    layer_spec: ModuleSpec,
+    layer_spec: ModuleSpec | TransformerBlockSubmodules,
     *,
     pre_process: bool = True,
     post_process: bool = True,

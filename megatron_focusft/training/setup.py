@@ -10,6 +10,8 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.attention.spec import get_segment_attention_layer_spec
+from megatron_focusft.fastweights.config import FastWeightConfig
+from megatron_focusft.fastweights.spec import get_fast_weight_block_spec
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import get_preset, transformer_config
 
@@ -23,6 +25,7 @@ class ModelSetup:
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
     bf16: bool = False
+    fast_weights: FastWeightConfig | None = None  # FocuSFT adapters in the top layers
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,10 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
         params_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
         calculate_per_token_loss=True,
     )
-    model = build_gpt_model(config, preset, get_segment_attention_layer_spec(setup.attention_backend))
+    layer_spec = get_segment_attention_layer_spec(setup.attention_backend)
+    if setup.fast_weights is not None:
+        layer_spec = get_fast_weight_block_spec(layer_spec, config, setup.fast_weights)
+    model = build_gpt_model(config, preset, layer_spec)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model
     )

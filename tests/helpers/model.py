@@ -17,3 +17,14 @@ def build_tiny_model(seed: int, backend: str = "sdpa", preset: str = "tiny", **o
     torch.manual_seed(seed)
     p = get_preset(preset)
     return build_gpt_model(transformer_config(p, **overrides), p, get_segment_attention_layer_spec(backend))
+
+
+def reference_config(name: str = "tiny"):
+    """The independent reference's config for a preset (tests/reference/focusft_reference.py)."""
+    from tests.reference import focusft_reference as ref
+
+    p = get_preset(name)
+    return ref.LlamaConfig(vocab=p.vocab_size, hidden=p.hidden_size, ffn=p.ffn_hidden_size, layers=p.num_layers,
+                           heads=p.num_attention_heads, kv_heads=p.num_query_groups,
+                           head_dim=p.hidden_size // p.num_attention_heads, rope_base=p.rotary_base,
+                           norm_eps=p.norm_epsilon)

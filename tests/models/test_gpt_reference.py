@@ -12,16 +12,8 @@ import torch
 from megatron_focusft.models.hf_layout import hf_to_megatron, megatron_to_hf
 from megatron_focusft.models.presets import get_preset
 from tests.helpers.batches import random_batch
-from tests.helpers.model import build_tiny_model
+from tests.helpers.model import build_tiny_model, reference_config
 from tests.reference import focusft_reference as ref
-
-
-def reference_config(name: str = "tiny") -> ref.LlamaConfig:
-    p = get_preset(name)
-    return ref.LlamaConfig(vocab=p.vocab_size, hidden=p.hidden_size, ffn=p.ffn_hidden_size, layers=p.num_layers,
-                           heads=p.num_attention_heads, kv_heads=p.num_query_groups,
-                           head_dim=p.hidden_size // p.num_attention_heads, rope_base=p.rotary_base,
-                           norm_eps=p.norm_epsilon)
 
 
 @pytest.mark.parametrize("kind", ["focusft", "causal", "block"])

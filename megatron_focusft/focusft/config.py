@@ -1,0 +1,32 @@
+"""FocuSFT settings (spec: arXiv 2605.09932 and its reference code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_focusft.fastweights.config import FastWeightConfig
+
+INNER_OBJECTIVES: tuple[str, ...] = ("response", "context")
+
+
+@dataclass(frozen=True)
+class FocusftConfig:
+    """The bilevel step: `inner_steps` of SGD on per-sample fast weights, then the outer SFT loss.
+
+    inner_objective  "response": next-token CE on response tokens under the FocuSFT mask (the
+                     reference code); "context": next-token CE on context targets under a causal
+                     mask (the paper's abstract; the bidirectional mask would make it trivial).
+    inner_grad_clip  per-tensor, per-sample norm clip of each A / B gradient (<= 0: off).
+    """
+
+    inner_steps: int = 2
+    inner_lr: float = 1.0
+    inner_grad_clip: float = 1.0
+    inner_objective: str = "response"
+    fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if self.inner_objective not in INNER_OBJECTIVES:
+            raise ValueError(f"inner_objective must be one of {INNER_OBJECTIVES}, got {self.inner_objective!r}")

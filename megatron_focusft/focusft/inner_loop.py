@@ -1,0 +1,135 @@
+"""The FocuSFT inner loop: per-sample SGD on fast weights, with every sample of a pack independent.
+
+Sample s of a packed micro-batch only sees its own tokens and only its tokens use (A_s, B_s),
+so the gradient of the summed per-sample losses with respect to (A_s, B_s) is exactly the
+gradient the unpacked reference computes for sample s alone. Clipping, skipping and updates
+are then applied per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_focusft.fastweights.linear import SHARD_DIMS, FastWeightBinding, FastWeights, bind_fast_weights
+from megatron_focusft.focusft.config import FocusftConfig
+from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss
+from megatron_focusft.masks import SegmentMask
+
+
+@dataclass(frozen=True)
+class InnerTargets:
+    """What one inner forward is scored on: the attention mask and the [b, s] bool target mask."""
+
+    mask: SegmentMask
+    targets: torch.Tensor
+
+
+@dataclass
+class InnerLoopResult:
+    """adapted: this rank's fast-weight shards after the loop (detached).
+    losses: [steps, n] per-sample inner loss before each step's update (0 where no target).
+    skipped: [n] steps skipped because the loss or a gradient was not finite.
+    has_targets: [n] samples with at least one inner target (the others skip the loop).
+    """
+
+    adapted: FastWeights
+    losses: torch.Tensor
+    skipped: torch.Tensor
+    has_targets: torch.Tensor
+
+
+def per_sample_loss(
+    token_loss: torch.Tensor, targets: torch.Tensor, sample_index: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean loss of each sample: token_loss, targets, sample_index [b, s] -> (mean [n], count [n])."""
+    scored = targets & (sample_index >= 0)
+    index = sample_index[scored]
+    sums = torch.zeros(num_samples, dtype=torch.float32, device=token_loss.device).index_add(
+        0, index, token_loss[scored].float())
+    counts = torch.bincount(index, minlength=num_samples)
+    return sums / counts.clamp(min=1), counts
+
+
+def _tp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
+    return tensor
+
+
+def per_sample_sq_norms(local: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """Squared L2 norm of each sample's tensor [n, ...] -> [n]; a TP-sharded tensor's is global."""
+    sq = local.float().pow(2).flatten(1).sum(dim=1)
+    return _tp_all_reduce(sq) if sharded else sq
+
+
+def is_sharded(key: tuple[int, str]) -> tuple[bool, bool]:
+    """Whether (A, B) of this projection are split across TP ranks."""
+    a_dim, b_dim = SHARD_DIMS[key[1]]
+    return a_dim is not None, b_dim is not None
+
+
+def run_inner_loop(
+    model: GPTModel,
+    hidden: torch.Tensor,
+    rotary: torch.Tensor,
+    top_layers: range,
+    labels: torch.Tensor,
+    objective: InnerTargets,
+    sample_index: torch.Tensor,
+    initial: FastWeights,
+    config: FocusftConfig,
+) -> InnerLoopResult:
+    """`config.inner_steps` SGD steps on this rank's fast-weight shards.
+
+    hidden [s, b, h] is the (detached) input of the first adapted layer, so the inner backward
+    stops there. initial: key -> (A [n, r, in_local], B [n, out_local, r]).
+    """
+    n = next(iter(initial.values()))[0].shape[0]
+    device = hidden.device
+    counts = torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n)
+    has_targets = counts > 0
+    keys = list(initial)
+    tensors = {key: [t.detach().clone() for t in initial[key]] for key in keys}
+    losses = torch.zeros(config.inner_steps, n, device=device)
+    skipped = torch.zeros(n, dtype=torch.long, device=device)
+    if not bool(has_targets.any()):
+        return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)
+    for step in range(config.inner_steps):
+        leaves = {key: [t.requires_grad_(True) for t in pair] for key, pair in tensors.items()}
+        with bind_fast_weights(model, FastWeightBinding(sample_index, {k: tuple(v) for k, v in leaves.items()})):
+            out = forward_layers(model, hidden, objective.mask, rotary, top_layers)
+            token_loss = lm_head_loss(model, out, labels)
+        loss, _ = per_sample_loss(token_loss, objective.targets, sample_index, n)
+        finite_loss = torch.isfinite(loss)
+        total = torch.where(finite_loss & has_targets, loss, torch.zeros_like(loss)).sum()
+        flat = [t for key in keys for t in leaves[key]]
+        grads = torch.autograd.grad(total, flat, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
+        # A sample whose loss or gradient is not finite skips this step (on every TP rank alike).
+        bad = ~finite_loss.clone()
+        for g in grads:
+            bad |= ~torch.isfinite(g).flatten(1).all(dim=1)
+        bad = _tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX).bool()
+        update = has_targets & ~bad
+        skipped += (has_targets & bad).long()
+        losses[step] = torch.where(has_targets, loss.detach(), torch.zeros_like(loss))
+        grad_iter = iter(grads)
+        for key in keys:
+            sharded = is_sharded(key)
+            new_pair = []
+            for tensor, shard in zip(leaves[key], sharded):
+                g = next(grad_iter)
+                if config.inner_grad_clip > 0:
+                    norm = per_sample_sq_norms(g, shard).sqrt()
+                    scale = torch.where(norm > config.inner_grad_clip,
+                                        config.inner_grad_clip / (norm + 1e-12), torch.ones_like(norm))
+                    g = g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+                g = torch.where(update.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+                new_pair.append((tensor.detach() - config.inner_lr * g).detach())
+            tensors[key] = new_pair
+    return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)

@@ -1,0 +1,37 @@
+"""GPTModel run in parts, so the layers below the fast weights run once per step.
+
+`forward_layers(model, ..., layers)` runs a contiguous range of decoder layers; `embed` and
+`lm_head_loss` are GPTModel's own pre- and post-processing. embed -> all layers -> lm_head_loss
+is GPTModel.forward for the configurations we build (no SP, CP or pipeline), which
+tests/focusft/test_split_model.py checks bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megatron_focusft.masks import SegmentMask
+
+
+def embed(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens, position_ids [b, s] -> (hidden [s, b, h], rotary embedding [s, 1, 1, d])."""
+    hidden = model.embedding(input_ids=tokens, position_ids=position_ids)
+    rotary = model.rotary_pos_emb(hidden.shape[0])
+    return hidden, rotary
+
+
+def forward_layers(
+    model: GPTModel, hidden: torch.Tensor, mask: SegmentMask, rotary: torch.Tensor, layers: range
+) -> torch.Tensor:
+    """Decoder layers with 0-based indices `layers` (into this model's layer list), [s, b, h] -> [s, b, h]."""
+    for index in layers:
+        hidden, _ = model.decoder.layers[index](hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+    return hidden
+
+
+def lm_head_loss(model: GPTModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Final norm, output layer and vocab-parallel CE: hidden [s, b, h], labels [b, s] -> loss [b, s] fp32."""
+    hidden = model.decoder.final_layernorm(hidden)
+    logits, _ = model.output_layer(hidden)
+    return model.compute_language_model_loss(labels, logits)

@@ -1,0 +1,160 @@
+"""One FocuSFT micro-batch: bottom layers once, inner loop on the top layers, outer SFT loss.
+
+Data flow (L decoder layers, the top `layer_fraction` adapted):
+  embed -> bottom layers (with grad, once) -> h_bottom
+  inner loop: h_bottom.detach() -> top layers with fast weights -> per-sample loss -> SGD on A, B
+  outer: h_bottom -> top layers with the adapted fast weights as constants -> per-token CE
+The bottom layers' output does not depend on the fast weights, so computing it once is exact.
+With the `context` objective the inner loop runs under a causal mask, so its bottom output is
+different: it is computed once more, without grad, and shared by all inner steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.fastweights.config import adapted_layer_numbers
+from megatron_focusft.fastweights.linear import (
+    FastWeightBinding, FastWeights, bind_fast_weights, sample_index_from_doc_ids, shard_fast_weights,
+)
+from megatron_focusft.focusft.config import FocusftConfig
+from megatron_focusft.focusft.inner_loop import (
+    InnerLoopResult, InnerTargets, is_sharded, per_sample_loss, per_sample_sq_norms, run_inner_loop,
+)
+from megatron_focusft.focusft.split_model import embed, forward_layers, lm_head_loss
+from megatron_focusft.masks import segment_mask
+from megatron_focusft.training.loss import masked_token_loss
+
+
+@dataclass
+class FocusftOutput:
+    """per_token_loss [b, s] (outer, differentiable w.r.t. the slow weights), inner-loop record,
+    and per-sample inner loss after adaptation [n]."""
+
+    per_token_loss: torch.Tensor
+    inner: InnerLoopResult
+    inner_loss_after: torch.Tensor
+    update_norm: torch.Tensor
+
+
+def inner_targets(batch: SegmentBatch, objective: str) -> InnerTargets:
+    """response: the outer targets under the FocuSFT mask. context: next-token targets that are
+    context tokens, under a causal mask (next-token prediction is trivial bidirectionally)."""
+    if objective == "response":
+        return InnerTargets(batch.attention, batch.loss_mask.bool())
+    doc = batch.doc_ids
+    next_in_doc = torch.zeros_like(doc, dtype=torch.bool)
+    next_in_doc[:, :-1] = (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0)
+    next_is_context = torch.zeros_like(next_in_doc)
+    next_is_context[:, :-1] = batch.response[:, 1:] == 0
+    return InnerTargets(segment_mask("causal", doc_ids=doc), next_in_doc & next_is_context)
+
+
+def _layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
+    num_layers = len(model.decoder.layers)
+    if model.config.pipeline_model_parallel_size != 1 or num_layers != model.config.num_layers:
+        raise NotImplementedError("the FocuSFT step runs without pipeline parallelism for now")
+    if model.config.recompute_granularity is not None:
+        raise NotImplementedError("activation recomputation would re-run the outer forward without its "
+                                  "fast weights bound; it is not supported by the FocuSFT step yet")
+    first = adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0] - 1
+    return range(0, first), range(first, num_layers)
+
+
+def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights) -> FocusftOutput:
+    """The bilevel forward of one packed micro-batch.
+
+    initial: UNSHARDED fast weights of the batch's samples (reference layout: key (layer, proj)
+    -> A [n, r, in], B [n, out, r]; samples numbered as `sample_index_from_doc_ids`).
+    """
+    bottom, top = _layer_ranges(model, config)
+    sample_index = sample_index_from_doc_ids(batch.doc_ids)
+    local = shard_fast_weights(initial, parallel_state.get_tensor_model_parallel_rank(),
+                               parallel_state.get_tensor_model_parallel_world_size())
+    hidden, rotary = embed(model, batch.tokens, batch.position_ids)
+    h_bottom = forward_layers(model, hidden, batch.attention, rotary, bottom)
+    objective = inner_targets(batch, config.inner_objective)
+    if objective.mask is batch.attention:
+        h_inner = h_bottom.detach()
+    else:
+        with torch.no_grad():
+            h_inner = forward_layers(model, hidden.detach(), objective.mask, rotary, bottom)
+    inner = run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, sample_index, local, config)
+    # Outer pass: the adapted fast weights are constants (full stop-gradient).
+    with bind_fast_weights(model, FastWeightBinding(sample_index, inner.adapted)):
+        per_token_loss = lm_head_loss(model, forward_layers(model, h_bottom, batch.attention, rotary, top), batch.labels)
+        if config.inner_objective == "response":
+            after_tokens = per_token_loss.detach()
+        else:
+            with torch.no_grad():
+                after_tokens = lm_head_loss(model, forward_layers(model, h_inner, objective.mask, rotary, top),
+                                            batch.labels)
+    n = inner.has_targets.shape[0]
+    after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n)
+    return FocusftOutput(per_token_loss, inner, after, _update_norm(local, inner.adapted))
+
+
+def _update_norm(initial: FastWeights, adapted: FastWeights) -> torch.Tensor:
+    """Global L2 norm, over all samples and tensors, of adapted - initial fast weights."""
+    total = torch.zeros((), dtype=torch.float32)
+    for key, pair in adapted.items():
+        for new, old, shard in zip(pair, initial[key], is_sharded(key)):
+            total = total + per_sample_sq_norms((new - old.detach()), shard).sum().cpu()
+    return total.sqrt()
+
+
+def focusft_loss_func(
+    per_token_loss: torch.Tensor, *, loss_mask: torch.Tensor, output: FocusftOutput
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron loss_func: outer (loss_sum, num_tokens, logs) plus the inner-loop logs as [sum, count]."""
+    loss_sum, num_tokens, logs = masked_token_loss(per_token_loss, loss_mask)
+    inner = output.inner
+    adapted = inner.has_targets.float()
+    count = adapted.sum()
+    before = inner.losses[0] if inner.losses.shape[0] else output.inner_loss_after
+    logs.update({
+        "inner loss before": torch.stack([(before * adapted).sum(), count]).detach().cpu(),
+        "inner loss after": torch.stack([(output.inner_loss_after * adapted).sum(), count]).detach().cpu(),
+        "inner skipped steps": torch.stack([inner.skipped.sum().float(), torch.ones(())]).cpu(),
+        "fast weight update norm": torch.stack([output.update_norm, torch.ones(())]),
+    })
+    return loss_sum, num_tokens, logs
+
+
+class SeededFastWeights:
+    """Fresh fast weights for every micro-batch: sample i of the k-th micro-batch seeded by
+    (seed, k, i). Deterministic for a given seed and micro-batch order."""
+
+    def __init__(self, layout, rank: int, seed: int, dtype: torch.dtype = torch.float32) -> None:
+        from megatron_focusft.fastweights.linear import init_fast_weights
+
+        self._init = functools.partial(init_fast_weights, layout, rank=rank, dtype=dtype)
+        self.seed = seed
+        self.micro_batches_seen = 0
+
+    def __call__(self, batch: SegmentBatch) -> FastWeights:
+        n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
+        base = (self.seed * 1_000_003 + self.micro_batches_seen) * 4096
+        self.micro_batches_seen += 1
+        return self._init([base + i for i in range(max(n, 0))], device=batch.tokens.device)
+
+
+def make_focusft_forward_step(
+    config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]
+) -> Callable[[Iterator[SegmentBatch], torch.nn.Module], tuple[torch.Tensor, Callable]]:
+    """A Megatron `forward_step_func` running the bilevel step on each micro-batch."""
+
+    def forward_step(data_iterator: Iterator[SegmentBatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        gpt = model.module if hasattr(model, "module") else model
+        output = focusft_forward(gpt, batch, config, fast_weights_for(batch))
+        return output.per_token_loss, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
+
+    return forward_step
