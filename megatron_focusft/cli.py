@@ -16,9 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_focusft.masks import MASK_KINDS, SegmentMask, segment_mask
+from megatron_focusft.runtime import device_name, median_ms, megatron_session, synchronize
 
 # ---------------------------------------------------------------------------------------------
 # focusft demo
@@ -65,32 +64,6 @@ class DemoConfig:
         from megatron_focusft.data.synthetic import RetrievalTaskConfig
 
         RetrievalTaskConfig.fitting(self.seq_length)  # raises if a sample cannot fit in a row
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _init_distributed() -> bool:
-    """Join torchrun's world when its env is set, else start a 1-process world.
-
-    Returns whether this call created the process group (and so must destroy it).
-    """
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if cuda else "gloo"
-    if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-        dist.init_process_group(backend, init_method="env://")
-    else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    return True
 
 
 def _quiet_megatron_import_warnings() -> None:
@@ -148,34 +121,20 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
     _quiet_megatron_import_warnings()
     import megatron.core
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_focusft.data.batch import make_batch
     from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
     from megatron_focusft.models.presets import get_preset
-    from megatron_focusft.patches.cpu import apply_cpu_patches
     from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from megatron_focusft.training.sft import train_step
 
-    cuda = torch.cuda.is_available()
-    created_world = _init_distributed()  # sets the CUDA device of this rank first
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    owns_parallel_state = False
-    try:
-        if not cuda:
-            apply_cpu_patches()
-        owns_parallel_state = not parallel_state.model_parallel_is_initialized()
-        if owns_parallel_state:
-            parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=config.tensor_model_parallel_size, pipeline_model_parallel_size=1)
+    with megatron_session(config.tensor_model_parallel_size, config.seed) as device:
+        cuda = device.type == "cuda"
         rank, world = dist.get_rank(), dist.get_world_size()
         dp_rank = parallel_state.get_data_parallel_rank()
         log = print if rank == 0 else (lambda *a, **k: None)
-
-        torch.manual_seed(config.seed)
-        if cuda:
-            tensor_parallel.model_parallel_cuda_manual_seed(config.seed)
         preset = get_preset(config.preset)
         model, _ = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend,
                                           tensor_model_parallel_size=config.tensor_model_parallel_size))
@@ -261,7 +220,7 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
             "task": dataclasses.asdict(task),
             "model": {"preset": config.preset, "parameters": n_params},
             "world_size": world,
-            "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+            "device": device_name(device),
             "torch_version": torch.__version__,
             "megatron_core_version": megatron.core.__version__,
         }
@@ -279,11 +238,6 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
             path.write_text(json.dumps(results, indent=2) + "\n")
             log(f"results: {path}")
         return results
-    finally:
-        if owns_parallel_state:
-            parallel_state.destroy_model_parallel()
-        if created_world:
-            dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,38 +310,6 @@ def count_visible_pairs(mask: SegmentMask) -> int:
     return int(((q_end - q_start).clamp(min=0) + (q2_end - q2_start).clamp(min=0)).sum())
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of fn() in ms over `iters` runs after `warmup` runs (CUDA: events)."""
-    for _ in range(warmup):
-        fn()
-    _synchronize(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def bench_attention_case(config: AttentionBenchConfig, kind: str, seq_length: int) -> dict[str, Any]:
     """Time one (mask kind, seq length) case; never raises for OOM (reported in 'error')."""
     from megatron_focusft.attention.backends import get_attention_backend
@@ -407,7 +329,7 @@ def bench_attention_case(config: AttentionBenchConfig, kind: str, seq_length: in
         "fwd_ms": None, "fwd_bwd_ms": None, "tflops_fwd": None, "tflops_fwd_bwd": None,
         "fwd_bwd_skipped": None, "error": None, "fwd_mode": None, "first_call_ms": None,
         "iters": config.iters, "warmup": config.warmup,
-        "device": _device_name(device), "torch_version": torch.__version__,
+        "device": device_name(device), "torch_version": torch.__version__,
         "flop_convention": FLOP_CONVENTION,
     }
     attention = get_attention_backend(config.backend)
@@ -437,13 +359,13 @@ def bench_attention_case(config: AttentionBenchConfig, kind: str, seq_length: in
         # First calls, untimed: compilation (flex on CUDA) and the mask's backend form.
         t0 = time.perf_counter()
         forward()
-        _synchronize(device)
+        synchronize(device)
         result["first_call_ms"] = (time.perf_counter() - t0) * 1e3
         if backward:
             forward_backward()
-        result["fwd_ms"] = _median_ms(forward, config.iters, config.warmup, device)
+        result["fwd_ms"] = median_ms(forward, config.iters, config.warmup, device)
         if backward:
-            result["fwd_bwd_ms"] = _median_ms(forward_backward, config.iters, config.warmup, device)
+            result["fwd_bwd_ms"] = median_ms(forward_backward, config.iters, config.warmup, device)
     except torch.OutOfMemoryError as exc:
         result["error"] = f"out of memory: {str(exc).splitlines()[0]}"
     if result["fwd_ms"]:
@@ -462,7 +384,7 @@ def run_bench_attention(config: AttentionBenchConfig, as_json: bool) -> list[dic
     results = []
     if not as_json:
         print(f"bench attention: backend {config.backend}, [b={config.batch_size}, hq={config.heads}, "
-              f"hkv={config.kv_heads}, d={config.head_dim}], {config.dtype}, {_device_name(torch.device(config.device))}, "
+              f"hkv={config.kv_heads}, d={config.head_dim}], {config.dtype}, {device_name(torch.device(config.device))}, "
               f"torch {torch.__version__}; median of {config.iters} after {config.warmup} warm-up")
         print(f"TFLOP/s convention: {FLOP_CONVENTION}")
         print(f"{'mask':>8} {'seq':>7} {'visible':>8} {'fwd ms':>10} {'fwd+bwd ms':>11} {'TF/s fwd':>9} {'TF/s f+b':>9}")
@@ -534,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention backend (flex and te train on a GPU only)")
 
     bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention}")
+    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention,step}")
     bench_defaults = _defaults(AttentionBenchConfig)
     attn = bench_commands.add_parser(
         "attention", help="attention backend time and visible-area TFLOP/s per mask kind",
@@ -556,6 +478,24 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--warmup", type=int, default=bench_defaults.warmup, help="untimed iterations first")
     attn.add_argument("--device", default=bench_defaults.device, help="torch device")
     attn.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+
+    from megatron_focusft.bench.step import StepBenchConfig
+
+    step_defaults = _defaults(StepBenchConfig)
+    step = bench_commands.add_parser(
+        "step", help="FocuSFT training step vs plain SFT step, same model and batch",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    step.add_argument("--preset", default=step_defaults.preset, help="model preset (tiny, 1b, llama3-8b)")
+    step.add_argument("--seq-lengths", type=_int_list, default=",".join(map(str, step_defaults.seq_lengths)),
+                      help="comma-separated sequence lengths")
+    step.add_argument("--micro-batch-size", type=int, default=step_defaults.micro_batch_size, help="rows")
+    step.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=step_defaults.attention_backend,
+                      help="attention backend")
+    step.add_argument("--inner-steps", type=int, default=step_defaults.inner_steps, help="FocuSFT inner steps")
+    step.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
+    step.add_argument("--iters", type=int, default=step_defaults.iters, help="timed steps (median)")
+    step.add_argument("--warmup", type=int, default=step_defaults.warmup, help="untimed steps first")
+    step.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
     return parser
 
 
@@ -573,6 +513,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output_dir=args.output_dir, seed=args.seed, attention_backend=args.attention_backend,
                 tensor_model_parallel_size=args.tensor_model_parallel_size,
             )
+        elif args.bench == "step":
+            from megatron_focusft.bench.step import StepBenchConfig
+
+            step_config = StepBenchConfig(
+                preset=args.preset, seq_lengths=args.seq_lengths, micro_batch_size=args.micro_batch_size,
+                attention_backend=args.attention_backend, inner_steps=args.inner_steps, bf16=args.bf16,
+                iters=args.iters, warmup=args.warmup)
         else:
             bench_config = AttentionBenchConfig(
                 backend=args.backend, masks=args.mask, seq_lengths=args.seq_lengths, batch_size=args.batch_size,
@@ -586,6 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))  # exits with status 2 and the usage line
     if args.command == "demo":
         run_demo(demo_config, command=shlex.join(["focusft", *args_list]))
+    elif args.bench == "step":
+        from megatron_focusft.bench.step import run_bench_step
+
+        _quiet_megatron_import_warnings()
+        with megatron_session(seed=step_config.seed):
+            run_bench_step(step_config, as_json=args.json)
     else:
         run_bench_attention(bench_config, as_json=args.json)
     return 0

@@ -1,0 +1,90 @@
+"""`focusft bench step`: a FocuSFT training step against a plain SFT step, same model and batch.
+
+Both are full optimizer steps through Megatron's schedule (forward, backward, grad reduction,
+optimizer). The SFT step uses the same model with its fast-weight linears unbound, i.e. the
+plain base layers, under the same FocuSFT mask.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_focusft.data.batch import SegmentBatch, make_batch
+from megatron_focusft.data.synthetic import benchmark_layout
+from megatron_focusft.runtime import device_name, median_ms
+
+
+@dataclass(frozen=True)
+class StepBenchConfig:
+    preset: str = "tiny"
+    seq_lengths: tuple[int, ...] = (1024,)
+    micro_batch_size: int = 1
+    attention_backend: str = "sdpa"
+    inner_steps: int = 2
+    bf16: bool = False
+    iters: int = 5
+    warmup: int = 2
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seq_lengths or min(self.seq_lengths) < 16:
+            raise ValueError(f"seq_lengths must be >= 16, got {self.seq_lengths}")
+
+
+def _batch(seq_length: int, micro_batch_size: int, vocab_size: int, device: torch.device, seed: int) -> SegmentBatch:
+    layout = benchmark_layout("focusft", seq_length, micro_batch_size)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_length), generator=g)
+    batch = make_batch(tokens, layout["doc_ids"], layout["loss_mask"], mask_kind="focusft")
+    if device.type == "cpu":
+        return batch
+    return SegmentBatch(*(t.to(device) for t in (batch.tokens, batch.labels, batch.loss_mask, batch.response,
+                                                  batch.doc_ids, batch.position_ids)), batch.attention.to(device))
+
+
+def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any]]:
+    """One JSON-able record per sequence length; parallel state must be initialised."""
+    from megatron_focusft.fastweights.config import FastWeightConfig
+    from megatron_focusft.fastweights.linear import fast_weight_layout
+    from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
+    from megatron_focusft.models.presets import get_preset
+    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.training.sft import train_step
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(config.seed)
+    fast = FastWeightConfig()
+    model, model_config = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend,
+                                                 bf16=config.bf16, fast_weights=fast))
+    optimizer = build_optimizer(model, OptimizerSetup(lr=1e-5), bf16=config.bf16)
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    focusft = FocusftConfig(inner_steps=config.inner_steps, fast_weights=fast)
+    fast_weights = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed, dtype=dtype)
+    focusft_step = make_focusft_forward_step(focusft, fast_weights)
+    records = []
+    for seq_length in config.seq_lengths:
+        batch = _batch(seq_length, config.micro_batch_size, get_preset(config.preset).vocab_size, device, config.seed)
+        sft_ms = median_ms(lambda: train_step(model, optimizer, [batch]), config.iters, config.warmup, device)
+        focusft_ms = median_ms(lambda: train_step(model, optimizer, [batch], forward_step=focusft_step),
+                               config.iters, config.warmup, device)
+        record = {
+            "model": config.preset, "seq_length": seq_length, "micro_batch_size": config.micro_batch_size,
+            "attention_backend": config.attention_backend, "dtype": "bf16" if config.bf16 else "fp32",
+            "inner_steps": config.inner_steps, "layer_fraction": fast.layer_fraction,
+            "sft_step_s": sft_ms / 1e3, "focusft_step_s": focusft_ms / 1e3, "ratio": focusft_ms / sft_ms,
+            "device": device_name(device), "torch": torch.__version__, "iters": config.iters,
+        }
+        records.append(record)
+        if as_json:
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"{config.preset} s={seq_length}: sft {record['sft_step_s']:.3f} s, focusft "
+                  f"{record['focusft_step_s']:.3f} s, ratio {record['ratio']:.2f}x ({record['device']})", flush=True)
+    return records
