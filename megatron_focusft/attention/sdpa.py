@@ -8,6 +8,13 @@ import torch.nn.functional as F
 from megatron_focusft.masks import SegmentMask
 
 
+def _sdpa_mask(mask: SegmentMask) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attn_mask [b, 1, s, s], empty_rows [b, s]), built once per mask for every layer."""
+    dense = mask.to_dense()
+    empty_rows = ~dense.any(dim=-1)
+    return (dense | torch.diag_embed(empty_rows))[:, None], empty_rows
+
+
 def sdpa_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: SegmentMask, scale: float
 ) -> torch.Tensor:
@@ -16,10 +23,8 @@ def sdpa_attention(
     Rows that see no key (padding) would be NaN under softmax; they are given their own
     diagonal entry to attend to and their output is zeroed, so values and gradients stay finite.
     """
-    dense = mask.to_dense()
-    empty_rows = ~dense.any(dim=-1)
-    dense = dense | torch.diag_embed(empty_rows)
+    dense, empty_rows = mask.derived("sdpa", _sdpa_mask)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=dense[:, None], scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+        query, key, value, attn_mask=dense, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
     )
     return out.masked_fill(empty_rows[:, None, :, None], 0.0)

@@ -8,6 +8,8 @@ are then applied per sample.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,24 @@ def is_sharded(key: tuple[int, str]) -> tuple[bool, bool]:
     return a_dim is not None, b_dim is not None
 
 
+@contextlib.contextmanager
+def frozen_slow_weights(model: GPTModel) -> Iterator[None]:
+    """Slow weights stop requiring grad for the body of the `with`, then are restored.
+
+    Megatron's parallel linears then take their frozen-weight path (input gradient only): the
+    inner backward computes no weight gradient it would throw away, and with
+    gradient_accumulation_fusion it cannot add inner-loop gradients into `main_grad`.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def run_inner_loop(
     model: GPTModel,
     hidden: torch.Tensor,
@@ -101,9 +121,10 @@ def run_inner_loop(
         return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)
     for step in range(config.inner_steps):
         leaves = {key: [t.requires_grad_(True) for t in pair] for key, pair in tensors.items()}
-        with bind_fast_weights(model, FastWeightBinding(sample_index, {k: tuple(v) for k, v in leaves.items()})):
+        binding = FastWeightBinding(sample_index, {k: tuple(v) for k, v in leaves.items()})
+        with frozen_slow_weights(model), bind_fast_weights(model, binding):
             out = forward_layers(model, hidden, objective.mask, rotary, top_layers)
-            token_loss = lm_head_loss(model, out, labels)
+            token_loss = lm_head_loss(model, out, labels, objective.targets)
         loss, _ = per_sample_loss(token_loss, objective.targets, sample_index, n)
         finite_loss = torch.isfinite(loss)
         total = torch.where(finite_loss & has_targets, loss, torch.zeros_like(loss)).sum()

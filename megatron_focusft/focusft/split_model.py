@@ -30,8 +30,22 @@ def forward_layers(
     return hidden
 
 
-def lm_head_loss(model: GPTModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Final norm, output layer and vocab-parallel CE: hidden [s, b, h], labels [b, s] -> loss [b, s] fp32."""
-    hidden = model.decoder.final_layernorm(hidden)
-    logits, _ = model.output_layer(hidden)
-    return model.compute_language_model_loss(labels, logits)
+def lm_head_loss(
+    model: GPTModel, hidden: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Final norm, output layer and vocab-parallel CE: hidden [s, b, h], labels [b, s] -> loss [b, s] fp32.
+
+    With `scored` [b, s] bool, only those positions go through the head (the vocabulary
+    projection dominates the head's cost); the loss elsewhere is 0. Every op is row-wise, so the
+    scored entries equal the full computation's.
+    """
+    if scored is None or not bool(scored.any()):
+        logits, _ = model.output_layer(model.decoder.final_layernorm(hidden))
+        loss = model.compute_language_model_loss(labels, logits)
+        return loss if scored is None else loss * 0.0
+    scored_sb = scored.t()
+    picked = model.decoder.final_layernorm(hidden[scored_sb].unsqueeze(1))  # [T, 1, h]
+    logits, _ = model.output_layer(picked)
+    picked_loss = model.compute_language_model_loss(labels.t()[scored_sb].unsqueeze(0), logits)  # [1, T]
+    loss_sb = torch.zeros(scored_sb.shape, dtype=picked_loss.dtype, device=picked_loss.device)
+    return loss_sb.masked_scatter(scored_sb, picked_loss.squeeze(0)).t()

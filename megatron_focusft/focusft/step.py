@@ -89,13 +89,14 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     inner = run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, sample_index, local, config)
     # Outer pass: the adapted fast weights are constants (full stop-gradient).
     with bind_fast_weights(model, FastWeightBinding(sample_index, inner.adapted)):
-        per_token_loss = lm_head_loss(model, forward_layers(model, h_bottom, batch.attention, rotary, top), batch.labels)
+        per_token_loss = lm_head_loss(model, forward_layers(model, h_bottom, batch.attention, rotary, top), batch.labels,
+                                      batch.loss_mask.bool())
         if config.inner_objective == "response":
             after_tokens = per_token_loss.detach()
         else:
             with torch.no_grad():
                 after_tokens = lm_head_loss(model, forward_layers(model, h_inner, objective.mask, rotary, top),
-                                            batch.labels)
+                                            batch.labels, objective.targets)
     n = inner.has_targets.shape[0]
     after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n)
     return FocusftOutput(per_token_loss, inner, after, _update_norm(local, inner.adapted))

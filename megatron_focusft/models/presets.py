@@ -28,6 +28,9 @@ PRESETS: dict[str, ModelPreset] = {
     # Tests, demo and CPU benchmarks.
     "tiny": ModelPreset(num_layers=4, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
                         num_query_groups=2, vocab_size=512, max_position_embeddings=8192),
+    # CPU benchmarks of the FocuSFT step: deep enough that the top 35% is 6 of 16 layers.
+    "small": ModelPreset(num_layers=16, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
+                         num_query_groups=2, vocab_size=512, max_position_embeddings=8192),
     # GPU benchmarks: about 1.2B parameters.
     "1b": ModelPreset(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
                       num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,

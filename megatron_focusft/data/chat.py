@@ -1,0 +1,504 @@
+"""Chat SFT data: JSONL / Parquet files of conversations -> token ids with response flags.
+
+A row holds ``messages``, a list of ``{"role", "content"}`` with roles system / user /
+assistant / tool, and optionally ``tools`` (tool definitions for the chat template). Extra keys
+of a message (``tool_calls``, ``name``, ``tool_call_id``, ...) go to the chat template as they
+are; an assistant message with ``tool_calls`` may have no content.
+
+Both formats are read with ``datasets`` from local files, streaming (nothing is converted to
+Arrow on disk):
+- JSONL (``.jsonl``, ``.ndjson``, ``.json``): read as text, one JSON object per line, parsed
+  here. A row is its 1-based line number; blank lines are not rows. Parsing each line on its
+  own keeps values exactly as written: a joint Arrow schema over all rows would turn absent keys
+  into nulls and, once one row holds a non-string content, re-read string contents such as
+  "42" as JSON numbers.
+- Parquet (``.parquet``): a row is its 1-based record number. Arrow fills keys that a struct
+  lacks with null, so null-valued keys are dropped from messages and tools.
+
+Bad input never disappears silently. Each case has a reason:
+
+    empty_file           a file without rows
+    malformed            not JSON, not an object, no messages list, a message that is not an
+                         object, without a role, or with non-string content, bad tools
+    unknown_role         a role other than system / user / assistant / tool
+    template_error       the tokenizer's chat template cannot render the conversation
+    no_assistant_tokens  nothing to learn: no assistant turn, or no response token after rendering
+    too_long             more tokens than seq_length (a sample is never split or truncated)
+
+With ``policy="error"`` (default) the first bad row raises BadSampleError naming file, row and
+reason. With ``policy="skip"`` bad rows are skipped and counted per reason in the DataSummary
+that ``load_chat_samples`` prints before it returns.
+
+The tokenised set is cached on disk (``cache_dir``), keyed by the files (path, size, mtime),
+the tokenizer's identity, seq_length, policy and column names: a second load reads the cache
+and tokenises nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from megatron_focusft.data.tokenizer import ChatTemplateError, ChatTokenizer, flatten_segments
+
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+BadSamplePolicy = Literal["error", "skip"]
+POLICIES: tuple[str, ...] = ("error", "skip")
+REASONS: tuple[str, ...] = ("empty_file", "malformed", "unknown_role", "template_error",
+                            "no_assistant_tokens", "too_long")
+JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
+CACHE_VERSION = 1
+
+
+class BadSampleError(ValueError):
+    """A bad row (or an empty file) under policy "error"."""
+
+    def __init__(self, path: str, row: int | None, reason: str, detail: str) -> None:
+        self.path, self.row, self.reason, self.detail = path, row, reason, detail
+        where = path if row is None else f"{path}, row {row}"
+        super().__init__(f"{where}: {reason}: {detail} (policy 'skip' skips such rows and counts them)")
+
+
+class BadSample(Exception):
+    """Why one row cannot become a sample: a reason from REASONS and a detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ChatDataConfig:
+    """Where the chat data is and how bad rows are handled.
+
+    paths         JSONL / Parquet files, read in this order.
+    seq_length    tokens per packed row; a longer sample is a bad row ("too_long").
+    policy        "error": raise on the first bad row; "skip": skip and count it.
+    cache_dir     directory of the tokenised-set cache (None: no cache).
+    messages_key  column with the conversation; tools_key: column with tool definitions.
+    """
+
+    paths: tuple[str, ...]
+    seq_length: int
+    policy: BadSamplePolicy = "error"
+    cache_dir: str | None = None
+    messages_key: str = "messages"
+    tools_key: str = "tools"
+
+    def __post_init__(self) -> None:
+        paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else tuple(self.paths)
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+        if not self.paths:
+            raise ValueError("paths must name at least one JSONL or Parquet file")
+        if self.seq_length < 2:
+            raise ValueError(f"seq_length must be >= 2, got {self.seq_length}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        for path in self.paths:
+            _file_format(path)
+
+
+@dataclass
+class DataSummary:
+    """What loading did: rows read, samples kept, rows skipped per reason.
+
+    rows counts every row read from a non-empty file (blank JSONL lines are not rows), so
+    rows == samples + skipped rows (empty files are counted in skipped but hold no row).
+    first_skipped holds the first skipped row of each reason, as "file, row N: detail".
+    """
+
+    files: list[str]
+    policy: str
+    seq_length: int
+    rows: int = 0
+    samples: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    max_length: int = 0
+    blank_lines: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def record_skip(self, path: str, row: int | None, reason: str, detail: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        where = path if row is None else f"{path}, row {row}"
+        self.first_skipped.setdefault(reason, f"{where}: {detail}")
+
+    def format(self) -> str:
+        response = 100.0 * self.response_tokens / max(self.tokens, 1)
+        lines = [f"chat data: {len(self.files)} file(s), {self.rows} row(s) -> {self.samples} sample(s), "
+                 f"{self.tokens} tokens ({response:.1f}% response), longest {self.max_length} of "
+                 f"seq_length {self.seq_length}, bad-sample policy '{self.policy}'"]
+        if self.blank_lines:
+            lines.append(f"  blank lines ignored: {self.blank_lines}")
+        if self.skipped:
+            lines.append(f"  skipped: {self.num_skipped}")
+            for reason in REASONS:
+                if reason in self.skipped:
+                    lines.append(f"    {reason}: {self.skipped[reason]} (first: {self.first_skipped[reason]})")
+        else:
+            lines.append("  skipped: none")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataSummary:
+        return cls(**data)
+
+
+@dataclass(frozen=True, eq=False)
+class ChatSamples:
+    """Tokenised samples, concatenated: sample i is tokens[offsets[i]:offsets[i + 1]].
+
+    tokens       [num_tokens] int32 token ids.
+    response     [num_tokens] uint8, 1 on response tokens.
+    offsets      [num_samples + 1] int64.
+    source_file  [num_samples] int32 index into files; source_row [num_samples] int64 row.
+    """
+
+    tokens: torch.Tensor
+    response: torch.Tensor
+    offsets: torch.Tensor
+    source_file: torch.Tensor
+    source_row: torch.Tensor
+    files: tuple[str, ...]
+    pad_id: int
+    vocab_size: int
+    summary: DataSummary
+    from_cache: bool = False
+
+    @classmethod
+    def from_lists(cls, samples: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
+                   vocab_size: int, source: str = "<memory>") -> ChatSamples:
+        """Samples given as (token ids, response flags) pairs, e.g. from another pipeline."""
+        tokens, response, offsets = array("i"), array("B"), array("q", [0])
+        for index, (ids, flags) in enumerate(samples):
+            if len(ids) != len(flags) or not ids:
+                raise ValueError(f"sample {index}: {len(ids)} ids and {len(flags)} flags (need equal, non-zero)")
+            tokens.extend(ids)
+            response.extend(int(bool(f)) for f in flags)
+            offsets.append(len(tokens))
+        n = len(offsets) - 1
+        lengths = np.diff(np.array(offsets, dtype=np.int64))
+        summary = DataSummary(files=[source], policy="error", seq_length=int(lengths.max(initial=0)), rows=n,
+                              samples=n, tokens=len(tokens), response_tokens=sum(response),
+                              max_length=int(lengths.max(initial=0)))
+        return cls(_as_tensor(tokens, np.int32), _as_tensor(response, np.uint8), _as_tensor(offsets, np.int64),
+                   torch.zeros(n, dtype=torch.int32), torch.arange(1, n + 1, dtype=torch.int64), (source,),
+                   pad_id, vocab_size, summary)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, response flags) of sample `index`, each [length]."""
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.tokens[lo:hi], self.response[lo:hi]
+
+    def source(self, index: int) -> tuple[str, int]:
+        """(file, row) the sample was read from."""
+        return self.files[int(self.source_file[index])], int(self.source_row[index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+# ---------------------------------------------------------------------------------------------
+
+
+def _file_format(path: str) -> Literal["jsonl", "parquet"]:
+    suffix = Path(path).suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    raise ValueError(f"{path}: unknown data file type {suffix!r}; expected JSON Lines "
+                     f"({', '.join(JSONL_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)})")
+
+
+def _stream(builder: str, path: str, hf_cache_dir: str) -> Iterator[dict[str, Any]]:
+    """Rows of `path` through datasets' streaming loader; its read errors name the file."""
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(builder, data_files=path, split="train", streaming=True, cache_dir=hf_cache_dir)
+        rows = iter(dataset)
+    except Exception as error:  # noqa: BLE001 - any reader failure is a failure to read this file
+        raise ValueError(f"{path}: datasets could not read the file: {type(error).__name__}: {error}") from error
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as error:  # noqa: BLE001
+            raise ValueError(f"{path}: datasets could not read the file: {type(error).__name__}: {error}") from error
+        yield row
+
+
+def _jsonl_rows(path: str, hf_cache_dir: str, summary: DataSummary) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or BadSample) for every non-blank line of a JSONL file."""
+    for line_no, row in enumerate(_stream("text", path, hf_cache_dir), start=1):
+        text = row["text"]
+        if line_no == 1:
+            text = text.removeprefix("\ufeff")
+        if not text.strip():
+            summary.blank_lines += 1
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield line_no, BadSample("malformed", f"not valid JSON: {error.msg} (column {error.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield line_no, BadSample("malformed", f"a row must be a JSON object, got {_type_name(record)}")
+            continue
+        yield line_no, record
+
+
+def _parquet_rows(path: str, hf_cache_dir: str, messages_key: str) -> Iterator[tuple[int, Any]]:
+    """(record number, row dict) of a Parquet file; nothing for an empty one."""
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable Parquet file: {type(error).__name__}: {error}") from error
+    if metadata.num_rows == 0:
+        return
+    columns = metadata.schema.to_arrow_schema().names
+    if messages_key not in columns:
+        raise ValueError(f"{path}: no {messages_key!r} column (columns: {', '.join(columns)})")
+    for row_no, row in enumerate(_stream("parquet", path, hf_cache_dir), start=1):
+        yield row_no, row
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", type(None): "null", bool: "boolean"}.get(
+        type(value), type(value).__name__)
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _maybe_json(value: Any, name: str) -> Any:
+    """Columns sometimes hold JSON text instead of the structure itself."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise BadSample("malformed", f"{name!r} is a string that is not JSON ({error.msg})") from None
+    return value
+
+
+def parse_chat_row(record: Mapping[str, Any], *, messages_key: str = "messages", tools_key: str = "tools",
+                   drop_nulls: bool = False) -> tuple[list[dict[str, Any]], list[Any] | None]:
+    """Validated (messages, tools) of one row; raises BadSample.
+
+    drop_nulls removes null-valued keys from messages and tools (for Arrow-typed rows, see the
+    module doc).
+    """
+    if record.get(messages_key) is None:
+        raise BadSample("malformed", f"no {messages_key!r} field")
+    messages = _maybe_json(record[messages_key], messages_key)
+    if drop_nulls:
+        messages = _drop_nulls(messages)
+    if not isinstance(messages, list):
+        raise BadSample("malformed", f"{messages_key!r} must be a list of messages, got {_type_name(messages)}")
+    if not messages:
+        raise BadSample("malformed", f"{messages_key!r} is empty")
+    clean: list[dict[str, Any]] = []
+    for index, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise BadSample("malformed", f"message {index} must be an object, got {_type_name(message)}")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise BadSample("malformed", f"message {index} has no 'role' string (got {_type_name(role)})")
+        if role not in ROLES:
+            raise BadSample("unknown_role", f"message {index} has role {role!r}; expected one of {', '.join(ROLES)}")
+        content = message.get("content")
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and not isinstance(tool_calls, list):
+            raise BadSample("malformed", f"message {index} ({role}) 'tool_calls' must be a list, got "
+                                    f"{_type_name(tool_calls)}")
+        if content is None and role == "assistant" and tool_calls:
+            message = {**message, "content": ""}
+        elif not isinstance(content, str):
+            what = "no 'content'" if content is None else f"content of type {_type_name(content)}"
+            raise BadSample("malformed", f"message {index} ({role}) has {what}; content must be a string")
+        clean.append(message)
+    tools = record.get(tools_key)
+    if tools is not None:
+        tools = _maybe_json(tools, tools_key)
+        if drop_nulls:
+            tools = _drop_nulls(tools)
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise BadSample("malformed", f"{tools_key!r} must be a list of objects, got {_type_name(tools)}")
+    return clean, tools or None
+
+
+def tokenize_chat(tokenizer: ChatTokenizer, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None,
+                  seq_length: int) -> tuple[list[int], list[int]]:
+    """(token ids, response flags) of one validated conversation; raises BadSample."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadSample("no_assistant_tokens", "no assistant message")
+    try:
+        ids, response = flatten_segments(tokenizer.render_chat(messages, tools))
+    except ChatTemplateError as error:
+        raise BadSample("template_error", str(error)) from None
+    if not any(response):
+        raise BadSample("no_assistant_tokens", "the assistant turns render to no response token")
+    if len(ids) > seq_length:
+        raise BadSample("too_long", f"{len(ids)} tokens > seq_length {seq_length} (samples are never split)")
+    return ids, response
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, with the cache
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_key(config: ChatDataConfig, tokenizer: ChatTokenizer) -> str:
+    """Hex digest of everything the tokenised set depends on."""
+    files = []
+    for path in config.paths:
+        stat = os.stat(path)
+        files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    material = {"version": CACHE_VERSION, "files": files, "tokenizer": tokenizer.identity,
+                "seq_length": config.seq_length, "policy": config.policy,
+                "messages_key": config.messages_key, "tools_key": config.tools_key}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_path(config: ChatDataConfig, tokenizer: ChatTokenizer) -> Path | None:
+    if config.cache_dir is None:
+        return None
+    return Path(config.cache_dir) / f"chat-{cache_key(config, tokenizer)[:32]}.pt"
+
+
+def _save(samples: ChatSamples, path: Path) -> None:
+    payload = {"tokens": samples.tokens, "response": samples.response, "offsets": samples.offsets,
+               "source_file": samples.source_file, "source_row": samples.source_row,
+               "files": list(samples.files), "pad_id": samples.pad_id, "vocab_size": samples.vocab_size,
+               "summary": samples.summary.to_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a reader (another rank, a later run) never sees half a file.
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
+        torch.save(payload, tmp)
+    os.replace(tmp.name, path)
+
+
+def _load(path: Path) -> ChatSamples:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return ChatSamples(payload["tokens"], payload["response"], payload["offsets"], payload["source_file"],
+                       payload["source_row"], tuple(payload["files"]), int(payload["pad_id"]),
+                       int(payload["vocab_size"]), DataSummary.from_dict(payload["summary"]), from_cache=True)
+
+
+def _as_tensor(values: array, dtype: type[np.generic]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=dtype))  # copies through the buffer protocol
+
+
+def _read_and_tokenize(config: ChatDataConfig, tokenizer: ChatTokenizer, hf_cache_dir: str) -> ChatSamples:
+    summary = DataSummary(files=list(config.paths), policy=config.policy, seq_length=config.seq_length)
+    tokens, response = array("i"), array("B")
+    offsets, source_file, source_row = array("q", [0]), array("i"), array("q")
+
+    def bad(path: str, row: int | None, reason: str, detail: str) -> None:
+        if config.policy == "error":
+            raise BadSampleError(path, row, reason, detail)
+        summary.record_skip(path, row, reason, detail)
+
+    for file_index, path in enumerate(config.paths):
+        is_parquet = _file_format(path) == "parquet"
+        if os.path.getsize(path) == 0:
+            bad(path, None, "empty_file", "the file is empty (0 bytes)")
+            continue
+        rows = (_parquet_rows(path, hf_cache_dir, config.messages_key) if is_parquet
+                else _jsonl_rows(path, hf_cache_dir, summary))
+        rows_before = summary.rows
+        for row, record in rows:
+            summary.rows += 1
+            try:
+                if isinstance(record, BadSample):
+                    raise record
+                messages, tools = parse_chat_row(record, messages_key=config.messages_key,
+                                                 tools_key=config.tools_key, drop_nulls=is_parquet)
+                ids, flags = tokenize_chat(tokenizer, messages, tools, config.seq_length)
+            except BadSample as rejected:
+                bad(path, row, rejected.reason, rejected.detail)
+                continue
+            tokens.extend(ids)
+            response.extend(flags)
+            offsets.append(len(tokens))
+            source_file.append(file_index)
+            source_row.append(row)
+            summary.samples += 1
+            summary.response_tokens += sum(flags)
+            summary.max_length = max(summary.max_length, len(ids))
+        if summary.rows == rows_before:
+            bad(path, None, "empty_file", "the file has no rows")
+    summary.tokens = len(tokens)
+    if summary.samples == 0:
+        raise ValueError(f"no usable chat samples in {', '.join(config.paths)}\n{summary.format()}")
+    return ChatSamples(_as_tensor(tokens, np.int32), _as_tensor(response, np.uint8), _as_tensor(offsets, np.int64),
+                       _as_tensor(source_file, np.int32), _as_tensor(source_row, np.int64), config.paths,
+                       tokenizer.pad_id, tokenizer.vocab_size, summary)
+
+
+def load_chat_samples(config: ChatDataConfig, tokenizer: ChatTokenizer, *,
+                      log: Callable[[str], None] | None = print) -> ChatSamples:
+    """Read, validate and tokenise the chat files of `config` (or load them from the cache).
+
+    The DataSummary (rows, samples, skipped rows per reason) goes to `log` before returning.
+    """
+    for path in config.paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"chat data file {path!r} does not exist")
+    cache = _cache_path(config, tokenizer)
+    samples = None
+    if cache is not None and cache.is_file():
+        try:
+            samples = _load(cache)
+        except Exception as error:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
+            if log is not None:
+                log(f"chat data cache {cache} is unreadable ({type(error).__name__}: {error}); rebuilding")
+    if samples is None:
+        with contextlib.ExitStack() as stack:
+            if config.cache_dir is not None:
+                hf_cache_dir = os.path.join(config.cache_dir, "hf-datasets")
+            else:
+                hf_cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="focusft-hf-datasets-"))
+            samples = _read_and_tokenize(config, tokenizer, hf_cache_dir)
+        if cache is not None:
+            _save(samples, cache)
+    if log is not None:
+        origin = f"\n  read from cache {cache}" if samples.from_cache else ""
+        log(samples.summary.format() + origin)
+    return samples

@@ -1,0 +1,186 @@
+"""Packing tokenised chat samples into rows of seq_length tokens, and micro-batches of them.
+
+Legend: ``b`` rows of a micro-batch, ``s`` = seq_length; packed tensors are ``[b, s]``.
+
+Each epoch is deterministic in (seed, epoch): the samples are permuted, placed into rows by
+first-fit (in the permuted order) or first-fit-decreasing (longest first, ties in the permuted
+order), and the rows are permuted again so that long and short rows interleave. A sample is
+never split: a row holds whole samples, ``doc_ids`` 0, 1, ... in placement order, -1 on the
+padding tail. Packing efficiency = sample tokens / (rows * seq_length).
+
+Micro-batches go to data-parallel ranks round-robin: global micro-batch step k holds rows
+[k * b * dp, (k + 1) * b * dp), and rank r takes its b rows of them. The last step is filled
+with empty rows (all padding, nothing scored), so every rank runs the same number of steps
+and no sample is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from megatron_focusft.data.batch import SegmentBatch, make_batch
+from megatron_focusft.data.chat import ChatSamples
+
+PackingAlgorithm = Literal["first_fit_decreasing", "first_fit"]
+ALGORITHMS: tuple[str, ...] = ("first_fit_decreasing", "first_fit")
+
+
+@dataclass(frozen=True)
+class PackingConfig:
+    """How samples become micro-batches.
+
+    seq_length        tokens per row.
+    micro_batch_size  rows per micro-batch (b).
+    seed              shuffling seed; the same seed and epoch give the same rows on every run.
+    algorithm         "first_fit_decreasing" (denser) or "first_fit" (keeps the shuffled order).
+    mask_kind         attention mask of the batches: "focusft" (blocks follow the response
+                      flags) or "causal".
+    """
+
+    seq_length: int
+    micro_batch_size: int = 1
+    seed: int = 0
+    algorithm: PackingAlgorithm = "first_fit_decreasing"
+    mask_kind: Literal["focusft", "causal"] = "focusft"
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            raise ValueError(f"seq_length must be >= 2, got {self.seq_length}")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.mask_kind not in ("focusft", "causal"):
+            raise ValueError(f"mask_kind must be focusft or causal for chat data, got {self.mask_kind!r} "
+                             f"(the block mask needs block ids, which chat data does not define)")
+
+
+def first_fit(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> list[list[int]]:
+    """Put items, in `order`, each into the lowest-numbered bin with room; bins hold item indices.
+
+    A max-tree over the bins' free space finds that bin in O(log n) per item, so packing is
+    O(n log n) rather than O(n * bins). Bins open in index order, so an unopened bin is simply
+    one with all `capacity` free.
+    """
+    n = len(order)
+    if n == 0:
+        return []
+    size = 1
+    while size < n:
+        size *= 2
+    free = [capacity] * (2 * size)  # free[size + i] = room left in bin i; inner nodes hold the max
+    bins: list[list[int]] = []
+    for item in order:
+        length = int(lengths[item])
+        if not 0 < length <= capacity:
+            raise ValueError(f"item {item} has length {length}, outside (0, {capacity}]")
+        node = 1
+        while node < size:
+            node = 2 * node if free[2 * node] >= length else 2 * node + 1
+        index = node - size
+        if index == len(bins):
+            bins.append([])
+        bins[index].append(item)
+        free[node] -= length
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return bins
+
+
+@dataclass(frozen=True, eq=False)
+class PackedChats:
+    """One epoch of packed rows: rows[i] lists the sample indices of row i, in order."""
+
+    samples: ChatSamples
+    rows: list[list[int]]
+    seq_length: int
+    seed: int
+    epoch: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.samples.lengths.sum())
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of the rows' token slots holding sample tokens."""
+        return self.num_tokens / (self.num_rows * self.seq_length) if self.rows else 0.0
+
+    def describe(self) -> str:
+        return (f"packed {len(self.samples)} samples into {self.num_rows} rows of {self.seq_length} tokens "
+                f"(epoch {self.epoch}, seed {self.seed}): efficiency {100 * self.efficiency:.1f}%")
+
+    def row_tensors(self, rows: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, doc_ids, response), each [len(rows), s] long; None gives an empty row."""
+        b, s = len(rows), self.seq_length
+        tokens = torch.full((b, s), self.samples.pad_id, dtype=torch.long)
+        doc_ids = torch.full((b, s), -1, dtype=torch.long)
+        response = torch.zeros((b, s), dtype=torch.long)
+        offsets = self.samples.offsets
+        for r, row in enumerate(rows):
+            if row is None:
+                continue
+            pos = 0
+            for doc, index in enumerate(self.rows[row]):
+                lo, hi = int(offsets[index]), int(offsets[index + 1])
+                n = hi - lo
+                tokens[r, pos:pos + n] = self.samples.tokens[lo:hi]
+                response[r, pos:pos + n] = self.samples.response[lo:hi]
+                doc_ids[r, pos:pos + n] = doc
+                pos += n
+        return tokens, doc_ids, response
+
+
+def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0) -> PackedChats:
+    """Shuffle and pack all samples for `epoch` (deterministic in config.seed and epoch)."""
+    lengths = samples.lengths.numpy()
+    too_long = np.nonzero(lengths > config.seq_length)[0]
+    if too_long.size:
+        file, row = samples.source(int(too_long[0]))
+        raise ValueError(f"{too_long.size} sample(s) are longer than seq_length {config.seq_length}, e.g. "
+                         f"{file}, row {row} ({int(lengths[too_long[0]])} tokens); tokenise with this seq_length")
+    if epoch < 0 or config.seed < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got {config.seed}, {epoch}")
+    rng = np.random.default_rng([config.seed, epoch])
+    order = rng.permutation(len(lengths))
+    if config.algorithm == "first_fit_decreasing":
+        order = order[np.argsort(-lengths[order], kind="stable")]
+    rows = first_fit(lengths, config.seq_length, order.tolist())
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    return PackedChats(samples, rows, config.seq_length, config.seed, epoch)
+
+
+def micro_batches(packed: PackedChats, config: PackingConfig, *, dp_rank: int = 0,
+                  dp_size: int = 1) -> Iterator[SegmentBatch]:
+    """This rank's micro-batches of one packed epoch (see the module doc for the split)."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank}, {dp_size}")
+    if packed.seq_length != config.seq_length:
+        raise ValueError(f"rows are packed to {packed.seq_length} tokens, config says {config.seq_length}")
+    b = config.micro_batch_size
+    step_rows = b * dp_size
+    for first in range(0, packed.num_rows, step_rows):
+        mine = [first + dp_rank * b + i for i in range(b)]
+        tokens, doc_ids, response = packed.row_tensors([r if r < packed.num_rows else None for r in mine])
+        yield make_batch(tokens, doc_ids, response, mask_kind=config.mask_kind)
+
+
+def epoch_micro_batches(samples: ChatSamples, config: PackingConfig, *, dp_rank: int = 0, dp_size: int = 1,
+                        first_epoch: int = 0) -> Iterator[tuple[int, SegmentBatch]]:
+    """Endless (epoch, micro-batch) stream, repacking with a new shuffle every epoch."""
+    epoch = first_epoch
+    while True:
+        yield from ((epoch, batch) for batch in micro_batches(pack_chats(samples, config, epoch), config,
+                                                              dp_rank=dp_rank, dp_size=dp_size))
+        epoch += 1
