@@ -47,6 +47,7 @@ class DemoConfig:
     lr: float = 5e-4
     warmup_steps: int = 3
     mask: str = "focusft"
+    method: str = "sft"  # "sft" or "focusft" (bilevel step with per-sample fast weights)
     preset: str = "tiny"
     attention_backend: str = "sdpa"
     tensor_model_parallel_size: int = 1
@@ -61,6 +62,8 @@ class DemoConfig:
             raise ValueError(f"the demo trains with mask 'focusft' or 'causal', got {self.mask!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.method not in ("sft", "focusft"):
+            raise ValueError(f"method must be 'sft' or 'focusft', got {self.method!r}")
         from megatron_focusft.data.synthetic import RetrievalTaskConfig
 
         RetrievalTaskConfig.fitting(self.seq_length)  # raises if a sample cannot fit in a row
@@ -128,7 +131,10 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
     from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
     from megatron_focusft.models.presets import get_preset
     from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
-    from megatron_focusft.training.sft import train_step
+    from megatron_focusft.fastweights.config import FastWeightConfig
+    from megatron_focusft.fastweights.linear import fast_weight_layout
+    from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
+    from megatron_focusft.training.sft import sft_forward_step, train_step
 
     with megatron_session(config.tensor_model_parallel_size, config.seed) as device:
         cuda = device.type == "cuda"
@@ -136,8 +142,15 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
         dp_rank = parallel_state.get_data_parallel_rank()
         log = print if rank == 0 else (lambda *a, **k: None)
         preset = get_preset(config.preset)
-        model, _ = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend,
-                                          tensor_model_parallel_size=config.tensor_model_parallel_size))
+        fast = FastWeightConfig() if config.method == "focusft" else None
+        model, model_config = build_model(ModelSetup(
+            preset=config.preset, attention_backend=config.attention_backend,
+            tensor_model_parallel_size=config.tensor_model_parallel_size, fast_weights=fast))
+        forward_step = sft_forward_step
+        if fast is not None:
+            forward_step = make_focusft_forward_step(
+                FocusftConfig(fast_weights=fast),
+                SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed * 1000 + dp_rank))
         optimizer = build_optimizer(model, OptimizerSetup(lr=config.lr, min_lr=config.lr * 0.1))
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.lr * 0.1,
@@ -169,12 +182,13 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
         loss_tokens: list[int] = []
         step_seconds: list[float] = []
         lrs: list[float] = []
+        inner: dict[str, list[float]] = {"inner_loss_before": [], "inner_loss_after": [], "inner_skipped_steps": []}
         start = time.perf_counter()
         for step in range(1, config.steps + 1):
             t0 = time.perf_counter()
             micro_batches = [next_batch(packer) for _ in range(config.num_micro_batches)]
             lr = optimizer.param_groups[0]["lr"]
-            stats = _data_parallel_mean(train_step(model, optimizer, micro_batches), world)
+            stats = _data_parallel_mean(train_step(model, optimizer, micro_batches, forward_step), world)
             scheduler.step(increment=1)
             if cuda:
                 torch.cuda.synchronize()
@@ -188,8 +202,13 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
             lrs.append(lr)
             # ETA from the recent steps: the first step also pays one-time warm-up costs.
             recent = statistics.median(step_seconds[-5:])
-            log(f"step {step:>4}/{config.steps} | loss {stats['loss']:7.4f} | grad norm {stats['grad_norm']:6.3f} | "
-                f"lr {lr:.2e} | {tokens_per_step / dt:8,.0f} tok/s | {dt:5.2f} s/step | "
+            inner_text = ""
+            if fast is not None:
+                for key in inner:
+                    inner[key].append(stats[key])
+                inner_text = f" | inner {stats['inner_loss_before']:6.3f} -> {stats['inner_loss_after']:6.3f}"
+            log(f"step {step:>4}/{config.steps} | loss {stats['loss']:7.4f}{inner_text} | grad norm "
+                f"{stats['grad_norm']:6.3f} | lr {lr:.2e} | {tokens_per_step / dt:8,.0f} tok/s | {dt:5.2f} s/step | "
                 f"ETA {_fmt_seconds(recent * (config.steps - step))}", flush=True)
         total_seconds = time.perf_counter() - start
         after = _answer_accuracy(model, eval_batches, task.value_range)
@@ -202,6 +221,7 @@ def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
             "config": dataclasses.asdict(config),
             "steps": config.steps,
             "loss": losses,
+            **(inner if fast is not None else {}),
             "grad_norm": grad_norms,
             "lr": lrs,
             "loss_tokens": loss_tokens,
@@ -450,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention mask of the training batches")
     demo.add_argument("--output-dir", default=demo_defaults.output_dir, help="where results.json is written")
     demo.add_argument("--seed", type=int, default=demo_defaults.seed, help="model init and data seed")
+    demo.add_argument("--method", choices=("sft", "focusft"), default=demo_defaults.method,
+                      help="plain SFT, or the FocuSFT bilevel step (inner loop on per-sample fast weights)")
     demo.add_argument("--tensor-model-parallel-size", type=int, default=demo_defaults.tensor_model_parallel_size,
                       help="tensor-parallel ranks (launch with torchrun; the rest is data parallel)")
     demo.add_argument("--attention-backend", choices=("sdpa", "flex", "te"), default=demo_defaults.attention_backend,
@@ -510,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             demo_config = DemoConfig(
                 steps=args.steps, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                 num_micro_batches=args.num_micro_batches, lr=args.lr, mask=args.mask,
-                output_dir=args.output_dir, seed=args.seed, attention_backend=args.attention_backend,
+                output_dir=args.output_dir, seed=args.seed, attention_backend=args.attention_backend, method=args.method,
                 tensor_model_parallel_size=args.tensor_model_parallel_size,
             )
         elif args.bench == "step":

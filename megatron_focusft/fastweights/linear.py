@@ -294,7 +294,8 @@ def fast_weight_layout(model_config: TransformerConfig, config: FastWeightConfig
 def _tensor_seed(sample_seed: int, shape: FastWeightShape) -> int:
     # A of (sample, layer, projection) does not depend on the other samples of the pack nor on
     # which layers this pipeline stage builds.
-    return (sample_seed * 100_003 + shape.layer_number) * len(_PROJECTION_IDS) + _PROJECTION_IDS[shape.projection]
+    seed = (sample_seed * 100_003 + shape.layer_number) * len(_PROJECTION_IDS) + _PROJECTION_IDS[shape.projection]
+    return seed % (2**63 - 1)  # torch.Generator seeds are int64; Python ints are not bounded
 
 
 def init_fast_weights(

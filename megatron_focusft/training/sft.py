@@ -27,7 +27,8 @@ def train_step(
     micro_batches: list[SegmentBatch],
     forward_step=sft_forward_step,
 ) -> dict[str, float]:
-    """One optimizer step over `micro_batches`; returns the token-mean loss and grad norm."""
+    """One optimizer step over `micro_batches`: token-mean loss, token count, grad norm, and the mean
+    of every other [sum, count] log of the forward step (e.g. inner_loss_before for FocuSFT)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     b, s = micro_batches[0].tokens.shape
@@ -41,6 +42,9 @@ def train_step(
         forward_only=False,
     )
     _, grad_norm, _ = optimizer.step()
-    totals = torch.stack([log["lm loss"] for log in logs]).sum(dim=0)
-    return {"loss": float(totals[0] / totals[1].clamp(min=1)), "num_tokens": int(totals[1]),
-            "grad_norm": float(grad_norm)}
+    totals = {key: torch.stack([log[key] for log in logs]).sum(dim=0) for key in logs[0]}
+    lm = totals.pop("lm loss")
+    stats = {"loss": float(lm[0] / lm[1].clamp(min=1)), "num_tokens": int(lm[1]), "grad_norm": float(grad_norm)}
+    # Other logs (e.g. the FocuSFT inner loop's) are [sum, count] pairs too: report their means.
+    stats.update({key.replace(" ", "_"): float(v[0] / v[1].clamp(min=1)) for key, v in totals.items()})
+    return stats
