@@ -454,7 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_focusft.attention.backends import ATTENTION_BACKENDS
 
     parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench}")
+    commands.add_parser("train", help="FocuSFT / SFT training (same flags as pretrain_focusft.py; see train --help)",
+                        add_help=False)
 
     demo_defaults = _defaults(DemoConfig)
     demo = commands.add_parser("demo", help="short CPU/GPU training of the tiny preset on synthetic retrieval data",
@@ -524,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``focusft`` and ``python -m megatron_focusft.cli``; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["train"]:  # the training entry point keeps its own (Megatron-style) flags
+        from megatron_focusft.training.pretrain import main as train_main
+
+        _quiet_megatron_import_warnings()
+        return train_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     # Settings are validated here, before any work starts, so a bad flag is a usage error.

@@ -13,14 +13,14 @@ from megatron_focusft.attention.spec import get_segment_attention_layer_spec
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.fastweights.spec import get_fast_weight_block_spec
 from megatron_focusft.models.gpt import build_gpt_model
-from megatron_focusft.models.presets import get_preset, transformer_config
+from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
 
 
 @dataclass(frozen=True)
 class ModelSetup:
     """What the model is and how it is parallelised."""
 
-    preset: str = "tiny"
+    preset: str | ModelPreset = "tiny"  # a preset name, or a shape
     attention_backend: str = "sdpa"
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
@@ -44,7 +44,7 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     Parallel state must be initialised. Weights are initialised from the global torch seed
     as one master tensor split across TP ranks, so any TP size starts from the same model.
     """
-    preset = get_preset(setup.preset)
+    preset = setup.preset if isinstance(setup.preset, ModelPreset) else get_preset(setup.preset)
     config = transformer_config(
         preset,
         tensor_model_parallel_size=setup.tensor_model_parallel_size,

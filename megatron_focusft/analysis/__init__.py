@@ -1,0 +1,1 @@
+"""Attention analysis: sink mass and context engagement (spec: shared/specs/focusft.md, Metrics)."""

@@ -1,0 +1,119 @@
+"""Command-line flags of `pretrain_focusft.py` / `focusft train`: Megatron's names where Megatron has one.
+
+Model shape: `--model-preset` (megatron_focusft.models.presets) with Megatron's shape flags as
+overrides. Parallelism, batch, optimizer, schedule, checkpoint and logging flags are Megatron's.
+The method's own flags are `--focusft-*`; `--training-mode sft` with `--sft-mask` gives the
+plain-SFT baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from megatron_focusft.attention.backends import ATTENTION_BACKENDS
+from megatron_focusft.focusft.config import INNER_OBJECTIVES
+from megatron_focusft.models.presets import PRESETS
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-preset", default="tiny", choices=sorted(PRESETS), help="model shape preset")
+    for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+                 "--num-query-groups", "--max-position-embeddings", "--vocab-size"):
+        model.add_argument(flag, type=int, default=None, help="overrides the preset")
+    model.add_argument("--rotary-base", type=float, default=None, help="overrides the preset")
+    model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",
+                       help="segment-mask attention backend")
+    model.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (fp32 grads)")
+
+    par = parser.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--context-parallel-size", type=int, default=1)
+    par.add_argument("--sequence-parallel", action="store_true")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", nargs="*", default=[], help="chat JSONL / Parquet files with `messages`")
+    data.add_argument("--mock-data", action="store_true",
+                      help="synthetic packed key-value retrieval chats instead of --data-path")
+    data.add_argument("--tokenizer-model", default=None,
+                      help="local Hugging Face tokenizer directory (chat template); default: built-in byte tokenizer")
+    data.add_argument("--bad-sample-policy", choices=("error", "skip"), default="error",
+                      help="error on a bad row, or skip it and count it in the summary")
+    data.add_argument("--data-cache-dir", default=None, help="cache of the tokenised data set")
+    data.add_argument("--seq-length", type=int, default=512)
+    data.add_argument("--micro-batch-size", type=int, default=1)
+    data.add_argument("--global-batch-size", type=int, default=None,
+                      help="rows per optimizer step over all data-parallel ranks (default: micro x DP)")
+
+    opt = parser.add_argument_group("optimization")
+    opt.add_argument("--train-iters", type=int, required=True)
+    opt.add_argument("--lr", type=float, default=1e-5)
+    opt.add_argument("--min-lr", type=float, default=0.0)
+    opt.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    opt.add_argument("--lr-warmup-fraction", type=float, default=None)
+    opt.add_argument("--lr-warmup-iters", type=int, default=0)
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--clip-grad", type=float, default=1.0)
+    opt.add_argument("--adam-beta1", type=float, default=0.9)
+    opt.add_argument("--adam-beta2", type=float, default=0.95)
+    opt.add_argument("--seed", type=int, default=1234)
+
+    method = parser.add_argument_group("method")
+    method.add_argument("--training-mode", choices=("focusft", "sft"), default="focusft",
+                        help="FocuSFT bilevel step, or plain SFT (baseline)")
+    method.add_argument("--sft-mask", choices=("focusft", "causal"), default="focusft",
+                        help="attention mask of --training-mode sft (FocuSFT always uses its own)")
+    method.add_argument("--focusft-inner-steps", type=int, default=2)
+    method.add_argument("--focusft-inner-lr", type=float, default=1.0)
+    method.add_argument("--focusft-inner-grad-clip", type=float, default=1.0)
+    method.add_argument("--focusft-inner-objective", choices=INNER_OBJECTIVES, default="response")
+    method.add_argument("--focusft-rank", type=int, default=32)
+    method.add_argument("--focusft-alpha", type=float, default=64.0)
+    method.add_argument("--focusft-layer-fraction", type=float, default=0.35)
+    method.add_argument("--focusft-targets", nargs="+", default=["fc1", "fc2"], choices=("qkv", "proj", "fc1", "fc2"))
+
+    ckpt = parser.add_argument_group("checkpointing")
+    ckpt.add_argument("--save", default=None, help="checkpoint directory")
+    ckpt.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
+    ckpt.add_argument("--save-interval", type=int, default=None)
+
+    log = parser.add_argument_group("logging")
+    log.add_argument("--log-interval", type=int, default=1)
+    log.add_argument("--tensorboard-dir", default=None)
+    log.add_argument("--attention-metrics-interval", type=int, default=0,
+                     help="every N steps, sink mass and context engagement on a fixed probe batch (0: off)")
+    return parser
+
+
+def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = add_training_arguments(argparse.ArgumentParser(
+        prog="pretrain_focusft.py", description="FocuSFT / SFT training on Megatron-Core",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    args = parser.parse_args(argv)
+    try:
+        validate_training_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def validate_training_args(args: argparse.Namespace) -> None:
+    """Reject settings this build cannot run, before any process group or model exists."""
+    if args.pipeline_model_parallel_size != 1:
+        raise ValueError("--pipeline-model-parallel-size > 1 is not supported yet (the pipeline-aware "
+                         "bilevel schedule is issue 4)")
+    if args.sequence_parallel:
+        raise ValueError("--sequence-parallel is not supported yet (issue 4)")
+    if args.context_parallel_size != 1:
+        raise ValueError("--context-parallel-size > 1 is not wired into training yet (issue 4)")
+    if not args.mock_data and not args.data_path:
+        raise ValueError("give --data-path FILE [FILE ...] (chat JSONL/Parquet) or --mock-data")
+    if args.mock_data and args.data_path:
+        raise ValueError("--mock-data and --data-path are exclusive")
+    for name in ("train_iters", "seq_length", "micro_batch_size", "log_interval"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save DIR")

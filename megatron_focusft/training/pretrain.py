@@ -1,0 +1,213 @@
+"""The training entry point: `pretrain_focusft.py` / `focusft train` (torchrun-launched).
+
+One iteration = `global_batch_size / (micro_batch_size * DP)` micro-batches through Megatron's
+schedule with the FocuSFT forward step (or the plain SFT one), an optimizer step and an LR
+scheduler step. Console progress every `--log-interval`, TensorBoard every iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from megatron_focusft.models.presets import ModelPreset, get_preset
+from megatron_focusft.runtime import megatron_session
+from megatron_focusft.training.arguments import parse_training_args
+
+# bf16 dense peak FLOP/s by device name fragment, for MFU (others: MFU not reported).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+_SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+                "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+                "max_position_embeddings": "max_position_embeddings", "vocab_size": "vocab_size",
+                "rotary_base": "rotary_base"}
+
+
+def resolve_preset(args: argparse.Namespace) -> ModelPreset:
+    """The preset with Megatron's shape flags applied on top."""
+    overrides = {field: getattr(args, flag) for flag, field in _SHAPE_FLAGS.items() if getattr(args, flag) is not None}
+    return dataclasses.replace(get_preset(args.model_preset), **overrides)
+
+
+def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, dp_rank: int, dp_size: int,
+                device: torch.device, log: Callable[[str], None], seed_offset: int = 0):
+    from megatron_focusft.training.data_source import ChatDataSource, MockDataSource
+
+    if args.mock_data:
+        from megatron_focusft.data.synthetic import RetrievalTaskConfig
+
+        task = RetrievalTaskConfig.fitting(args.seq_length, vocab_size=preset.vocab_size)
+        seed = (args.seed + seed_offset) * 1000 + dp_rank
+        return MockDataSource(task, args.seq_length, args.micro_batch_size, seed, mask_kind, device)
+    from megatron_focusft.data.chat import ChatDataConfig, load_chat_samples
+    from megatron_focusft.data.packing import PackingConfig
+    from megatron_focusft.data.tokenizer import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(args.tokenizer_model)
+    if tokenizer.vocab_size > preset.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{preset.vocab_size}: set --vocab-size >= {tokenizer.vocab_size}")
+    samples = load_chat_samples(ChatDataConfig(tuple(args.data_path), args.seq_length, args.bad_sample_policy,
+                                               args.data_cache_dir), tokenizer, log=log if seed_offset == 0 else None)
+    packing = PackingConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                            seed=args.seed + seed_offset, mask_kind=mask_kind)
+    return ChatDataSource(samples, packing, dp_rank, dp_size, device)
+
+
+def _forward_step(args: argparse.Namespace, model_config, fast):
+    from megatron_focusft.training.sft import sft_forward_step
+
+    if fast is None:
+        return sft_forward_step
+    from megatron_focusft.fastweights.linear import fast_weight_layout
+    from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
+    from megatron.core import parallel_state
+
+    config = FocusftConfig(inner_steps=args.focusft_inner_steps, inner_lr=args.focusft_inner_lr,
+                           inner_grad_clip=args.focusft_inner_grad_clip,
+                           inner_objective=args.focusft_inner_objective, fast_weights=fast)
+    # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.
+    seed = args.seed * 1000 + parallel_state.get_data_parallel_rank()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return make_focusft_forward_step(config, SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank,
+                                                               seed, dtype=dtype))
+
+
+def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
+    """Token-mean loss over data-parallel ranks; other stats averaged over ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return stats
+    keys = [k for k in stats if k not in ("loss", "num_tokens", "grad_norm")]
+    values = torch.tensor([stats["loss"] * stats["num_tokens"], stats["num_tokens"], *(stats[k] for k in keys)],
+                          dtype=torch.float64)
+    if torch.cuda.is_available():
+        values = values.cuda()
+    dist.all_reduce(values, group=group)
+    n = dist.get_world_size(group)
+    out = {"loss": float(values[0] / values[1].clamp(min=1)), "num_tokens": int(values[1]),
+           "grad_norm": stats["grad_norm"]}
+    out.update({k: float(v) / n for k, v in zip(keys, values[2:].tolist())})
+    return out
+
+
+def _mfu(tokens_per_s: float, n_params: int, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in name), None)
+    # 6 N FLOPs per token (dense forward + backward), the usual model-FLOPs convention.
+    return None if peak is None else 6 * n_params * tokens_per_s / peak
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns a summary (losses per iteration, settings). Rank 0 logs and writes TensorBoard."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_focusft.analysis.attention_metrics import attention_metrics
+    from megatron_focusft.fastweights.config import FastWeightConfig
+    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.training.sft import train_step
+
+    with megatron_session(args.tensor_model_parallel_size, args.seed) as device:
+        rank = dist.get_rank()
+        log = print if rank == 0 else (lambda *a, **k: None)
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        global_batch = args.global_batch_size or args.micro_batch_size * dp_size
+        if global_batch % (args.micro_batch_size * dp_size):
+            raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
+                             f"{args.micro_batch_size} x data-parallel size {dp_size}")
+        num_micro_batches = global_batch // (args.micro_batch_size * dp_size)
+        preset = resolve_preset(args)
+        focusft = args.training_mode == "focusft"
+        fast = FastWeightConfig(rank=args.focusft_rank, alpha=args.focusft_alpha,
+                                layer_fraction=args.focusft_layer_fraction,
+                                targets=tuple(args.focusft_targets)) if focusft else None
+        model, model_config = build_model(ModelSetup(
+            preset=preset, attention_backend=args.attention_backend,
+            tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16, fast_weights=fast))
+        optimizer = build_optimizer(model, OptimizerSetup(
+            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
+        warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0.0) * args.train_iters)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if warmup else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+            wd_incr_style="constant")
+        mask_kind = "focusft" if focusft else args.sft_mask
+        data = _build_data(args, preset, mask_kind, dp_rank, dp_size, device, log)
+        probe = _build_data(args, preset, mask_kind, 0, 1, device, log, seed_offset=7919).next_micro_batch()
+        forward_step = _forward_step(args, model_config, fast)
+        n_params = sum(p.numel() for p in model.parameters())
+        writer = None
+        if args.tensorboard_dir and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(args.tensorboard_dir)
+        tokens_per_iter = global_batch * args.seq_length
+        log(f"training {args.training_mode} ({'mask ' + mask_kind}): {preset.num_layers} layers, "
+            f"{n_params / 1e6:.1f}M params/rank, TP {args.tensor_model_parallel_size}, DP {dp_size}, "
+            f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
+            f"{args.train_iters} iterations")
+
+        start_iteration = 0
+        losses: list[float] = []
+        history: list[dict[str, float]] = []
+        t_start = time.perf_counter()
+        for iteration in range(start_iteration + 1, args.train_iters + 1):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            stats = _dp_mean(train_step(model, optimizer, [data.next_micro_batch() for _ in range(num_micro_batches)],
+                                        forward_step))
+            scheduler.step(increment=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(f"iteration {iteration}: lm loss is {stats['loss']}")
+            stats.update({"learning_rate": lr, "tokens_per_s": tokens_per_iter / dt, "iteration_s": dt})
+            mfu = _mfu(stats["tokens_per_s"], n_params, device)
+            if mfu is not None:
+                stats["mfu"] = mfu
+            if args.attention_metrics_interval and iteration % args.attention_metrics_interval == 0:
+                stats.update({f"attention/{k}": v for k, v in attention_metrics(model.module, probe).items()})
+            losses.append(stats["loss"])
+            history.append({"iteration": iteration, **stats})
+            if writer is not None:
+                for key, value in stats.items():
+                    writer.add_scalar(key if "/" in key else f"train/{key}", value, iteration)
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                done = iteration - start_iteration
+                eta = (time.perf_counter() - t_start) / done * (args.train_iters - iteration)
+                inner = (f" | inner {stats['inner_loss_before']:.4f} -> {stats['inner_loss_after']:.4f}"
+                         if "inner_loss_before" in stats else "")
+                log(f"[{100 * iteration / args.train_iters:5.1f}%] iteration {iteration:>6}/{args.train_iters} | "
+                    f"lm loss {stats['loss']:.4f}{inner} | lr {lr:.3e} | grad norm {stats['grad_norm']:.3f} | "
+                    f"{stats['tokens_per_s']:,.0f} tok/s | {dt:.2f} s/it | ETA {eta:,.0f} s", flush=True)
+        if writer is not None:
+            writer.close()
+        return {"losses": losses, "history": history, "args": vars(args)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_training_args(argv)
+    summary = pretrain(args)
+    if args.tensorboard_dir:
+        import os
+
+        os.makedirs(args.tensorboard_dir, exist_ok=True)
+        with open(os.path.join(args.tensorboard_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=1, default=str)
+    return 0
