@@ -10,6 +10,8 @@ COPY pyproject.toml README.md ./
 COPY megatron_focusft ./megatron_focusft
 COPY kernels ./kernels
 COPY patches ./patches
+COPY examples ./examples
+COPY pretrain_focusft.py ./
 
 RUN pip install --no-cache-dir --no-deps "megatron-core>=0.19,<0.20" \
  && pip install --no-cache-dir "numpy>=1.26" packaging "tensorboard>=2.15" "datasets>=3.0" \

@@ -109,8 +109,12 @@ def _mfu(tokens_per_s: float, n_params: int, device: torch.device) -> float | No
     return None if peak is None else 6 * n_params * tokens_per_s / peak
 
 
-def pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    """Train; returns a summary (losses per iteration, settings). Rank 0 logs and writes TensorBoard."""
+def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Train; returns a summary (losses per iteration, settings). Rank 0 logs and writes TensorBoard.
+
+    on_finish(model) is called with the trained (DDP-wrapped) model before the process group and
+    parallel state are torn down, e.g. to evaluate it.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -198,6 +202,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                     f"{stats['tokens_per_s']:,.0f} tok/s | {dt:.2f} s/it | ETA {eta:,.0f} s", flush=True)
         if writer is not None:
             writer.close()
+        if on_finish is not None:
+            on_finish(model)
         return {"losses": losses, "history": history, "args": vars(args)}
 
 
