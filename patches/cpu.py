@@ -6,7 +6,8 @@ kinds of patch, each listed with its reason:
   except that CUDA devices resolve to the CPU and CUDA-only calls (synchronize,
   current_device) become their CPU equivalents. Code outside those modules is untouched.
 - PATCHED_FUNCTIONS: a function whose CUDA assumption is not a device argument (an assert on
-  the tensor type) is replaced by a CPU version with the same arithmetic.
+  the tensor type, a pinned tensor moved with .cuda()) is replaced by a CPU version with the
+  same arithmetic.
 No numerics change: only where tensors live. tests/patches/test_cpu.py fails if megatron-core
 changes a patched function's signature or no longer contains the CUDA code a module is
 patched for.
@@ -77,6 +78,20 @@ def _clip_grad_by_total_norm_cpu(
         grad.mul_(clip_coeff)
 
 
+def _pos_emb_on_this_cp_rank_cpu(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+    """This CP rank's rows of a RoPE table: chunks r and 2cp-1-r of 2cp along seq_dim, in that order.
+
+    Megatron's selection (the load-balanced layout of parallel/context_parallel.py), with the
+    index tensor made on the table's device instead of pinned and copied to CUDA.
+    """
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    chunks = pos_emb.unflatten(seq_dim, (2 * cp_size, -1))
+    index = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=pos_emb.device)
+    return chunks.index_select(seq_dim, index).flatten(seq_dim, seq_dim + 1)
+
+
 @dataclass(frozen=True)
 class FunctionPatch:
     used_in: str  # the module whose reference is replaced
@@ -94,6 +109,13 @@ PATCHED_FUNCTIONS: tuple[FunctionPatch, ...] = (
         "(parameters: Union[List[torch.Tensor], torch.Tensor], max_norm: Union[int, float], "
         "total_norm: float, use_decoupled_grad: bool = False)",
         "asserts param.grad.type() == 'torch.cuda.FloatTensor'",
+    ),
+    FunctionPatch(
+        "megatron.core.models.common.embeddings.rotary_pos_embedding",
+        "megatron.core.models.common.embeddings.rope_utils", "get_pos_emb_on_this_cp_rank",
+        _pos_emb_on_this_cp_rank_cpu,
+        "(pos_emb: 'Tensor', seq_dim: 'int', cp_group: 'torch.distributed.ProcessGroup') -> 'Tensor'",
+        "RotaryEmbedding under context parallelism builds its index with pin_memory=True and .cuda()",
     ),
 )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -13,6 +15,10 @@ from megatron.core.utils import divide
 
 from megatron_focusft.attention.backends import get_attention_backend
 from megatron_focusft.masks import SegmentMask, segment_mask
+from megatron_focusft.parallel.context_parallel import cp_attention
+
+# Our backend name -> the context-parallel attention path that evaluates the same mask.
+_CP_BACKENDS = {"sdpa": "dense", "flex": "flex"}
 
 
 class SegmentCoreAttention(MegatronModule):
@@ -21,6 +27,12 @@ class SegmentCoreAttention(MegatronModule):
     query [s, b, hq/tp, d], key/value [s, b, hkv/tp, d] -> output [s, b, hq/tp * d]. A mask of
     None means one causal document per row. Attention dropout is not supported (FocuSFT and
     Llama-style models train without it); the config must set attention_dropout = 0.
+
+    Context parallelism (context_parallel_size = cp > 1): the activations hold this rank's
+    s = S / cp tokens (load-balanced chunks r and 2cp-1-r, see parallel/cp_batch.py) while the
+    mask stays GLOBAL, [b, S]. K/V are all-gathered over the CP group (cp_attention), whatever
+    `cp_comm_type` says: Megatron's ring/a2a paths take no custom mask. sdpa runs the dense
+    path, flex the BlockMask path; te has no CP path.
     """
 
     def __init__(
@@ -42,9 +54,19 @@ class SegmentCoreAttention(MegatronModule):
             raise ValueError(f"SegmentCoreAttention supports no attention dropout; got {dropout}")
         if config.apply_query_key_layer_scaling:
             raise ValueError("SegmentCoreAttention does not support apply_query_key_layer_scaling")
-        if config.context_parallel_size != 1:
-            raise ValueError("SegmentCoreAttention runs with context_parallel_size = 1 "
-                             f"(got {config.context_parallel_size})")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            if backend not in _CP_BACKENDS:
+                raise ValueError(f"attention backend {backend!r} has no context-parallel path; with "
+                                 f"context_parallel_size = {config.context_parallel_size} use one of "
+                                 f"{sorted(_CP_BACKENDS)}")
+            cp_group = getattr(pg_collection, "cp", None)
+            if cp_group is None:
+                cp_group = parallel_state.get_context_parallel_group()
+            if dist.get_world_size(cp_group) != config.context_parallel_size:
+                raise ValueError(f"config.context_parallel_size = {config.context_parallel_size} but the CP "
+                                 f"process group has {dist.get_world_size(cp_group)} ranks")
+            self.cp_group = cp_group
         self.layer_number = layer_number
         self.backend_name = backend
         self.attention_fn = get_attention_backend(backend)
@@ -68,14 +90,22 @@ class SegmentCoreAttention(MegatronModule):
             raise ValueError("SegmentCoreAttention takes packing from the SegmentMask; "
                              "attention_bias and packed_seq_params must be None")
         seq, batch = query.shape[:2]
+        cp_size = 1 if self.cp_group is None else self.config.context_parallel_size
+        full_seq = seq * cp_size  # the mask is global: S = s * cp
         mask = attention_mask
         if mask is None:
-            mask = segment_mask("causal", doc_ids=torch.zeros(batch, seq, dtype=torch.long, device=query.device))
+            mask = segment_mask("causal", doc_ids=torch.zeros(batch, full_seq, dtype=torch.long, device=query.device))
         elif not isinstance(mask, SegmentMask):
             raise TypeError(f"attention_mask must be a megatron_focusft SegmentMask, got {type(mask).__name__}")
-        if tuple(mask.shape) != (batch, seq):
-            raise ValueError(f"SegmentMask has shape {tuple(mask.shape)}, attention input is [b={batch}, s={seq}]")
+        if tuple(mask.shape) != (batch, full_seq):
+            local = f", this CP rank's s = {seq} tokens of S = s * cp = {full_seq}" if cp_size > 1 else ""
+            raise ValueError(f"SegmentMask has shape {tuple(mask.shape)}, attention input is "
+                             f"[b={batch}, s={seq}]{local}; the mask must be [b, S]")
         # [s, b, h, d] -> [b, h, s, d], the layout of the backends.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = self.attention_fn(q, k, v, mask, self.softmax_scale)
+        if self.cp_group is None:
+            out = self.attention_fn(q, k, v, mask, self.softmax_scale)
+        else:
+            out = cp_attention(q, k, v, mask, self.softmax_scale, self.cp_group,
+                               backend=_CP_BACKENDS[self.backend_name])
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

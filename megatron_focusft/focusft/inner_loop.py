@@ -4,6 +4,14 @@ Sample s of a packed micro-batch only sees its own tokens and only its tokens us
 so the gradient of the summed per-sample losses with respect to (A_s, B_s) is exactly the
 gradient the unpacked reference computes for sample s alone. Clipping, skipping and updates
 are then applied per sample.
+
+Context parallelism: a sample's tokens may lie on several CP ranks (or none of this rank's).
+Fast weights are replicated over the CP group and numbered globally (see
+parallel/cp_batch.sample_index_for_cp). Per-sample sums and target counts are all-reduced over
+CP before any division; each rank differentiates its tokens' share of every sample's token-mean
+loss (the K/V gather's backward already brings the other ranks' queries' share into its keys),
+and the fast-weight gradients are summed over CP before clipping; so every CP rank takes the
+same step as one process holding the whole sequence.
 """
 
 from __future__ import annotations
@@ -45,15 +53,32 @@ class InnerLoopResult:
     has_targets: torch.Tensor
 
 
-def per_sample_loss(
+def per_sample_sums(
     token_loss: torch.Tensor, targets: torch.Tensor, sample_index: torch.Tensor, num_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-mean loss of each sample: token_loss, targets, sample_index [b, s] -> (mean [n], count [n])."""
+    """This rank's part: token_loss, targets, sample_index [b, s] -> (loss sum [n] fp32, count [n] long).
+
+    The sums are differentiable w.r.t. token_loss.
+    """
     scored = targets & (sample_index >= 0)
     index = sample_index[scored]
     sums = torch.zeros(num_samples, dtype=torch.float32, device=token_loss.device).index_add(
         0, index, token_loss[scored].float())
     counts = torch.bincount(index, minlength=num_samples)
+    return sums, counts
+
+
+def per_sample_loss(
+    token_loss: torch.Tensor, targets: torch.Tensor, sample_index: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean loss of each sample over the whole sequence: [b, s] inputs -> (mean [n], count [n]).
+
+    Under CP the sums and counts are all-reduced over the CP group first (the mean is then a
+    value, with no gradient); without CP the mean is differentiable.
+    """
+    sums, counts = per_sample_sums(token_loss, targets, sample_index, num_samples)
+    if _cp_size() > 1:
+        sums, counts = _cp_all_reduce(sums.detach().clone()), _cp_all_reduce(counts)
     return sums / counts.clamp(min=1), counts
 
 
@@ -61,6 +86,24 @@ def _tp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) 
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
     return tensor
+
+
+def _cp_size() -> int:
+    return parallel_state.get_context_parallel_world_size()
+
+
+def _cp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if _cp_size() > 1:
+        dist.all_reduce(tensor, op=op, group=parallel_state.get_context_parallel_group())
+    return tensor
+
+
+def _cp_sum_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each CP rank's partial fast-weight gradients -> their sum, in one fp32 all-reduce."""
+    if _cp_size() == 1:
+        return grads
+    flat = _cp_all_reduce(torch.cat([g.reshape(-1).float() for g in grads]))
+    return [part.view_as(g).to(g.dtype) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def per_sample_sq_norms(local: torch.Tensor, sharded: bool) -> torch.Tensor:
@@ -111,7 +154,8 @@ def run_inner_loop(
     """
     n = next(iter(initial.values()))[0].shape[0]
     device = hidden.device
-    counts = torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n)
+    # Targets of the whole sequence: a sample may have targets on other CP ranks only.
+    counts = _cp_all_reduce(torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n))
     has_targets = counts > 0
     keys = list(initial)
     tensors = {key: [t.detach().clone() for t in initial[key]] for key in keys}
@@ -125,17 +169,23 @@ def run_inner_loop(
         with frozen_slow_weights(model), bind_fast_weights(model, binding):
             out = forward_layers(model, hidden, objective.mask, rotary, top_layers)
             token_loss = lm_head_loss(model, out, labels, objective.targets)
-        loss, _ = per_sample_loss(token_loss, objective.targets, sample_index, n)
+        sums, _ = per_sample_sums(token_loss, objective.targets, sample_index, n)
+        # This rank's share of each sample's token mean (the whole mean without CP).
+        local_loss = sums / counts.clamp(min=1)
+        loss = _cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
         finite_loss = torch.isfinite(loss)
-        total = torch.where(finite_loss & has_targets, loss, torch.zeros_like(loss)).sum()
+        total = torch.where(finite_loss & has_targets, local_loss, torch.zeros_like(local_loss)).sum()
         flat = [t for key in keys for t in leaves[key]]
+        # Every CP rank must run this backward: it holds the K/V gather's reduce-scatter.
         grads = torch.autograd.grad(total, flat, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)]
-        # A sample whose loss or gradient is not finite skips this step (on every TP rank alike).
+        grads = _cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)])
+        # A sample whose loss or gradient is not finite skips this step, on every TP and CP rank
+        # alike (fast weights are replicated over CP and must stay identical).
         bad = ~finite_loss.clone()
         for g in grads:
             bad |= ~torch.isfinite(g).flatten(1).all(dim=1)
-        bad = _tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX).bool()
+        bad = _tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX)
+        bad = _cp_all_reduce(bad, dist.ReduceOp.MAX).bool()
         update = has_targets & ~bad
         skipped += (has_targets & bad).long()
         losses[step] = torch.where(has_targets, loss.detach(), torch.zeros_like(loss))

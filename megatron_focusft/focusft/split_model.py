@@ -2,8 +2,8 @@
 
 `forward_layers(model, ..., layers)` runs a contiguous range of decoder layers; `embed` and
 `lm_head_loss` are GPTModel's own pre- and post-processing. embed -> all layers -> lm_head_loss
-is GPTModel.forward for the configurations we build (no SP, CP or pipeline), which
-tests/focusft/test_split_model.py checks bit for bit.
+is GPTModel.forward for the configurations we build (no SP or pipeline; CP included), which
+tests/focusft/test_step.py checks bit for bit (and tests/parallel/test_cp_model.py under CP).
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from megatron_focusft.masks import SegmentMask
 
 
 def embed(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens, position_ids [b, s] -> (hidden [s, b, h], rotary embedding [s, 1, 1, d])."""
+    """tokens, position_ids [b, s] -> (hidden [s, b, h], rotary embedding [s, 1, 1, d]).
+
+    Under context parallelism s is this rank's share of S = s * cp tokens: the table is asked
+    for S rows (the length GPTModel computes, by the same method) and RotaryEmbedding keeps this
+    rank's rows, chunks r and 2cp-1-r, so every token is rotated by its global position.
+    """
     hidden = model.embedding(input_ids=tokens, position_ids=position_ids)
-    rotary = model.rotary_pos_emb(hidden.shape[0])
+    rotary_len = model.rotary_pos_emb.get_rotary_seq_len(None, model.decoder, hidden, model.config)
+    rotary = model.rotary_pos_emb(rotary_len)
     return hidden, rotary
 
 

@@ -7,6 +7,14 @@ Data flow (L decoder layers, the top `layer_fraction` adapted):
 The bottom layers' output does not depend on the fast weights, so computing it once is exact.
 With the `context` objective the inner loop runs under a causal mask, so its bottom output is
 different: it is computed once more, without grad, and shared by all inner steps.
+
+Context parallelism: the batch is this CP rank's part (parallel/cp_batch.split_batch_for_cp):
+local tokens, the GLOBAL mask. Samples are numbered from the global doc ids, so every CP rank
+holds the fast weights of every sample of the micro-batch; the inner loop reduces per-sample
+statistics and fast-weight gradients over CP. The outer loss needs nothing: its
+(loss_sum, num_tokens) are this rank's, and Megatron sums both over DP x CP
+(calculate_per_token_loss: finalize_model_grads all-reduces the token count over the DP x CP
+group, DDP sums the slow-weight gradients over it).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from megatron_focusft.fastweights.config import adapted_layer_numbers
 from megatron_focusft.fastweights.linear import (
     FastWeightBinding, FastWeights, bind_fast_weights, sample_index_from_doc_ids, shard_fast_weights,
 )
+from megatron_focusft.parallel.cp_batch import next_in_document, sample_index_for_cp
 from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
     InnerLoopResult, InnerTargets, is_sharded, per_sample_loss, per_sample_sq_norms, run_inner_loop,
@@ -44,17 +53,18 @@ class FocusftOutput:
     update_norm: torch.Tensor
 
 
-def inner_targets(batch: SegmentBatch, objective: str) -> InnerTargets:
+def inner_targets(batch: SegmentBatch, objective: str, cp_size: int = 1, cp_rank: int = 0) -> InnerTargets:
     """response: the outer targets under the FocuSFT mask. context: next-token targets that are
-    context tokens, under a causal mask (next-token prediction is trivial bidirectionally)."""
+    context tokens, under a causal mask (next-token prediction is trivial bidirectionally).
+
+    The context targets are the in-document next-token targets the outer loss does not score
+    (make_batch's loss mask is exactly "next token is a response token of the same document"),
+    read from the global doc ids: under CP a token's successor may live on another rank.
+    """
     if objective == "response":
         return InnerTargets(batch.attention, batch.loss_mask.bool())
-    doc = batch.doc_ids
-    next_in_doc = torch.zeros_like(doc, dtype=torch.bool)
-    next_in_doc[:, :-1] = (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0)
-    next_is_context = torch.zeros_like(next_in_doc)
-    next_is_context[:, :-1] = batch.response[:, 1:] == 0
-    return InnerTargets(segment_mask("causal", doc_ids=doc), next_in_doc & next_is_context)
+    next_in_doc = next_in_document(batch, cp_size, cp_rank)
+    return InnerTargets(segment_mask("causal", doc_ids=batch.attention.doc_ids), next_in_doc & ~batch.loss_mask.bool())
 
 
 def _layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
@@ -72,15 +82,18 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     """The bilevel forward of one packed micro-batch.
 
     initial: UNSHARDED fast weights of the batch's samples (reference layout: key (layer, proj)
-    -> A [n, r, in], B [n, out, r]; samples numbered as `sample_index_from_doc_ids`).
+    -> A [n, r, in], B [n, out, r]; samples numbered as `sample_index_from_doc_ids` numbers the
+    unsplit batch, the same on every CP rank).
     """
     bottom, top = _layer_ranges(model, config)
-    sample_index = sample_index_from_doc_ids(batch.doc_ids)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    sample_index, _ = sample_index_for_cp(batch, cp_size, cp_rank)
     local = shard_fast_weights(initial, parallel_state.get_tensor_model_parallel_rank(),
                                parallel_state.get_tensor_model_parallel_world_size())
     hidden, rotary = embed(model, batch.tokens, batch.position_ids)
     h_bottom = forward_layers(model, hidden, batch.attention, rotary, bottom)
-    objective = inner_targets(batch, config.inner_objective)
+    objective = inner_targets(batch, config.inner_objective, cp_size, cp_rank)
     if objective.mask is batch.attention:
         h_inner = h_bottom.detach()
     else:
@@ -114,7 +127,12 @@ def _update_norm(initial: FastWeights, adapted: FastWeights) -> torch.Tensor:
 def focusft_loss_func(
     per_token_loss: torch.Tensor, *, loss_mask: torch.Tensor, output: FocusftOutput
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Megatron loss_func: outer (loss_sum, num_tokens, logs) plus the inner-loop logs as [sum, count]."""
+    """Megatron loss_func: outer (loss_sum, num_tokens, logs) plus the inner-loop logs as [sum, count].
+
+    Under CP, "lm loss" is this rank's part (sum it over the CP group, as Megatron's training
+    loop does over DP x CP); the inner logs describe the whole micro-batch and are identical on
+    every CP rank (a sum over CP ranks keeps their ratio).
+    """
     loss_sum, num_tokens, logs = masked_token_loss(per_token_loss, loss_mask)
     inner = output.inner
     adapted = inner.has_targets.float()
@@ -141,7 +159,8 @@ class SeededFastWeights:
         self.micro_batches_seen = 0
 
     def __call__(self, batch: SegmentBatch) -> FastWeights:
-        n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
+        # From the global mask's doc ids: the same samples on every CP rank.
+        n = int(sample_index_from_doc_ids(batch.attention.doc_ids).max()) + 1
         base = (self.seed * 1_000_003 + self.micro_batches_seen) * 4096
         self.micro_batches_seen += 1
         return self._init([base + i for i in range(max(n, 0))], device=batch.tokens.device)

@@ -23,6 +23,7 @@ class ModelSetup:
     preset: str | ModelPreset = "tiny"  # a preset name, or a shape
     attention_backend: str = "sdpa"
     tensor_model_parallel_size: int = 1
+    context_parallel_size: int = 1
     sequence_parallel: bool = False
     bf16: bool = False
     fast_weights: FastWeightConfig | None = None  # FocuSFT adapters in the top layers
@@ -48,6 +49,7 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     config = transformer_config(
         preset,
         tensor_model_parallel_size=setup.tensor_model_parallel_size,
+        context_parallel_size=setup.context_parallel_size,
         sequence_parallel=setup.sequence_parallel,
         bf16=setup.bf16,
         params_dtype=torch.bfloat16 if setup.bf16 else torch.float32,

@@ -76,3 +76,43 @@ def test_clip_replacement_arithmetic(total_norm, max_norm):
     coeff = min(float(max_norm / (float(total_norm) + 1e-6)), 1.0)
     for p, g in zip(params, before):
         torch.testing.assert_close(p.grad, g * coeff, rtol=0, atol=0)
+
+
+class _FakeGroup:
+    """The two methods a process group offers Megatron's CP RoPE slicing."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("cp_size", [2, 4])
+def test_cp_rope_slice_is_our_load_balanced_layout(single_rank, cp_size):
+    # The patched RotaryEmbedding gives CP rank r the table rows at cp_positions(S, cp, r): the
+    # same tokens split_batch_for_cp hands that rank, so RoPE angles stay global positions.
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from megatron_focusft.parallel.context_parallel import cp_positions
+
+    cpu.apply_cpu_patches()
+    seq_len = 8 * cp_size
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0, rotary_base=10000, use_cpu_initialization=True)
+    full = rope.get_emb(seq_len)
+    for rank in range(cp_size):
+        local = rope(seq_len, cp_group=_FakeGroup(cp_size, rank))
+        assert torch.equal(local, full[cp_positions(seq_len, cp_size, rank)])
+        table = torch.randn(3, seq_len, 5)  # another sequence dim
+        sliced = cpu._pos_emb_on_this_cp_rank_cpu(table, 1, _FakeGroup(cp_size, rank))
+        assert torch.equal(sliced, table[:, cp_positions(seq_len, cp_size, rank)])
+
+
+def test_cp_rope_patch_is_still_needed():
+    from megatron.core.models.common.embeddings import rope_utils
+
+    source = inspect.getsource(rope_utils.get_pos_emb_on_this_cp_rank)
+    assert "pin_memory=True" in source and ".cuda(" in source, "review the get_pos_emb_on_this_cp_rank patch"
