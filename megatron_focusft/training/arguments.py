@@ -106,8 +106,11 @@ def validate_training_args(args: argparse.Namespace) -> None:
                          "bilevel schedule is issue 4)")
     if args.sequence_parallel:
         raise ValueError("--sequence-parallel is not supported yet (issue 4)")
-    if args.context_parallel_size != 1:
-        raise ValueError("--context-parallel-size > 1 is not wired into training yet (issue 4)")
+    if args.context_parallel_size > 1 and args.attention_backend == "te":
+        raise ValueError("--context-parallel-size > 1 needs --attention-backend sdpa or flex (TE has no CP path "
+                         "for segment masks)")
+    if args.context_parallel_size > 1 and args.attention_metrics_interval:
+        raise ValueError("--attention-metrics-interval is not supported with --context-parallel-size > 1 yet")
     if not args.mock_data and not args.data_path:
         raise ValueError("give --data-path FILE [FILE ...] (chat JSONL/Parquet) or --mock-data")
     if args.mock_data and args.data_path:

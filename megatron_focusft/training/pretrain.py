@@ -80,11 +80,12 @@ def _forward_step(args: argparse.Namespace, model_config, fast):
 
 
 def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
-    """Token-mean loss over data-parallel ranks; other stats averaged over ranks."""
+    """Token-mean loss over data- and context-parallel ranks; other stats averaged over those ranks."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    group = parallel_state.get_data_parallel_group()
+    # Loss sums and token counts are split over data- and context-parallel ranks alike.
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(group) == 1:
         return stats
     keys = [k for k in stats if k not in ("loss", "num_tokens", "grad_norm")]
@@ -121,10 +122,11 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
 
     from megatron_focusft.analysis.attention_metrics import attention_metrics
     from megatron_focusft.fastweights.config import FastWeightConfig
+    from megatron_focusft.parallel.cp_batch import split_batch_for_cp
     from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from megatron_focusft.training.sft import train_step
 
-    with megatron_session(args.tensor_model_parallel_size, args.seed) as device:
+    with megatron_session(args.tensor_model_parallel_size, args.seed, args.context_parallel_size) as device:
         rank = dist.get_rank()
         log = print if rank == 0 else (lambda *a, **k: None)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -140,7 +142,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
                                 targets=tuple(args.focusft_targets)) if focusft else None
         model, model_config = build_model(ModelSetup(
             preset=preset, attention_backend=args.attention_backend,
-            tensor_model_parallel_size=args.tensor_model_parallel_size, bf16=args.bf16, fast_weights=fast))
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            context_parallel_size=args.context_parallel_size, bf16=args.bf16, fast_weights=fast))
         optimizer = build_optimizer(model, OptimizerSetup(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
@@ -154,6 +157,15 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         data = _build_data(args, preset, mask_kind, dp_rank, dp_size, device, log)
         probe = _build_data(args, preset, mask_kind, 0, 1, device, log, seed_offset=7919).next_micro_batch()
         forward_step = _forward_step(args, model_config, fast)
+        cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
+
+        def next_micro_batch():
+            batch = data.next_micro_batch()
+            if cp == 1:
+                return batch
+            # Every CP rank of a data-parallel group reads the same rows and keeps its chunks.
+            return split_batch_for_cp(batch, cp, cp_rank, chunk_multiple=128 if args.attention_backend == "flex" else 1)
+
         n_params = sum(p.numel() for p in model.parameters())
         writer = None
         if args.tensorboard_dir and rank == 0:
@@ -162,7 +174,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             writer = SummaryWriter(args.tensorboard_dir)
         tokens_per_iter = global_batch * args.seq_length
         log(f"training {args.training_mode} ({'mask ' + mask_kind}): {preset.num_layers} layers, "
-            f"{n_params / 1e6:.1f}M params/rank, TP {args.tensor_model_parallel_size}, DP {dp_size}, "
+            f"{n_params / 1e6:.1f}M params/rank, TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}, "
+            f"DP {dp_size}, "
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")
 
@@ -173,7 +186,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         for iteration in range(start_iteration + 1, args.train_iters + 1):
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            stats = _dp_mean(train_step(model, optimizer, [data.next_micro_batch() for _ in range(num_micro_batches)],
+            stats = _dp_mean(train_step(model, optimizer, [next_micro_batch() for _ in range(num_micro_batches)],
                                         forward_step))
             scheduler.step(increment=1)
             if device.type == "cuda":

@@ -31,7 +31,8 @@ def train_step(
     of every other [sum, count] log of the forward step (e.g. inner_loss_before for FocuSFT)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    b, s = micro_batches[0].tokens.shape
+    # Under context parallelism tokens are this rank's share; Megatron's schedules take the global length.
+    b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
     logs = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),

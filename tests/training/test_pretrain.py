@@ -90,3 +90,21 @@ def test_unsupported_or_incomplete_flags_are_usage_errors(flags, message, capsys
 def test_focusft_train_cli_alias(tmp_path: Path):
     assert cli_main(["train", *BASE, "--mock-data", "--train-iters", "1", "--tensorboard-dir", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["losses"]
+
+
+def _pretrain_in_worker(argv: list[str]) -> list[float]:
+    """On every rank of a worker pool: a fresh parallel state sized by the flags, then pretrain."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    return pretrain(parse_training_args(argv))["losses"]
+
+
+@pytest.mark.parametrize("mode", ["focusft", "sft"])
+def test_context_parallel_training_equals_one_rank(worker_pool, mode):
+    # With CP 2 on 2 ranks there is one data-parallel rank: both read the rows a 1-rank run reads.
+    argv = [*BASE, "--mock-data", "--training-mode", mode]
+    cp2 = worker_pool(2).run(_pretrain_in_worker, [*argv, "--context-parallel-size", "2"])
+    one_rank = _pretrain_in_worker(argv)
+    assert cp2[0] == cp2[1]
+    assert cp2[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)

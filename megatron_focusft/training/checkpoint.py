@@ -1,0 +1,496 @@
+"""Checkpoints in Megatron's distributed format (torch_dist), committed so that a crash never
+leaves one that loads as valid.
+
+Layout of a checkpoint directory::
+
+    <dir>/iter_0000010/                        Megatron dist_checkpointing files (every rank writes
+                                               its shards; `metadata.json` last)
+    <dir>/iter_0000010/focusft_complete.json   completion marker, written after every rank is done
+    <dir>/latest_checkpointed_iteration.txt    tracker: the committed iteration, written last
+
+Save protocol (every rank calls `save_checkpoint`): clear a leftover directory of the same
+iteration, write the sharded state with `dist_checkpointing.save`, barrier, rank 0 writes the
+marker, barrier, rank 0 replaces the tracker, barrier. Both files are written to a temporary
+name, fsynced and renamed with `os.replace`, so each is either the old or the new file. A run
+killed at any point leaves the tracker on the previous complete checkpoint.
+
+Which checkpoint `load_checkpoint` takes: the tracker's iteration if its directory carries the
+marker. Otherwise, with a printed reason, the newest marked directory below it (the tracker named
+a directory that is missing or incomplete), or the newest marked directory when there is no
+tracker. Marked directories above the tracker are saves that finished writing but were never
+committed (killed between marker and tracker); they are skipped, with a message, and the next
+save of that iteration replaces them. A tracker that is not an integer is an error: it is only
+ever written atomically, so a bad one means something else is wrong. No directory, or one
+without a tracker and without marked iterations: no checkpoint (None).
+
+What a checkpoint holds:
+- the model's `sharded_state_dict()` and the optimizer's `sharded_state_dict(model_sd)`, so it
+  reloads at another tensor-parallel size (Megatron reshards);
+- common state (rank 0's copy; it must be the same on every rank): iteration, scheduler state,
+  the model's shape (checked on load), the parallel layout, the caller's `run_config` (checked
+  on load when given there too) and the caller's `extra_state`;
+- each rank's RNG states (torch CPU, CUDA when present, Megatron's CUDA RNG tracker, python
+  `random`, numpy), restored only when the parallel layout is unchanged.
+
+Fast weights are never saved: they are not parameters, and the fast-weight linears keep their
+base parameter names and sharded state dict.
+
+Data position contract: the checkpoint does not know the data pipeline. The caller puts its
+position into `extra_state` (plain Python values or tensors; the same on every rank, so store
+the global position, not a rank's shard of it) and rebuilds the stream from it after loading:
+- `packing.epoch_micro_batches`: (epoch, micro-batches consumed in that epoch); restart with
+  `first_epoch=epoch` and skip that many micro-batches.
+- `synthetic.RetrievalPacker`: it cannot report its state, so store the number of
+  `next_rows()` calls made; rebuild the packer with the same arguments and seed and call
+  `next_rows()` that many times (deterministic, so the rows continue exactly).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import unwrap_model
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MARKER_FILE = "focusft_complete.json"
+FORMAT_VERSION = 1
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_RNG_KEY = "focusft_rng_state"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded: the message names the path and the problem."""
+
+
+def iteration_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+# ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    extra_state: Mapping[str, Any] | None = None,
+    *,
+    run_config: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Save and commit the checkpoint of `iteration` (collective: every rank calls it).
+
+    model: the Megatron DDP model (or the bare MegatronModule). optimizer / scheduler may be
+    None (not saved). extra_state: the caller's state, e.g. the data position (module doc).
+    run_config: the run's settings, compared on load. keep_last: after committing, delete all
+    but the newest `keep_last` complete checkpoints (and incomplete leftovers older than this
+    one). Returns the iteration directory.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    extra_state = dict(extra_state or {})
+    run_config = dict(run_config) if run_config is not None else None
+    _check_same_on_all_ranks({"extra_state": extra_state, "run_config": run_config})
+    _check_serialisable(extra_state, "extra_state")
+    _check_serialisable(run_config, "run_config")
+
+    rank = dist.get_rank()
+    save_dir = Path(save_dir)
+    target = iteration_dir(save_dir, iteration)
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            # A leftover of an earlier (maybe crashed) save of this iteration: unmark it first so
+            # that a crash during the removal cannot leave a marked, partial directory.
+            _remove_checkpoint_dir(target)
+        target.mkdir()
+    dist.barrier()
+
+    module = _unwrap(model)
+    model_sd = module.sharded_state_dict()
+    state: dict[str, Any] = {
+        "model": model_sd,
+        "focusft": {
+            "format": FORMAT_VERSION,
+            "iteration": iteration,
+            "model_shape": _model_shape(module),
+            "layout": _parallel_layout(),
+            "run_config": run_config,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "has_optimizer": optimizer is not None,
+            "extra_state": extra_state,
+        },
+        _RNG_KEY: _rng_sharded_object(_rng_state()),
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    # Synchronous torch_dist save; returns after every rank's files and metadata.json are
+    # written and a barrier.
+    dist_checkpointing.save(state, str(target))
+
+    if rank == 0:
+        _write_marker(target, iteration)
+    dist.barrier()
+    if rank == 0:
+        _write_tracker(save_dir, iteration)
+        if keep_last is not None:
+            _apply_retention(save_dir, iteration, keep_last)
+    dist.barrier()
+    return target
+
+
+def _write_marker(directory: Path, iteration: int) -> None:
+    _write_atomic(directory / MARKER_FILE, json.dumps(
+        {"iteration": iteration, "world_size": dist.get_world_size(), "format": FORMAT_VERSION}))
+
+
+def _write_tracker(save_dir: Path, iteration: int) -> None:
+    _write_atomic(save_dir / TRACKER_FILE, f"{iteration}\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file, fsync, rename over `path`, fsync the directory: readers see the
+    old or the new content, never a partial one, also after a power loss."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_checkpoint_dir(directory: Path) -> None:
+    (directory / MARKER_FILE).unlink(missing_ok=True)
+    _fsync_dir(directory)
+    shutil.rmtree(directory)
+
+
+def _apply_retention(save_dir: Path, current: int, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints up to `current`; drop older complete ones
+    and incomplete leftovers below `current`. Directories above `current` are left alone."""
+    dirs = _iteration_dirs(save_dir)
+    complete = sorted((i for i in dirs if i <= current and _is_complete(dirs[i], i)), reverse=True)
+    keep = set(complete[:keep_last])
+    for i, path in dirs.items():
+        if i < current and i not in keep:
+            _remove_checkpoint_dir(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    load_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    optimizer: MegatronOptimizer | None,
+    scheduler: OptimizerParamScheduler | None,
+    *,
+    run_config: Mapping[str, Any] | None = None,
+    iteration: int | None = None,
+) -> tuple[int, dict[str, Any]] | None:
+    """Load the latest committed checkpoint of `load_dir` (module doc) into model, optimizer
+    and scheduler, and restore the RNG states; collective.
+
+    Returns (iteration, extra_state), or None when `load_dir` holds no checkpoint. `iteration`
+    asks for that one (it must be complete). `run_config`, when given, must equal the saved one.
+    Raises CheckpointError naming the path and the problem for a corrupt or mismatched one.
+    """
+    chosen = _agree_on_iteration(Path(load_dir), iteration)
+    if chosen is None:
+        return None
+    path = iteration_dir(load_dir, chosen)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read its common state: {e!r}") from e
+    if "focusft" not in common:
+        raise CheckpointError(f"checkpoint {path} was not written by megatron_focusft (no 'focusft' common state)")
+    meta = common["focusft"]
+    module = _unwrap(model)
+    _check_compatible(path, meta, module, optimizer, scheduler, run_config)
+
+    model_sd = module.sharded_state_dict()
+    request: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    same_layout = meta["layout"] == _parallel_layout()
+    if same_layout:
+        request[_RNG_KEY] = _rng_sharded_object(_rng_state())
+    elif dist.get_rank() == 0:
+        print(f"checkpoint {path}: saved with parallel layout {meta['layout']}, now {_parallel_layout()}: "
+              f"model and optimizer are resharded, RNG states are not restored", flush=True)
+    try:
+        state = dist_checkpointing.load(request, str(path))
+        module.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            # After the optimizer: the scheduler writes the restored lr and wd into its param groups.
+            scheduler.load_state_dict(meta["scheduler"])
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path}: loading the saved state failed: {e!r}") from e
+    if same_layout:
+        _set_rng_state(state[_RNG_KEY])
+    return chosen, meta["extra_state"]
+
+
+def latest_checkpoint(load_dir: str | os.PathLike) -> tuple[int | None, list[str]]:
+    """(iteration to load or None, notes explaining any fallback) for `load_dir`, read from this
+    process's view of the filesystem. Raises CheckpointError for an unusable tracker."""
+    load_dir = Path(load_dir)
+    notes: list[str] = []
+    if not load_dir.is_dir():
+        return None, notes
+    dirs = _iteration_dirs(load_dir)
+    complete = sorted(i for i, p in dirs.items() if _is_complete(p, i))
+    tracker = load_dir / TRACKER_FILE
+    if not tracker.exists():
+        if complete:
+            notes.append(f"{load_dir}: no {TRACKER_FILE}; using the newest complete checkpoint, "
+                         f"iteration {complete[-1]}")
+            return complete[-1], notes
+        if dirs:
+            notes.append(f"{load_dir}: no {TRACKER_FILE} and no complete checkpoint "
+                         f"(incomplete: {sorted(dirs)}); starting from scratch")
+        return None, notes
+    text = tracker.read_text().strip()
+    if not re.fullmatch(r"\d+", text):
+        raise CheckpointError(f"checkpoint tracker {tracker} is corrupt: {text[:80]!r} is not an iteration "
+                              f"number; fix it or delete it to use the newest complete checkpoint "
+                              f"(complete: {complete or 'none'})")
+    committed = int(text)
+    uncommitted = [i for i in complete if i > committed]
+    if uncommitted:
+        notes.append(f"{load_dir}: skipping iteration(s) {uncommitted}: written but never committed "
+                     f"to {TRACKER_FILE} (run killed during the save)")
+    if committed in complete:
+        return committed, notes
+    older = [i for i in complete if i < committed]
+    state = "missing" if committed not in dirs else f"incomplete (no {MARKER_FILE})"
+    if not older:
+        raise CheckpointError(f"{tracker} names iteration {committed}, whose directory "
+                              f"{iteration_dir(load_dir, committed)} is {state}, and no older complete "
+                              f"checkpoint exists")
+    notes.append(f"{iteration_dir(load_dir, committed)} is {state}; using the newest complete checkpoint "
+                 f"before it, iteration {older[-1]}")
+    return older[-1], notes
+
+
+def _agree_on_iteration(load_dir: Path, iteration: int | None) -> int | None:
+    """Rank 0 picks the checkpoint and every rank takes its answer (or its error), so that ranks
+    never load different iterations."""
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            if iteration is None:
+                chosen, notes = latest_checkpoint(load_dir)
+                for note in notes:
+                    print(f"checkpoint: {note}", flush=True)
+            else:
+                path = iteration_dir(load_dir, iteration)
+                if not _is_complete(path, iteration):
+                    raise CheckpointError(f"checkpoint {path} is missing or incomplete (no valid {MARKER_FILE})")
+                chosen = iteration
+            answer = [("ok", chosen)]
+        except CheckpointError as e:
+            answer = [("error", str(e))]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
+def _check_compatible(path: Path, meta: dict, module: torch.nn.Module, optimizer: MegatronOptimizer | None,
+                      scheduler: OptimizerParamScheduler | None, run_config: Mapping[str, Any] | None) -> None:
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format {meta.get('format')}, this code reads {FORMAT_VERSION}")
+    problems = _diff(meta["model_shape"], _model_shape(module), "model.")
+    if run_config is not None and meta["run_config"] is not None:
+        problems += _diff(meta["run_config"], dict(run_config), "run_config.")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
+    if optimizer is not None and not meta["has_optimizer"]:
+        raise CheckpointError(f"checkpoint {path} has no optimizer state; pass optimizer=None to load the "
+                              f"model only")
+    if scheduler is not None and meta["scheduler"] is None:
+        raise CheckpointError(f"checkpoint {path} has no scheduler state; pass scheduler=None")
+
+
+def _diff(saved: Any, now: Any, prefix: str) -> list[str]:
+    """'key: saved X, now Y' for every differing leaf of two nested dicts."""
+    if isinstance(saved, Mapping) and isinstance(now, Mapping):
+        out = []
+        for key in sorted(set(saved) | set(now), key=str):
+            if key not in now:
+                out.append(f"{prefix}{key}: saved {saved[key]!r}, now absent")
+            elif key not in saved:
+                out.append(f"{prefix}{key}: absent in the checkpoint, now {now[key]!r}")
+            else:
+                out += _diff(saved[key], now[key], f"{prefix}{key}.")
+        return out
+    return [] if _same(saved, now) else [f"{prefix.rstrip('.')}: saved {saved!r}, now {now!r}"]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return not _diff(a, b, "")
+    return type(a) is type(b) and a == b
+
+
+def _iteration_dirs(directory: Path) -> dict[int, Path]:
+    out = {}
+    for child in directory.iterdir():
+        match = _ITER_DIR.match(child.name)
+        if match and child.is_dir():
+            out[int(match.group(1))] = child
+    return out
+
+
+def _is_complete(directory: Path, iteration: int) -> bool:
+    """The marker exists, parses and names this iteration (it is written atomically, after
+    every rank finished writing)."""
+    try:
+        marker = json.loads((directory / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("iteration") == iteration
+
+
+# ---------------------------------------------------------------------------------------------
+# State pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP: its state-dict keys are the model's own (no `module.` prefix),
+    as in Megatron's checkpoints."""
+    return unwrap_model(model)
+
+
+def _model_shape(module: torch.nn.Module) -> dict[str, Any]:
+    """What must match for the weights to fit: the architecture, not its parallelisation."""
+    config = module.config
+    return {
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_query_groups,
+        "kv_channels": config.kv_channels,
+        "gated_linear_unit": config.gated_linear_unit,
+        "normalization": config.normalization,
+        "add_bias_linear": config.add_bias_linear,
+        "params_dtype": str(config.params_dtype),
+        "vocab_size": getattr(module, "vocab_size", None),
+    }
+
+
+def _parallel_layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "context": parallel_state.get_context_parallel_world_size(),
+        "data": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    # numpy's key array becomes a tensor: the common state and sharded objects are read back
+    # with torch.load(weights_only=True), which refuses numpy arrays.
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+        "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state["megatron_tracker"]:
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_sharded_object(state: dict[str, Any]) -> ShardedObject:
+    """One entry per global rank: TP ranks may hold different RNG streams (Megatron's tracker)."""
+    return ShardedObject(_RNG_KEY, state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _check_serialisable(value: Any, name: str) -> None:
+    """Fail at save time, not at load time: the common state is read with weights_only=True."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise TypeError(f"{name} must hold only plain Python values (dict, list, tuple, str, int, float, "
+                        f"bool, None) and tensors: {e}") from e
+
+
+def _check_same_on_all_ranks(values: Mapping[str, Any]) -> None:
+    """Only rank 0's copy is stored, so a rank-dependent value would be lost silently. Every rank
+    learns the outcome, so all raise together instead of leaving the others in a barrier."""
+    if dist.get_world_size() == 1:
+        return
+    received: list[Any] = [dict(values) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(received, src=0)
+    problems = _diff(received[0], dict(values), "")
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    bad = {rank: p for rank, p in enumerate(gathered) if p}
+    if bad:
+        rank, problems = next(iter(bad.items()))
+        raise ValueError(f"{', '.join(sorted({k.split('.')[0] for k in problems}))} differ between rank 0 and "
+                         f"rank(s) {sorted(bad)} (rank {rank}: {'; '.join(problems)}). They are stored once, so "
+                         f"they must describe the global state (e.g. the global data position)")
