@@ -43,6 +43,13 @@ PATCHED_MODULES: dict[str, tuple[str, str]] = {
     "megatron.core.utils": (
         "the multi-tensor L2-norm fallback returns its result in a tensor created with device='cuda'",
         'device="cuda"'),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": (
+        "the synchronous torch_dist save stages tensors to host with preload_tensors, which calls "
+        "torch.cuda.synchronize()",
+        "torch.cuda.synchronize()"),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": (
+        "save finalisation broadcasts its failure flag in a tensor on torch.cuda.current_device()",
+        "device=torch.cuda.current_device()"),
     "megatron.core.pipeline_parallel.schedules": (
         "the token counter of every schedule is created with device='cuda'",
         'device="cuda"'),
