@@ -78,6 +78,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     ckpt.add_argument("--save", default=None, help="checkpoint directory")
     ckpt.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
     ckpt.add_argument("--save-interval", type=int, default=None)
+    ckpt.add_argument("--exit-interval", type=int, default=None,
+                      help="stop after an iteration that is a multiple of this (saving first when --save is set)")
 
     log = parser.add_argument_group("logging")
     log.add_argument("--log-interval", type=int, default=1)

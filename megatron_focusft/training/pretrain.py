@@ -61,10 +61,11 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
 
 
 def _forward_step(args: argparse.Namespace, model_config, fast):
+    """(forward_step, fast-weight source or None); the source's draw count is part of a checkpoint."""
     from megatron_focusft.training.sft import sft_forward_step
 
     if fast is None:
-        return sft_forward_step
+        return sft_forward_step, None
     from megatron_focusft.fastweights.linear import fast_weight_layout
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron.core import parallel_state
@@ -75,8 +76,14 @@ def _forward_step(args: argparse.Namespace, model_config, fast):
     # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.
     seed = args.seed * 1000 + parallel_state.get_data_parallel_rank()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    return make_focusft_forward_step(config, SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank,
-                                                               seed, dtype=dtype))
+    source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, seed, dtype=dtype)
+    return make_focusft_forward_step(config, source), source
+
+
+# Settings a resumed run must share with the run that saved the checkpoint.
+_RESUME_KEYS = ("training_mode", "sft_mask", "seq_length", "micro_batch_size", "global_batch_size", "mock_data",
+                "data_path", "seed", "focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective",
+                "focusft_rank", "focusft_alpha", "focusft_layer_fraction", "focusft_targets", "train_iters")
 
 
 def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
@@ -156,7 +163,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         mask_kind = "focusft" if focusft else args.sft_mask
         data = _build_data(args, preset, mask_kind, dp_rank, dp_size, device, log)
         probe = _build_data(args, preset, mask_kind, 0, 1, device, log, seed_offset=7919).next_micro_batch()
-        forward_step = _forward_step(args, model_config, fast)
+        forward_step, fast_weight_source = _forward_step(args, model_config, fast)
+        run_config = {key: getattr(args, key) for key in _RESUME_KEYS}
         cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
 
         def next_micro_batch():
@@ -179,7 +187,23 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")
 
+        from megatron_focusft.training.checkpoint import load_checkpoint, save_checkpoint
+
+        def resume_state() -> dict[str, Any]:
+            draws = fast_weight_source.micro_batches_seen if fast_weight_source is not None else 0
+            return {"data": data.state_dict(), "fast_weight_draws": draws}
+
         start_iteration = 0
+        if args.load:
+            loaded = load_checkpoint(args.load, model, optimizer, scheduler, run_config=run_config)
+            if loaded is None:
+                log(f"no checkpoint in {args.load}: starting from scratch")
+            else:
+                start_iteration, extra = loaded
+                data.load_state_dict(extra["data"])
+                if fast_weight_source is not None:
+                    fast_weight_source.micro_batches_seen = int(extra["fast_weight_draws"])
+                log(f"resumed from {args.load} at iteration {start_iteration}")
         losses: list[float] = []
         history: list[dict[str, float]] = []
         t_start = time.perf_counter()
@@ -213,11 +237,19 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
                 log(f"[{100 * iteration / args.train_iters:5.1f}%] iteration {iteration:>6}/{args.train_iters} | "
                     f"lm loss {stats['loss']:.4f}{inner} | lr {lr:.3e} | grad norm {stats['grad_norm']:.3f} | "
                     f"{stats['tokens_per_s']:,.0f} tok/s | {dt:.2f} s/it | ETA {eta:,.0f} s", flush=True)
+            exiting = args.exit_interval is not None and iteration % args.exit_interval == 0
+            last = iteration == args.train_iters
+            if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or last):
+                save_checkpoint(args.save, iteration, model, optimizer, scheduler, resume_state(), run_config=run_config)
+                log(f"saved checkpoint of iteration {iteration} to {args.save}")
+            if exiting and not last:
+                log(f"exit interval reached at iteration {iteration}")
+                break
         if writer is not None:
             writer.close()
         if on_finish is not None:
             on_finish(model)
-        return {"losses": losses, "history": history, "args": vars(args)}
+        return {"losses": losses, "history": history, "args": vars(args), "start_iteration": start_iteration}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -108,3 +108,24 @@ def test_context_parallel_training_equals_one_rank(worker_pool, mode):
     one_rank = _pretrain_in_worker(argv)
     assert cp2[0] == cp2[1]
     assert cp2[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["focusft", "sft"])
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path: Path, mode: str):
+    argv = ["--train-iters", "4", "--seq-length", "64", "--micro-batch-size", "2", "--lr", "5e-4",
+            "--lr-warmup-iters", "1", "--mock-data", "--training-mode", mode]
+    uninterrupted = pretrain(parse_training_args(argv))["losses"]
+    ckpt = str(tmp_path / "ckpt")
+    first = pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "2"]))
+    assert len(first["losses"]) == 2
+    second = pretrain(parse_training_args([*argv, "--save", ckpt, "--load", ckpt]))
+    assert second["start_iteration"] == 2
+    assert first["losses"] + second["losses"] == uninterrupted
+
+
+def test_resume_refuses_a_different_method(tmp_path: Path):
+    argv = ["--train-iters", "2", "--seq-length", "64", "--mock-data"]
+    ckpt = str(tmp_path / "ckpt")
+    pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
+    with pytest.raises(Exception, match="training_mode"):
+        pretrain(parse_training_args([*argv, "--load", ckpt, "--training-mode", "sft"]))
