@@ -5,9 +5,9 @@ kinds of patch, each listed with its reason:
 - PATCHED_MODULES: the module-global `torch` is replaced by a proxy that behaves like torch
   except that CUDA devices resolve to the CPU and CUDA-only calls (synchronize,
   current_device) become their CPU equivalents. Code outside those modules is untouched.
-- PATCHED_FUNCTIONS: a function whose CUDA assumption is not a device argument (an assert on
-  the tensor type, a pinned tensor moved with .cuda()) is replaced by a CPU version with the
-  same arithmetic.
+- PATCHED_FUNCTIONS: a function (or a method, named `Class.method`) whose CUDA assumption is
+  not a device argument (an assert on the tensor type, a pinned tensor moved with .cuda(), the
+  CUDA generator's state) is replaced by a CPU version with the same arithmetic.
 No numerics change: only where tensors live. tests/patches/test_cpu.py fails if megatron-core
 changes a patched function's signature or no longer contains the CUDA code a module is
 patched for.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,8 +42,18 @@ PATCHED_MODULES: dict[str, tuple[str, str]] = {
         "gradient norms are reduced in tensors created with device='cuda'",
         "device='cuda'"),
     "megatron.core.utils": (
-        "the multi-tensor L2-norm fallback returns its result in a tensor created with device='cuda'",
+        "the multi-tensor L2-norm fallback returns its result in a tensor created with device='cuda'; "
+        "the global memory buffer (sequence-parallel all-gathers in the linears) allocates on "
+        "torch.cuda.current_device()",
         'device="cuda"'),
+    "megatron.core.tensor_parallel.mappings": (
+        "sequence-parallel scatter/gather/reduce-scatter and TP gathers allocate their outputs on "
+        "torch.cuda.current_device()",
+        "device=torch.cuda.current_device()"),
+    "megatron.core.tensor_parallel.layers": (
+        "under sequence parallelism the linears' backward allocates the reduce-scattered input "
+        "gradient on torch.cuda.current_device()",
+        "dim_size, dtype=input.dtype, device=torch.cuda.current_device(), requires_grad=False"),
     "megatron.core.dist_checkpointing.strategies.filesystem_async": (
         "the synchronous torch_dist save stages tensors to host with preload_tensors, which calls "
         "torch.cuda.synchronize()",
@@ -99,11 +110,30 @@ def _pos_emb_on_this_cp_rank_cpu(pos_emb: torch.Tensor, seq_dim: int, cp_group: 
     return chunks.index_select(seq_dim, index).flatten(seq_dim, seq_dim + 1)
 
 
+@contextlib.contextmanager
+def _rng_tracker_fork_cpu(self: Any, name: str = "model-parallel-rng") -> Iterator[None]:
+    """CudaRNGStatesTracker.fork without CUDA: the body runs as is, and must not draw random numbers.
+
+    Megatron's fork swaps the CUDA generator to a per-TP-rank stream for the body (GPTModel forks
+    around the embedding dropout and the decoder layers under sequence parallelism). Without CUDA
+    there is no such generator, and CPU ops never drew from it, so running the body unchanged is
+    the exact CPU equivalent, as long as the body draws no CPU random numbers: those would come
+    from the default stream, the same on every TP rank, where Megatron uses a per-rank stream for
+    sequence-split activations. That case (dropout > 0 under SP) is refused, not changed.
+    """
+    state = torch.get_rng_state()
+    yield
+    if not torch.equal(state, torch.get_rng_state()):
+        raise RuntimeError(f"random numbers were drawn inside the RNG tracker's fork({name!r}) on CPU: "
+                           "the CPU shim has no per-TP-rank generator (set dropout to 0 with sequence "
+                           "parallelism on CPU)")
+
+
 @dataclass(frozen=True)
 class FunctionPatch:
     used_in: str  # the module whose reference is replaced
     defined_in: str  # where megatron-core defines the original
-    name: str
+    name: str  # an attribute of used_in, or `Class.method`
     replacement: Callable[..., Any]
     expected_signature: str
     reason: str
@@ -124,7 +154,30 @@ PATCHED_FUNCTIONS: tuple[FunctionPatch, ...] = (
         "(pos_emb: 'Tensor', seq_dim: 'int', cp_group: 'torch.distributed.ProcessGroup') -> 'Tensor'",
         "RotaryEmbedding under context parallelism builds its index with pin_memory=True and .cuda()",
     ),
+    FunctionPatch(
+        "megatron.core.tensor_parallel.random", "megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.fork",
+        _rng_tracker_fork_cpu,
+        "(self, name='model-parallel-rng')",
+        "the tracker's fork reads and sets the CUDA generator's state (GPTModel forks under sequence parallelism)",
+    ),
 )
+
+
+def lookup(module_name: str, name: str) -> Any:
+    """The object `name` (an attribute or `Class.method`) of a module."""
+    value: Any = importlib.import_module(module_name)
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+# (used_in, name) -> megatron-core's object, saved before a patch replaces it where it is defined.
+_ORIGINALS: dict[tuple[str, str], Any] = {}
+
+
+def original(patch: FunctionPatch) -> Any:
+    """megatron-core's object that `patch` replaces (also after apply_cpu_patches)."""
+    return _ORIGINALS.get((patch.used_in, patch.name)) or lookup(patch.defined_in, patch.name)
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -209,5 +262,10 @@ def apply_cpu_patches(force: bool = False) -> list[str]:
     for name in PATCHED_MODULES:
         importlib.import_module(name).torch = _CPU_TORCH
     for patch in PATCHED_FUNCTIONS:
-        setattr(importlib.import_module(patch.used_in), patch.name, patch.replacement)
+        current = lookup(patch.used_in, patch.name)
+        if current is not patch.replacement:
+            _ORIGINALS[(patch.used_in, patch.name)] = current
+        owner, _, attribute = patch.name.rpartition(".")
+        target = lookup(patch.used_in, owner) if owner else importlib.import_module(patch.used_in)
+        setattr(target, attribute, patch.replacement)
     return list(PATCHED_MODULES) + [f"{p.used_in}.{p.name}" for p in PATCHED_FUNCTIONS]

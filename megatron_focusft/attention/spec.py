@@ -6,10 +6,19 @@ import copy
 import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import LayerNormBuilder
+from megatron.core.transformer.transformer_block import (
+    LayerNormImpl,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.attention.backends import ATTENTION_BACKENDS
 from megatron_focusft.attention.core_attention import SegmentCoreAttention
+from megatron_focusft.models.norm import RMSNorm
 
 
 def with_segment_attention(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
@@ -27,7 +36,8 @@ def get_segment_attention_layer_spec(backend: str = "sdpa", *, use_transformer_e
     """Full Megatron GPT layer spec (RMSNorm, SwiGLU-ready MLP) with segment-mask attention.
 
     use_transformer_engine picks TE's fused linears/norms as the base spec (needs TE); the
-    attention backend is chosen independently.
+    attention backend is chosen independently. The local spec's norms are models/norm.RMSNorm
+    (torch.nn.RMSNorm, as Megatron's local spec builds, but usable with sequence parallelism).
     """
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -35,4 +45,26 @@ def get_segment_attention_layer_spec(backend: str = "sdpa", *, use_transformer_e
         base = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     else:
         base = get_gpt_layer_local_spec(normalization="RMSNorm")
+        base.submodules.input_layernorm = RMSNorm
+        base.submodules.pre_mlp_layernorm = RMSNorm
     return with_segment_attention(base, backend)
+
+
+def final_norm(layer_spec: ModuleSpec) -> LayerNormBuilder:
+    """The decoder's final norm for blocks of `layer_spec`: the layer's own norm where it has one
+    (the local spec: RMSNorm), else Megatron's default (TENorm when TE fuses the layer norms)."""
+    norm = layer_spec.submodules.input_layernorm
+    return LayerNormImpl if norm is IdentityOp else norm
+
+
+def get_segment_attention_block_spec(
+    layer_spec: ModuleSpec, config: TransformerConfig, *, vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
+    """Decoder block spec of identical layers: this pipeline stage's layers and `final_norm`.
+
+    What GPTModel builds from a bare layer spec, except that the final norm is chosen by
+    `final_norm` instead of Megatron's module default (WrappedTorchNorm without TE or Apex, which
+    refuses sequence parallelism).
+    """
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * count, layer_norm=final_norm(layer_spec))

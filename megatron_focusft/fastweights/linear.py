@@ -19,6 +19,18 @@ Gradients: on every rank, a replicated fast weight gets its full gradient (the s
 ranks) and a sharded one the gradient of its own shard. The column slots all-reduce the
 [T', 2r] adapter activation's gradient, the row slots the gradient of B.
 
+Sequence parallelism (SP): activations between the linears are split along the sequence over
+the TP group (rank p holds positions [p s/P, (p+1) s/P) of every row: a contiguous range of the
+[s, b]-ordered tokens). The sample index stays the whole sequence's.
+    column slots: Megatron all-gathers the sequence shard inside the linear. The adapter instead
+        projects its own shard's tokens with A (h = x A_s^T is per token), and all-gathers the
+        small [T, parts * r] h, not the [T, in] input (less traffic, and no gathered input is
+        kept for the backward); backward reduce-scatters h's gradient
+        (partial over the output shards), and A's gradient, now a sum over this rank's tokens
+        only, is all-reduced.
+    row slots: the input is the whole sequence, as without SP; Megatron reduce-scatters what
+        _forward_impl returns, so the partial adapter term added before it is summed exactly.
+
 Fast weights are never module parameters or buffers: they reach the modules only through a
 `FastWeightBinding` attached by `bind_fast_weights` for the duration of a forward (and of the
 backward that follows it). Without a binding the modules are exactly Megatron's linears.
@@ -33,10 +45,12 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.utils import get_pg_size
 
 from megatron_focusft.fastweights.config import TARGETS, FastWeightConfig, adapted_layer_numbers, target_projections
 from megatron_focusft.fastweights.segmented import TokenGroups, segmented_matmul
@@ -79,6 +93,18 @@ class FastWeightBinding:
         self.num_samples = sizes.pop()
         # Megatron's activations are [s, b, ...]: flatten the index in that order.
         self.groups = TokenGroups.from_sample_index(sample_index.t().reshape(-1), self.num_samples)
+        self._shard_groups: dict[tuple[int, int], TokenGroups] = {}
+
+    def sequence_shard_groups(self, rank: int, size: int) -> TokenGroups:
+        """Groups of the tokens sequence-parallel rank `rank` of `size` holds (positions
+        [rank s/size, (rank+1) s/size) of every row), numbered within the shard; cached."""
+        if (rank, size) not in self._shard_groups:
+            s = self.sample_index.shape[1]
+            if s % size:
+                raise ValueError(f"sequence length {s} does not split into {size} sequence-parallel ranks")
+            shard = self.sample_index.t()[rank * (s // size):(rank + 1) * (s // size)]
+            self._shard_groups[(rank, size)] = TokenGroups.from_sample_index(shard.reshape(-1), self.num_samples)
+        return self._shard_groups[(rank, size)]
 
 
 class _FastWeightSlot:
@@ -96,10 +122,6 @@ class _FastWeightSlot:
     ) -> None:
         if target not in allowed:
             raise ValueError(f"{type(self).__name__} carries targets {allowed}, got {target!r}")
-        if self.config.sequence_parallel and get_pg_size(self.tp_group) > 1:
-            raise NotImplementedError(
-                "fast-weight linears do not support sequence parallelism yet: the adapter would see "
-                "the sequence shard in column-parallel layers. Set sequence_parallel=False.")
         self.fast_weight_target = target
         self.fast_weight_layer = layer_number
         self.fast_weight_config = config
@@ -124,14 +146,16 @@ class _FastWeightSlot:
                                  f"{a_shape[1]}] and B [n, {b_shape[0]}, {b_shape[1]}], got {tuple(A.shape)} and "
                                  f"{tuple(B.shape)} (shard them with shard_fast_weights)")
 
-    def _tokens(self, x_SBI: torch.Tensor) -> tuple[FastWeightBinding, torch.Tensor]:
+    def _tokens(self, x_SBI: torch.Tensor, sequence_shards: int = 1) -> tuple[FastWeightBinding, torch.Tensor]:
+        """The binding and x as [T, in] tokens; x holds 1 / sequence_shards of the binding's sequence."""
         binding = self._binding
         assert binding is not None
         b, s = binding.sample_index.shape
-        if x_SBI.shape[:2] != (s, b):
+        if x_SBI.shape[:2] != (s // sequence_shards, b) or s % sequence_shards:
+            shard = f" / {sequence_shards} sequence-parallel ranks" if sequence_shards > 1 else ""
             raise ValueError(f"layer {self.fast_weight_layer} {self.fast_weight_target}: input [s, b] = "
-                             f"{tuple(x_SBI.shape[:2])} does not match the binding's [b, s] = ({b}, {s})")
-        return binding, x_SBI.reshape(s * b, x_SBI.shape[-1])
+                             f"{tuple(x_SBI.shape[:2])} does not match the binding's [b, s] = ({b}, {s}){shard}")
+        return binding, x_SBI.reshape(-1, x_SBI.shape[-1])
 
 
 class FastWeightColumnParallelLinear(_FastWeightSlot, ColumnParallelLinear):
@@ -155,25 +179,45 @@ class FastWeightColumnParallelLinear(_FastWeightSlot, ColumnParallelLinear):
         return {key: ((r, self.input_size), (out_local, r)) for key in self.fast_weight_keys}
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        # Megatron's forward calls this with the input it multiplies (the full input: sequence
-        # parallelism is refused) and adds nothing to the result but an optional gather.
+        # Megatron's forward calls this with the input it multiplies (this rank's sequence shard
+        # under SP, gathered inside) and adds nothing to the result but an optional gather.
         output = super()._forward_impl(input, weight, *args, **kwargs)
         if self._binding is None:
             return output
-        binding, x_TI = self._tokens(input)
-        groups = binding.groups
-        pairs = [binding.weights[key] for key in self.fast_weight_keys]
+        pairs = [self._binding.weights[key] for key in self.fast_weight_keys]
         r = self.fast_weight_config.rank
         # One down-projection for all projections: A_cat [n, parts * r, in].
-        A_cat = torch.cat([A for A, _ in pairs], dim=1).to(x_TI.dtype)
-        h = segmented_matmul(x_TI.index_select(0, groups.order), groups, A_cat)
-        # h is the same on every rank; its gradient is a partial sum over the ranks' output
-        # shards, so it is all-reduced: x and A then get their full gradients on every rank.
-        h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
-        y = torch.cat([segmented_matmul(h_part, groups, B.to(x_TI.dtype))
+        A_cat = torch.cat([A for A, _ in pairs], dim=1)
+        if self.sequence_parallel:
+            binding, h = self._sequence_parallel_down_projection(input, A_cat)
+        else:
+            binding, x_TI = self._tokens(input)
+            h = segmented_matmul(x_TI.index_select(0, binding.groups.order), binding.groups, A_cat.to(x_TI.dtype))
+            # h is the same on every rank; its gradient is a partial sum over the ranks' output
+            # shards, so it is all-reduced: x and A then get their full gradients on every rank.
+            h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        groups = binding.groups
+        y = torch.cat([segmented_matmul(h_part, groups, B.to(h.dtype))
                        for h_part, (_, B) in zip(h.split(r, dim=1), pairs)], dim=1)
-        out_TO = output.reshape(x_TI.shape[0], output.shape[-1])
+        out_TO = output.reshape(groups.num_tokens, output.shape[-1])
         return out_TO.index_add(0, groups.order, y, alpha=self.fast_weight_config.scale).view_as(output)
+
+    def _sequence_parallel_down_projection(
+        self, x_shard: torch.Tensor, A_cat: torch.Tensor
+    ) -> tuple[FastWeightBinding, torch.Tensor]:
+        """SP: h = x A_s^T of every token of the sequence, [T', parts * r] in `binding.groups` order,
+        from this rank's sequence shard x_shard [s/P, b, in]."""
+        rank, size = self.tp_group.rank(), self.tp_group.size()
+        binding, x_TI = self._tokens(x_shard, sequence_shards=size)
+        local = binding.sequence_shard_groups(rank, size)
+        # A is replicated, but this rank projects only its tokens: all-reduce A's gradient.
+        A_cat = copy_to_tensor_model_parallel_region(A_cat, group=self.tp_group).to(x_TI.dtype)
+        h_local = segmented_matmul(x_TI.index_select(0, local.order), local, A_cat)
+        # Back to the shard's token order (0 for tokens of no sample), then gather the sequence.
+        h_shard = h_local.new_zeros(local.num_tokens, h_local.shape[1]).index_copy(0, local.order, h_local)
+        # h's gradient is a partial sum over the output shards: the backward reduce-scatters it.
+        h_all = gather_from_sequence_parallel_region(h_shard, tensor_parallel_output_grad=True, group=self.tp_group)
+        return binding, h_all.index_select(0, binding.groups.order)
 
 
 class FastWeightRowParallelLinear(_FastWeightSlot, RowParallelLinear):
@@ -189,8 +233,9 @@ class FastWeightRowParallelLinear(_FastWeightSlot, RowParallelLinear):
         return {key: ((r, self.input_size_per_partition), (self.output_size, r)) for key in self.fast_weight_keys}
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        # Megatron's forward all-reduces what this returns: adding the rank's partial adapter
-        # output here makes the all-reduce sum it over the input shards.
+        # Megatron's forward all-reduces (under SP: reduce-scatters) what this returns: adding the
+        # rank's partial adapter output here makes that sum it over the input shards. The input
+        # is the whole sequence with or without SP.
         output = super()._forward_impl(input, weight, *args, **kwargs)
         if self._binding is None:
             return output

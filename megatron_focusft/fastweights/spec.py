@@ -12,14 +12,11 @@ import functools
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    LayerNormImpl,
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_focusft.attention.spec import final_norm
 from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
 from megatron_focusft.fastweights.linear import FastWeightColumnParallelLinear, FastWeightRowParallelLinear
 
@@ -80,7 +77,7 @@ def get_fast_weight_block_spec(
 
     Layers adapted_layer_numbers(L, config.layer_fraction) get `with_fast_weights`, the others
     `layer_spec` unchanged. Like get_gpt_decoder_block_spec, the list is sliced to this pipeline
-    stage's layers, and the final norm is the one Megatron gives a plain layer spec.
+    stage's layers; the final norm is attention.spec.final_norm(layer_spec).
     """
     if model_config.pipeline_model_parallel_layout is not None:
         raise NotImplementedError("a pipeline_model_parallel_layout is not supported with fast weights yet")
@@ -89,4 +86,4 @@ def get_fast_weight_block_spec(
              for number in range(1, model_config.num_layers + 1)]
     offset = get_transformer_layer_offset(model_config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(model_config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=LayerNormImpl)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=final_norm(layer_spec))

@@ -2,13 +2,22 @@
 
 `forward_layers(model, ..., layers)` runs a contiguous range of decoder layers; `embed` and
 `lm_head_loss` are GPTModel's own pre- and post-processing. embed -> all layers -> lm_head_loss
-is GPTModel.forward for the configurations we build (no SP or pipeline; CP included), which
-tests/focusft/test_step.py checks bit for bit (and tests/parallel/test_cp_model.py under CP).
+is GPTModel.forward for the configurations we build (no pipeline; CP and SP included), which
+tests/focusft/test_step.py checks bit for bit (tests/parallel/test_cp_model.py under CP,
+tests/parallel/test_sequence_parallel.py under SP).
+
+Sequence parallelism (SP, TP size P): hidden states between embed and lm_head_loss are this TP
+rank's sequence shard [s/P, b, h] (positions [p s/P, (p+1) s/P) of every row), as inside
+GPTModel; token-level inputs and outputs (tokens, labels, scored, the loss) stay [b, s] for the
+whole sequence on every TP rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from megatron_focusft.masks import SegmentMask
@@ -17,11 +26,16 @@ from megatron_focusft.masks import SegmentMask
 def embed(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens, position_ids [b, s] -> (hidden [s, b, h], rotary embedding [s, 1, 1, d]).
 
-    Under context parallelism s is this rank's share of S = s * cp tokens: the table is asked
-    for S rows (the length GPTModel computes, by the same method) and RotaryEmbedding keeps this
-    rank's rows, chunks r and 2cp-1-r, so every token is rotated by its global position.
+    Under SP hidden is this rank's shard [s/P, b, h] (the embedding reduce-scatters, or, if it
+    was built not to, it is scattered here as GPTModel._preprocess does); the rotary table covers
+    the whole sequence. Under context parallelism s is this rank's share of S = s * cp tokens:
+    the table is asked for S rows (the length GPTModel computes, by the same method) and
+    RotaryEmbedding keeps this rank's rows, chunks r and 2cp-1-r, so every token is rotated by
+    its global position.
     """
     hidden = model.embedding(input_ids=tokens, position_ids=position_ids)
+    if model.config.sequence_parallel and not model.embedding.scatter_to_sequence_parallel:
+        hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=model.pg_collection.tp)
     rotary_len = model.rotary_pos_emb.get_rotary_seq_len(None, model.decoder, hidden, model.config)
     rotary = model.rotary_pos_emb(rotary_len)
     return hidden, rotary
@@ -31,8 +45,12 @@ def forward_layers(
     model: GPTModel, hidden: torch.Tensor, mask: SegmentMask, rotary: torch.Tensor, layers: range
 ) -> torch.Tensor:
     """Decoder layers with 0-based indices `layers` (into this model's layer list), [s, b, h] -> [s, b, h]."""
-    for index in layers:
-        hidden, _ = model.decoder.layers[index](hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+    # Like TransformerBlock.forward: under SP, dropout on sequence shards draws from the
+    # tensor-parallel RNG stream.
+    rng = tensor_parallel.get_cuda_rng_tracker().fork() if model.config.sequence_parallel else contextlib.nullcontext()
+    with rng:
+        for index in layers:
+            hidden, _ = model.decoder.layers[index](hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
     return hidden
 
 
@@ -43,15 +61,47 @@ def lm_head_loss(
 
     With `scored` [b, s] bool, only those positions go through the head (the vocabulary
     projection dominates the head's cost); the loss elsewhere is 0. Every op is row-wise, so the
-    scored entries equal the full computation's.
+    scored entries equal the full computation's. Under SP hidden is this rank's sequence shard
+    and the loss is still the whole sequence's, the same on every TP rank.
     """
     if scored is None or not bool(scored.any()):
         logits, _ = model.output_layer(model.decoder.final_layernorm(hidden))
         loss = model.compute_language_model_loss(labels, logits)
         return loss if scored is None else loss * 0.0
+    if model.output_layer.sequence_parallel:
+        return _scored_loss_sequence_parallel(model, hidden, labels, scored)
     scored_sb = scored.t()
     picked = model.decoder.final_layernorm(hidden[scored_sb].unsqueeze(1))  # [T, 1, h]
     logits, _ = model.output_layer(picked)
     picked_loss = model.compute_language_model_loss(labels.t()[scored_sb].unsqueeze(0), logits)  # [1, T]
     loss_sb = torch.zeros(scored_sb.shape, dtype=picked_loss.dtype, device=picked_loss.device)
     return loss_sb.masked_scatter(scored_sb, picked_loss.squeeze(0)).t()
+
+
+def _scored_loss_sequence_parallel(
+    model: GPTModel, hidden: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor
+) -> torch.Tensor:
+    """lm_head_loss's scored path under SP: hidden [s/P, b, h] is this rank's sequence shard.
+
+    The output layer all-gathers its sequence-split input along dim 0, so each rank hands it its
+    own scored tokens, padded to the largest count of any rank (every rank knows every rank's
+    count from the global `scored`, so no collective is needed): the gather then yields all
+    scored tokens, rank by rank, in [s, b] order, plus padding rows whose loss is dropped. The
+    norm runs on this rank's tokens only (its weight gradient is summed over TP by
+    finalize_model_grads, as for the decoder's own norms).
+    """
+    group = model.output_layer.tp_group
+    rank, size = group.rank(), group.size()
+    scored_shards = scored.t().split(hidden.shape[0])  # P x [s/P, b]
+    label_shards = labels.t().split(hidden.shape[0])
+    counts = [int(shard.sum()) for shard in scored_shards]
+    width = max(counts)
+    picked = model.decoder.final_layernorm(hidden[scored_shards[rank]])  # [count_p, h]
+    picked = torch.cat([picked, picked.new_zeros(width - counts[rank], picked.shape[1])])
+    logits, _ = model.output_layer(picked.unsqueeze(1))  # [P * width, 1, vocab / P]
+    padded_labels = torch.cat([torch.cat([lab[shard], lab.new_zeros(width - count)])
+                               for lab, shard, count in zip(label_shards, scored_shards, counts)])
+    loss = model.compute_language_model_loss(padded_labels.unsqueeze(0), logits).squeeze(0)  # [P * width]
+    real = torch.cat([torch.arange(width, device=loss.device) < count for count in counts])
+    loss_sb = torch.zeros(scored.t().shape, dtype=loss.dtype, device=loss.device)
+    return loss_sb.masked_scatter(scored.t(), loss[real]).t()

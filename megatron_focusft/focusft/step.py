@@ -15,6 +15,10 @@ statistics and fast-weight gradients over CP. The outer loss needs nothing: its
 (loss_sum, num_tokens) are this rank's, and Megatron sums both over DP x CP
 (calculate_per_token_loss: finalize_model_grads all-reduces the token count over the DP x CP
 group, DDP sums the slow-weight gradients over it).
+
+Sequence parallelism: hidden states are this TP rank's sequence shard (split_model keeps
+GPTModel's SP layout), but the batch, the sample index and every loss stay whole-sequence on
+each TP rank, as without SP; the fast-weight linears map between the two.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
+from megatron_focusft.attention.spec import get_segment_attention_block_spec
 from megatron_focusft.models.presets import ModelPreset
 
 
@@ -18,7 +20,13 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
 ) -> GPTModel:
-    """A Llama-like GPTModel (RoPE, untied embeddings); logits come out [b, s, vocab/tp]."""
+    """A Llama-like GPTModel (RoPE, untied embeddings); logits come out [b, s, vocab/tp].
+
+    A layer spec is made a block spec here (attention.spec.get_segment_attention_block_spec) so
+    that the final norm matches the layers' norms instead of Megatron's module default.
+    """
+    if isinstance(layer_spec, ModuleSpec) and issubclass(layer_spec.module, BaseTransformerLayer):
+        layer_spec = get_segment_attention_block_spec(layer_spec, config)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -31,7 +31,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     par.add_argument("--context-parallel-size", type=int, default=1)
-    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--sequence-parallel", action="store_true",
+                     help="split activations outside the tensor-parallel regions along the sequence (needs TP > 1)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", nargs="*", default=[], help="chat JSONL / Parquet files with `messages`")
@@ -106,8 +107,12 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if args.pipeline_model_parallel_size != 1:
         raise ValueError("--pipeline-model-parallel-size > 1 is not supported yet (the pipeline-aware "
                          "bilevel schedule is issue 4)")
-    if args.sequence_parallel:
-        raise ValueError("--sequence-parallel is not supported yet (issue 4)")
+    if args.sequence_parallel and args.tensor_model_parallel_size < 2:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
+                         "over the tensor-parallel group)")
+    if args.sequence_parallel and args.context_parallel_size == 1 and args.seq_length % args.tensor_model_parallel_size:
+        raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} must be a multiple of "
+                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
     if args.context_parallel_size > 1 and args.attention_backend == "te":
         raise ValueError("--context-parallel-size > 1 needs --attention-backend sdpa or flex (TE has no CP path "
                          "for segment masks)")

@@ -150,7 +150,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         model, model_config = build_model(ModelSetup(
             preset=preset, attention_backend=args.attention_backend,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
-            context_parallel_size=args.context_parallel_size, bf16=args.bf16, fast_weights=fast))
+            context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+            bf16=args.bf16, fast_weights=fast))
         optimizer = build_optimizer(model, OptimizerSetup(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
@@ -166,13 +167,16 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         forward_step, fast_weight_source = _forward_step(args, model_config, fast)
         run_config = {key: getattr(args, key) for key in _RESUME_KEYS}
         cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
+        # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
+        chunk_multiple = math.lcm(128 if args.attention_backend == "flex" else 1,
+                                  args.tensor_model_parallel_size if args.sequence_parallel else 1)
 
         def next_micro_batch():
             batch = data.next_micro_batch()
             if cp == 1:
                 return batch
             # Every CP rank of a data-parallel group reads the same rows and keeps its chunks.
-            return split_batch_for_cp(batch, cp, cp_rank, chunk_multiple=128 if args.attention_backend == "flex" else 1)
+            return split_batch_for_cp(batch, cp, cp_rank, chunk_multiple=chunk_multiple)
 
         n_params = sum(p.numel() for p in model.parameters())
         writer = None
@@ -182,7 +186,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             writer = SummaryWriter(args.tensorboard_dir)
         tokens_per_iter = global_batch * args.seq_length
         log(f"training {args.training_mode} ({'mask ' + mask_kind}): {preset.num_layers} layers, "
-            f"{n_params / 1e6:.1f}M params/rank, TP {args.tensor_model_parallel_size}, CP {args.context_parallel_size}, "
+            f"{n_params / 1e6:.1f}M params/rank, TP {args.tensor_model_parallel_size}"
+            f"{' (SP)' if args.sequence_parallel else ''}, CP {args.context_parallel_size}, "
             f"DP {dp_size}, "
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")

@@ -14,6 +14,7 @@ from megatron_focusft.attention.spec import get_segment_attention_layer_spec
 from megatron_focusft.fastweights import (
     FastWeightBinding,
     FastWeightConfig,
+    TokenGroups,
     adapted_layer_numbers,
     bind_fast_weights,
     check_fast_weights,
@@ -27,7 +28,6 @@ from megatron_focusft.fastweights import (
     unshard_fast_weights,
     with_fast_weights,
 )
-from megatron_focusft.fastweights.linear import FastWeightColumnParallelLinear, FastWeightRowParallelLinear
 from megatron_focusft.masks import segment_mask
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import get_preset, transformer_config
@@ -240,19 +240,24 @@ def test_adapted_mlp_matches_dense_computation(single_rank):
 ALL_TARGETS = FastWeightConfig(rank=8, alpha=16.0, targets=("qkv", "proj", "fc1", "fc2"))
 
 
-def _tp_forward_backward(tp: int) -> dict:
-    """Runs on every rank: logits (this rank's vocab shard) and gradients w.r.t. x and the local fast weights."""
+def _tp_forward_backward(tp: int, sp: bool = False) -> dict:
+    """Runs on every rank: logits (this rank's vocab shard) and gradients w.r.t. x and the local fast weights.
+
+    With sp the decoder input is this rank's sequence shard (x[rank s/tp : (rank+1) s/tp]), as
+    GPTModel's embedding would hand it over; x_grad is then the gradient of that shard.
+    """
     from megatron.core import parallel_state
 
     init_model_parallel(tp=tp)
     rank = parallel_state.get_tensor_model_parallel_rank()
-    model = build_model(7, ALL_TARGETS, tensor_model_parallel_size=tp)
+    model = build_model(7, ALL_TARGETS, tensor_model_parallel_size=tp, sequence_parallel=sp)
     tokens, _, positions, doc_ids = packed_batch(seed=21, seq=32)
     sample_index = sample_index_from_doc_ids(doc_ids)
     n = int(sample_index.max()) + 1
     local = leaves(shard_fast_weights(random_fast_weights(model.config, ALL_TARGETS, n, seed=9), rank, tp))
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(32, 2, model.config.hidden_size, generator=g, requires_grad=True)  # decoder input [s, b, h]
+    x_full = torch.randn(32, 2, model.config.hidden_size, generator=g)  # decoder input [s, b, h]
+    x = (x_full.chunk(tp, dim=0)[rank] if sp else x_full).clone().requires_grad_()
     cotangent = torch.randn(2, 32, VOCAB, generator=g).chunk(tp, dim=-1)[rank]
     with bind_fast_weights(model, FastWeightBinding(sample_index, local)):
         logits = model(tokens, positions, segment_mask("causal", doc_ids=doc_ids), decoder_input=x)
@@ -263,25 +268,18 @@ def _tp_forward_backward(tp: int) -> dict:
             "grads": {key: (A.grad, B.grad) for key, (A, B) in local.items()}}
 
 
-def _sequence_parallel_is_refused() -> str:
-    init_model_parallel(tp=2)
-    config = transformer_config(get_preset("tiny"), tensor_model_parallel_size=2, sequence_parallel=True)
-    try:
-        FastWeightColumnParallelLinear(256, 688, config=config, init_method=config.init_method, bias=False,
-                                       fast_weight_target="fc1", fast_weight_layer=1, fast_weight_config=SMALL)
-    except NotImplementedError as error:
-        return str(error)
-    return "no error"
-
-
-def test_tp2_matches_tp1_outputs_and_gradients(worker_pool):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_tp2_matches_tp1_outputs_and_gradients(worker_pool, sp):
     pool = worker_pool(2)
     reference = pool.run(_tp_forward_backward, 1)[0]
-    sharded = pool.run(_tp_forward_backward, 2)
+    sharded = pool.run(_tp_forward_backward, 2, sp)
     torch.testing.assert_close(torch.cat([r["logits"] for r in sharded], dim=-1), reference["logits"],
                                rtol=1e-5, atol=1e-5)
-    for r in sharded:
-        torch.testing.assert_close(r["x_grad"], reference["x_grad"], rtol=1e-5, atol=1e-6)
+    x_grads = [r["x_grad"] for r in sharded]
+    if sp:  # each rank holds the gradient of its own sequence shard
+        x_grads = [torch.cat(x_grads, dim=0)] * len(sharded)
+    for x_grad in x_grads:
+        torch.testing.assert_close(x_grad, reference["x_grad"], rtol=1e-5, atol=1e-6)
     grads = unshard_fast_weights([r["grads"] for r in sharded])
     assert grads.keys() == reference["grads"].keys() and len(grads) == 2 * 5
     for key, (dA, dB) in reference["grads"].items():
@@ -292,7 +290,21 @@ def test_tp2_matches_tp1_outputs_and_gradients(worker_pool):
         replicated = 0 if key[1] in ("qkv", "gate", "up") else 1
         torch.testing.assert_close(sharded[0]["grads"][key][replicated], sharded[1]["grads"][key][replicated],
                                    rtol=1e-5, atol=1e-7)
-    assert all("sequence parallelism" in message for message in pool.run(_sequence_parallel_is_refused))
+
+
+def test_binding_groups_of_a_sequence_shard():
+    # Rank p of P holds positions [p s/P, (p+1) s/P) of every row: tokens numbered in [s, b] order.
+    sample_index = torch.tensor([[0, 0, 1, 1, -1, 2], [3, 3, 3, 4, 4, -1]])
+    binding = FastWeightBinding(sample_index, {(1, "up"): (torch.zeros(5, 2, 3), torch.zeros(5, 4, 2))})
+    for rank in range(3):
+        groups = binding.sequence_shard_groups(rank, 3)
+        shard = sample_index[:, 2 * rank:2 * rank + 2].t().reshape(-1)  # [2 positions x 2 rows]
+        expected = TokenGroups.from_sample_index(shard, 5)
+        assert groups.num_tokens == 4 and groups.counts == expected.counts
+        assert torch.equal(groups.order, expected.order)
+    assert binding.sequence_shard_groups(1, 3) is binding.sequence_shard_groups(1, 3)
+    with pytest.raises(ValueError, match="does not split"):
+        binding.sequence_shard_groups(0, 4)
 
 
 # --- (e) fast weights stay out of parameters, state dicts and DDP buffers --------------------

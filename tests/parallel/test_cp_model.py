@@ -1,4 +1,5 @@
-"""Context parallelism inside the Megatron model: CP = 2 (and CP = 2 x TP = 2) trains exactly like CP = 1.
+"""Context parallelism inside the Megatron model: CP = 2 (and CP = 2 x TP = 2, with and without
+sequence parallelism) trains exactly like CP = 1.
 
 Every rank builds the same tiny GPTModel from one seed, takes its split_batch_for_cp part of the
 same packed micro-batches (raw length not a multiple of 2 cp, so the splitter pads; documents
@@ -61,7 +62,7 @@ def _front_loaded_batch(seq_len: int = 32) -> SegmentBatch:
 # --- worker functions (every rank of a gloo pool) -------------------------------------------
 
 
-def _run(tp: int, cp: int, batches: list[SegmentBatch], focusft: dict | None) -> dict:
+def _run(tp: int, cp: int, batches: list[SegmentBatch], focusft: dict | None, sp: bool = False) -> dict:
     """One forward/backward through Megatron's schedule; this rank's logs and main_grads."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -73,7 +74,7 @@ def _run(tp: int, cp: int, batches: list[SegmentBatch], focusft: dict | None) ->
     init_model_parallel(tp=tp, cp=cp, seed=21)
     cp_rank = parallel_state.get_context_parallel_rank()
     model, config = build_model(ModelSetup(tensor_model_parallel_size=tp, context_parallel_size=cp,
-                                           fast_weights=FAST if focusft is not None else None))
+                                           sequence_parallel=sp, fast_weights=FAST if focusft is not None else None))
     local = [split_batch_for_cp(batch, cp, cp_rank) for batch in batches]
     if focusft is None:
         forward_step = sft_forward_step
@@ -142,12 +143,14 @@ def _check_parity(reference: list[dict], parallel: list[dict], focusft: bool, gr
 # --- CP = 2 x TP = 2 (first: the suite's previous test leaves the 4-rank pool up) --------------
 
 
-def test_focusft_step_cp2_tp2_matches_cp1(worker_pool):
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_focusft_step_cp2_tp2_matches_cp1(worker_pool, sp):
+    # With SP each CP rank's 24 tokens per row are split again over its 2 TP ranks.
     pool = worker_pool(4)
     batches = _straddling_batches("focusft")
     focusft = {"inner_objective": "context"}
     reference = pool.run(_run, 1, 1, batches, focusft)
-    _check_parity(reference, pool.run(_run, 2, 2, batches, focusft), focusft=True, grad_tol=GRAD_TOL_CP_TP)
+    _check_parity(reference, pool.run(_run, 2, 2, batches, focusft, sp), focusft=True, grad_tol=GRAD_TOL_CP_TP)
 
 
 # --- CP = 2 ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def test_patched_module_still_has_the_cuda_code(module_name):
 
 @pytest.mark.parametrize("patch", cpu.PATCHED_FUNCTIONS, ids=lambda p: p.name)
 def test_patched_function_signature_unchanged(patch):
-    original = getattr(importlib.import_module(patch.defined_in), patch.name)
+    original = cpu.original(patch)
     assert str(inspect.signature(original)) == patch.expected_signature
     assert inspect.signature(patch.replacement).parameters.keys() == inspect.signature(original).parameters.keys()
 
@@ -37,7 +37,7 @@ def test_apply_patches_every_listed_symbol(single_rank):
     for name in cpu.PATCHED_MODULES:
         assert importlib.import_module(name).torch is cpu._CPU_TORCH
     for patch in cpu.PATCHED_FUNCTIONS:
-        assert getattr(importlib.import_module(patch.used_in), patch.name) is patch.replacement
+        assert cpu.lookup(patch.used_in, patch.name) is patch.replacement
 
 
 def test_proxy_puts_cuda_requests_on_cpu_and_keeps_everything_else():
@@ -116,3 +116,36 @@ def test_cp_rope_patch_is_still_needed():
 
     source = inspect.getsource(rope_utils.get_pos_emb_on_this_cp_rank)
     assert "pin_memory=True" in source and ".cuda(" in source, "review the get_pos_emb_on_this_cp_rank patch"
+
+
+def test_global_memory_buffer_and_sp_mappings_allocate_on_cpu(single_rank):
+    # The sequence-parallel linears all-gather into Megatron's global memory buffer.
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    cpu.apply_cpu_patches()
+    buffer = GlobalMemoryBuffer()
+    tensor = buffer.get_tensor([4, 3], torch.float32, "mpu")
+    assert tensor.device.type == "cpu" and tuple(tensor.shape) == (4, 3)
+    assert buffer.get_tensor([2, 6], torch.float32, "mpu").data_ptr() == tensor.data_ptr()  # reused
+
+
+def test_rng_fork_runs_its_body_and_refuses_random_draws(single_rank):
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    cpu.apply_cpu_patches()
+    tracker = CudaRNGStatesTracker()  # no state added: Megatron's fork would raise, or need CUDA
+    x = torch.randn(8)
+    with tracker.fork():
+        y = torch.nn.functional.dropout(x, p=0.0, training=True) * 2
+    assert torch.equal(y, 2 * x)
+    with pytest.raises(RuntimeError, match="dropout to 0"):
+        with tracker.fork():
+            torch.nn.functional.dropout(x, p=0.5, training=True)
+
+
+def test_rng_fork_patch_is_still_needed():
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    # Read the module's source: CudaRNGStatesTracker.fork may already be the replacement here.
+    source = inspect.getsource(megatron_random)
+    assert "_set_cuda_rng_state(self.states_[name]" in source, "review the CudaRNGStatesTracker.fork patch"

@@ -76,7 +76,9 @@ def test_bad_chat_row_errors_with_file_and_row_or_is_skipped(tmp_path: Path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--mock-data", "--pipeline-model-parallel-size", "2"], "pipeline-model-parallel-size"),
-    (["--mock-data", "--sequence-parallel"], "sequence-parallel"),
+    (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--mock-data", "--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "66"],
+     "must be a multiple of --tensor-model-parallel-size 4"),
     ([], "--data-path"),
     (["--mock-data", "--save-interval", "2"], "--save"),
 ])
@@ -108,6 +110,18 @@ def test_context_parallel_training_equals_one_rank(worker_pool, mode):
     one_rank = _pretrain_in_worker(argv)
     assert cp2[0] == cp2[1]
     assert cp2[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["focusft", "sft"])
+def test_sequence_parallel_training_equals_one_rank(worker_pool, mode):
+    # TP 2 with --sequence-parallel: one data-parallel rank, so both ranks read the rows a 1-rank
+    # run reads; the loss curve (through Adam and gradient clipping) is the same. The attention
+    # metrics' probe forward runs under SP too.
+    argv = [*BASE, "--mock-data", "--training-mode", mode, "--attention-metrics-interval", "3"]
+    sp = worker_pool(2).run(_pretrain_in_worker, [*argv, "--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    one_rank = _pretrain_in_worker(argv)
+    assert sp[0] == sp[1]
+    assert sp[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)
 
 
 @pytest.mark.parametrize("mode", ["focusft", "sft"])
