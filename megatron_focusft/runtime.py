@@ -73,7 +73,8 @@ def device_name(device: torch.device) -> str:
 
 @contextmanager
 def megatron_session(
-    tensor_model_parallel_size: int = 1, seed: int = 1234, context_parallel_size: int = 1
+    tensor_model_parallel_size: int = 1, seed: int = 1234, context_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
 ) -> Iterator[torch.device]:
     """Process group, CPU shim (without CUDA), Megatron parallel state and seeds for a command.
 
@@ -94,7 +95,8 @@ def megatron_session(
         owns_parallel_state = not parallel_state.model_parallel_is_initialized()
         if owns_parallel_state:
             parallel_state.initialize_model_parallel(
-                tensor_model_parallel_size=tensor_model_parallel_size, pipeline_model_parallel_size=1,
+                tensor_model_parallel_size=tensor_model_parallel_size,
+                pipeline_model_parallel_size=pipeline_model_parallel_size,
                 context_parallel_size=context_parallel_size)
         torch.manual_seed(seed)
         if cuda:

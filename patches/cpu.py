@@ -64,6 +64,9 @@ PATCHED_MODULES: dict[str, tuple[str, str]] = {
     "megatron.core.pipeline_parallel.schedules": (
         "the token counter of every schedule is created with device='cuda'",
         'device="cuda"'),
+    "megatron.core.timers": (
+        "Timer.start/stop (the schedules' per-stage timers) call torch.cuda.synchronize()",
+        "torch.cuda.synchronize()"),
     "megatron.core.pipeline_parallel.p2p_communication": (
         "shape exchange buffers on torch.cuda.current_device() and torch.cuda.synchronize()",
         "device=torch.cuda.current_device()"),

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_focusft.attention.core_attention import SegmentCoreAttention
 from megatron_focusft.data.batch import SegmentBatch
@@ -85,16 +87,41 @@ def _recording(model: torch.nn.Module, acc: _Accumulator) -> Iterator[None]:
 def attention_metrics(model: torch.nn.Module, probe: SegmentBatch) -> dict[str, float]:
     """{"sink_mass", "sink_mass_first4", "context_engagement"} of `model` (plain, no fast weights).
 
-    Materialises [b, h, s, s] probabilities per layer: for short probe batches only.
+    Materialises [b, h, s, s] probabilities per layer: for short probe batches only. Under
+    pipeline parallelism `model` is this stage's part: the probe goes through Megatron's
+    forward-only schedule and the stages' sums are added up (a collective over the stages).
     """
     acc = _Accumulator(probe=probe)
     was_training = model.training
     model.eval()
     try:
         with _recording(model, acc):
-            model(probe.tokens, probe.position_ids, probe.attention)
+            if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+                model(probe.tokens, probe.position_ids, probe.attention)
+            else:
+                _pipelined_forward(model, probe)
     finally:
         model.train(was_training)
-    n = max(acc.count, 1)
-    return {"sink_mass": acc.sink_first / n, "sink_mass_first4": acc.sink_first4 / n,
-            "context_engagement": acc.engagement / n}
+    sums = torch.tensor([acc.sink_first, acc.sink_first4, acc.engagement, acc.count], dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        sums = sums.to("cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(sums, group=parallel_state.get_pipeline_model_parallel_group())
+    sink_first, sink_first4, engagement, count = sums.tolist()
+    n = max(count, 1)
+    return {"sink_mass": sink_first / n, "sink_mass_first4": sink_first4 / n, "context_engagement": engagement / n}
+
+
+def _pipelined_forward(model: torch.nn.Module, probe: SegmentBatch) -> None:
+    """One forward of the probe through the pipeline stages (no loss, no backward)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(data_iterator, stage):
+        batch = next(data_iterator)
+        output = stage(batch.tokens, batch.position_ids, batch.attention)
+        # The schedule wants (loss, token count, logs) from the last stage; nothing is trained.
+        return output, lambda _output: (torch.zeros((), device=output.device),
+                                        torch.ones((), dtype=torch.int, device=output.device), {})
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([probe]), model=[model], num_microbatches=1,
+        seq_length=probe.tokens.shape[1], micro_batch_size=probe.tokens.shape[0], forward_only=True)

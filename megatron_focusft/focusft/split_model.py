@@ -2,9 +2,14 @@
 
 `forward_layers(model, ..., layers)` runs a contiguous range of decoder layers; `embed` and
 `lm_head_loss` are GPTModel's own pre- and post-processing. embed -> all layers -> lm_head_loss
-is GPTModel.forward for the configurations we build (no pipeline; CP and SP included), which
+is GPTModel.forward for the configurations we build (CP and SP included), which
 tests/focusft/test_step.py checks bit for bit (tests/parallel/test_cp_model.py under CP,
 tests/parallel/test_sequence_parallel.py under SP).
+
+Pipeline parallelism: a stage's model holds its own layers only (`model.decoder.layers[i]` has
+the global `layer_number`); `stage_input` is `embed` on the first stage and the activations the
+schedule received from the previous stage (`model.set_input_tensor`) on the others;
+`lm_head_loss` exists on the last stage only.
 
 Sequence parallelism (SP, TP size P): hidden states between embed and lm_head_loss are this TP
 rank's sequence shard [s/P, b, h] (positions [p s/P, (p+1) s/P) of every row), as inside
@@ -39,6 +44,16 @@ def embed(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor) -> 
     rotary_len = model.rotary_pos_emb.get_rotary_seq_len(None, model.decoder, hidden, model.config)
     rotary = model.rotary_pos_emb(rotary_len)
     return hidden, rotary
+
+
+def stage_input(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This pipeline stage's input (hidden [s, b', h], rotary embedding): `embed` on the first
+    stage, else the tensor the schedule received (b' may exceed b when a stage sends more rows)."""
+    if model.pre_process:
+        return embed(model, tokens, position_ids)
+    hidden = model.decoder.input_tensor
+    rotary_len = model.rotary_pos_emb.get_rotary_seq_len(None, model.decoder, hidden, model.config)
+    return hidden, model.rotary_pos_emb(rotary_len)
 
 
 def forward_layers(

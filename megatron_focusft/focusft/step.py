@@ -19,6 +19,14 @@ group, DDP sums the slow-weight gradients over it).
 Sequence parallelism: hidden states are this TP rank's sequence shard (split_model keeps
 GPTModel's SP layout), but the batch, the sample index and every loss stay whole-sequence on
 each TP rank, as without SP; the fast-weight linears map between the two.
+
+Pipeline parallelism (parallel/pipeline.py): every adapted layer is on the last stage. A stage
+before it runs `pipeline_stage_forward` (its layers once, as plain SFT would); the last stage
+runs `focusft_forward` on the received activations: its own bottom layers, the inner loop, the
+outer pass. With the `context` objective the inner loop needs the bottom activations under a
+causal mask from every stage, so each earlier stage also runs its layers under that mask,
+without grad, and sends both as one tensor [s, 2b, h] (rows b..2b the causal ones; Megatron's
+schedule exchanges the shape, `variable_seq_lengths`); their gradient is zero.
 """
 
 from __future__ import annotations
@@ -41,8 +49,9 @@ from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
     InnerLoopResult, InnerTargets, is_sharded, per_sample_loss, per_sample_sq_norms, run_inner_loop,
 )
-from megatron_focusft.focusft.split_model import embed, forward_layers, lm_head_loss
-from megatron_focusft.masks import segment_mask
+from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
+from megatron_focusft.masks import SegmentMask, segment_mask
+from megatron_focusft.parallel.pipeline import INNER
 from megatron_focusft.training.loss import masked_token_loss
 
 
@@ -57,6 +66,11 @@ class FocusftOutput:
     update_norm: torch.Tensor
 
 
+def context_mask(batch: SegmentBatch) -> SegmentMask:
+    """The `context` objective's mask: causal inside each document."""
+    return segment_mask("causal", doc_ids=batch.attention.doc_ids)
+
+
 def inner_targets(batch: SegmentBatch, objective: str, cp_size: int = 1, cp_rank: int = 0) -> InnerTargets:
     """response: the outer targets under the FocuSFT mask. context: next-token targets that are
     context tokens, under a causal mask (next-token prediction is trivial bidirectionally).
@@ -68,22 +82,51 @@ def inner_targets(batch: SegmentBatch, objective: str, cp_size: int = 1, cp_rank
     if objective == "response":
         return InnerTargets(batch.attention, batch.loss_mask.bool())
     next_in_doc = next_in_document(batch, cp_size, cp_rank)
-    return InnerTargets(segment_mask("causal", doc_ids=batch.attention.doc_ids), next_in_doc & ~batch.loss_mask.bool())
+    return InnerTargets(context_mask(batch), next_in_doc & ~batch.loss_mask.bool())
 
 
 def _layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
-    num_layers = len(model.decoder.layers)
-    if model.config.pipeline_model_parallel_size != 1 or num_layers != model.config.num_layers:
-        raise NotImplementedError("the FocuSFT step runs without pipeline parallelism for now")
+    """Indices into this stage's layer list: the layers below the fast weights, the adapted ones."""
     if model.config.recompute_granularity is not None:
         raise NotImplementedError("activation recomputation would re-run the outer forward without its "
                                   "fast weights bound; it is not supported by the FocuSFT step yet")
-    first = adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0] - 1
-    return range(0, first), range(first, num_layers)
+    first_adapted = adapted_layer_numbers(model.config.num_layers, config.fast_weights.layer_fraction)[0]
+    below = sum(1 for layer in model.decoder.layers if layer.layer_number < first_adapted)
+    return range(0, below), range(below, len(model.decoder.layers))
+
+
+def _stage_inputs(
+    model: GPTModel, batch: SegmentBatch, with_causal: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(hidden [s, b, h], the same under the causal mask (detached) or None, rotary) at this stage's input."""
+    hidden, rotary = stage_input(model, batch.tokens, batch.position_ids)
+    if not with_causal:
+        return hidden, None, rotary
+    if model.pre_process:  # the embedding does not depend on the mask
+        return hidden, hidden.detach(), rotary
+    b = batch.tokens.shape[0]
+    return hidden[:, :b], hidden[:, b:].detach(), rotary
+
+
+def pipeline_stage_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig) -> torch.Tensor:
+    """A stage before the last (no fast weights): its layers on its input -> the next stage's input.
+
+    [s, b, h], or [s, 2b, h] with the `context` objective (rows b..2b: the same layers under the
+    causal mask, no grad).
+    """
+    layers = range(len(model.decoder.layers))
+    with_causal = config.inner_objective == "context"
+    hidden, causal_hidden, rotary = _stage_inputs(model, batch, with_causal)
+    out = forward_layers(model, hidden, batch.attention, rotary, layers)
+    if not with_causal:
+        return out
+    with torch.no_grad():
+        causal_out = forward_layers(model, causal_hidden, context_mask(batch), rotary, layers)
+    return torch.cat([out, causal_out], dim=1)
 
 
 def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights) -> FocusftOutput:
-    """The bilevel forward of one packed micro-batch.
+    """The bilevel forward of one packed micro-batch (on the last pipeline stage).
 
     initial: UNSHARDED fast weights of the batch's samples (reference layout: key (layer, proj)
     -> A [n, r, in], B [n, out, r]; samples numbered as `sample_index_from_doc_ids` numbers the
@@ -95,15 +138,21 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     sample_index, _ = sample_index_for_cp(batch, cp_size, cp_rank)
     local = shard_fast_weights(initial, parallel_state.get_tensor_model_parallel_rank(),
                                parallel_state.get_tensor_model_parallel_world_size())
-    hidden, rotary = embed(model, batch.tokens, batch.position_ids)
-    h_bottom = forward_layers(model, hidden, batch.attention, rotary, bottom)
     objective = inner_targets(batch, config.inner_objective, cp_size, cp_rank)
-    if objective.mask is batch.attention:
+    with_causal = objective.mask is not batch.attention
+    hidden, causal_hidden, rotary = _stage_inputs(model, batch, with_causal)
+    h_bottom = forward_layers(model, hidden, batch.attention, rotary, bottom)
+    if not with_causal:
         h_inner = h_bottom.detach()
     else:
         with torch.no_grad():
-            h_inner = forward_layers(model, hidden.detach(), objective.mask, rotary, bottom)
+            h_inner = forward_layers(model, causal_hidden, objective.mask, rotary, bottom)
+    timers = model.config.timers
+    if timers is not None:
+        timers(INNER, log_level=2).start()
     inner = run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, sample_index, local, config)
+    if timers is not None:
+        timers(INNER).stop()
     # Outer pass: the adapted fast weights are constants (full stop-gradient).
     with bind_fast_weights(model, FastWeightBinding(sample_index, inner.adapted)):
         per_token_loss = lm_head_loss(model, forward_layers(model, h_bottom, batch.attention, rotary, top), batch.labels,
@@ -173,11 +222,18 @@ class SeededFastWeights:
 def make_focusft_forward_step(
     config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]
 ) -> Callable[[Iterator[SegmentBatch], torch.nn.Module], tuple[torch.Tensor, Callable]]:
-    """A Megatron `forward_step_func` running the bilevel step on each micro-batch."""
+    """A Megatron `forward_step_func` running the bilevel step on each micro-batch.
+
+    fast_weights_for(batch) is called once per micro-batch, on the last pipeline stage only.
+    """
 
     def forward_step(data_iterator: Iterator[SegmentBatch], model: torch.nn.Module):
         batch = next(data_iterator)
         gpt = model.module if hasattr(model, "module") else model
+        if not gpt.post_process:
+            # Megatron calls no loss function on a stage before the last; this one is SFT's.
+            return pipeline_stage_forward(gpt, batch, config), functools.partial(masked_token_loss,
+                                                                                 loss_mask=batch.loss_mask)
         output = focusft_forward(gpt, batch, config, fast_weights_for(batch))
         return output.per_token_loss, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
 

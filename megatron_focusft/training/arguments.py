@@ -29,7 +29,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
     par = parser.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                     help="pipeline stages (Megatron's 1F1B schedule; FocuSFT's inner loop runs on the last stage)")
+    par.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                     help="layers on the first pipeline stage (default: an even split)")
+    par.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                     help="layers on the last pipeline stage, which also runs the FocuSFT inner loop "
+                          "(fewer layers there rebalance the stages; default: an even split)")
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true",
                      help="split activations outside the tensor-parallel regions along the sequence (needs TP > 1)")
@@ -104,9 +110,12 @@ def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace
 
 def validate_training_args(args: argparse.Namespace) -> None:
     """Reject settings this build cannot run, before any process group or model exists."""
-    if args.pipeline_model_parallel_size != 1:
-        raise ValueError("--pipeline-model-parallel-size > 1 is not supported yet (the pipeline-aware "
-                         "bilevel schedule is issue 4)")
+    if args.pipeline_model_parallel_size < 1:
+        raise ValueError(f"--pipeline-model-parallel-size must be >= 1, got {args.pipeline_model_parallel_size}")
+    uneven = [flag for flag in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+              if getattr(args, flag) is not None]
+    if uneven and args.pipeline_model_parallel_size == 1:
+        raise ValueError(f"--{uneven[0].replace('_', '-')} needs --pipeline-model-parallel-size > 1")
     if args.sequence_parallel and args.tensor_model_parallel_size < 2:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
                          "over the tensor-parallel group)")

@@ -2,7 +2,8 @@
 
 One iteration = `global_batch_size / (micro_batch_size * DP)` micro-batches through Megatron's
 schedule with the FocuSFT forward step (or the plain SFT one), an optimizer step and an LR
-scheduler step. Console progress every `--log-interval`, TensorBoard every iteration.
+scheduler step. Console progress every `--log-interval`, TensorBoard every iteration; under
+pipeline parallelism also each stage's busy time (parallel/pipeline.py).
 """
 
 from __future__ import annotations
@@ -108,13 +109,28 @@ def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def _count_parameters(model: torch.nn.Module) -> int:
+    """Parameters of the whole model: this rank's, minus tensor-parallel duplicates, summed over TP x PP."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    local = sum(p.numel() for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p))
+    count = torch.tensor([float(local)], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    return int(count.item())
+
+
 def _mfu(tokens_per_s: float, n_params: int, device: torch.device) -> float | None:
+    """Model FLOPs utilisation of the whole job: tokens_per_s is global, so the peak is every rank's."""
+    import torch.distributed as dist
+
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     peak = next((p for key, p in PEAK_BF16_FLOPS.items() if key in name), None)
     # 6 N FLOPs per token (dense forward + backward), the usual model-FLOPs convention.
-    return None if peak is None else 6 * n_params * tokens_per_s / peak
+    return None if peak is None else 6 * n_params * tokens_per_s / (peak * dist.get_world_size())
 
 
 def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None = None) -> dict[str, Any]:
@@ -130,10 +146,12 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
     from megatron_focusft.analysis.attention_metrics import attention_metrics
     from megatron_focusft.fastweights.config import FastWeightConfig
     from megatron_focusft.parallel.cp_batch import split_batch_for_cp
+    from megatron_focusft.parallel.pipeline import collect_stage_times, format_stage_times, schedule_timers
     from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from megatron_focusft.training.sft import train_step
 
-    with megatron_session(args.tensor_model_parallel_size, args.seed, args.context_parallel_size) as device:
+    with megatron_session(args.tensor_model_parallel_size, args.seed, args.context_parallel_size,
+                          args.pipeline_model_parallel_size) as device:
         rank = dist.get_rank()
         log = print if rank == 0 else (lambda *a, **k: None)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -150,8 +168,14 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         model, model_config = build_model(ModelSetup(
             preset=preset, attention_backend=args.attention_backend,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+            num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
             context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
             bf16=args.bf16, fast_weights=fast))
+        pipelined = args.pipeline_model_parallel_size > 1
+        if pipelined:
+            model_config.timers = schedule_timers()
         optimizer = build_optimizer(model, OptimizerSetup(
             lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
@@ -178,7 +202,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             # Every CP rank of a data-parallel group reads the same rows and keeps its chunks.
             return split_batch_for_cp(batch, cp, cp_rank, chunk_multiple=chunk_multiple)
 
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = _count_parameters(model)
         writer = None
         if args.tensorboard_dir and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -186,8 +210,9 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             writer = SummaryWriter(args.tensorboard_dir)
         tokens_per_iter = global_batch * args.seq_length
         log(f"training {args.training_mode} ({'mask ' + mask_kind}): {preset.num_layers} layers, "
-            f"{n_params / 1e6:.1f}M params/rank, TP {args.tensor_model_parallel_size}"
-            f"{' (SP)' if args.sequence_parallel else ''}, CP {args.context_parallel_size}, "
+            f"{n_params / 1e6:.1f}M params, TP {args.tensor_model_parallel_size}"
+            f"{' (SP)' if args.sequence_parallel else ''}, PP {args.pipeline_model_parallel_size}, "
+            f"CP {args.context_parallel_size}, "
             f"DP {dp_size}, "
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")
@@ -195,8 +220,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         from megatron_focusft.training.checkpoint import load_checkpoint, save_checkpoint
 
         def resume_state() -> dict[str, Any]:
-            draws = fast_weight_source.micro_batches_seen if fast_weight_source is not None else 0
-            return {"data": data.state_dict(), "fast_weight_draws": draws}
+            return {"data": data.state_dict()}
 
         start_iteration = 0
         if args.load:
@@ -207,7 +231,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
                 start_iteration, extra = loaded
                 data.load_state_dict(extra["data"])
                 if fast_weight_source is not None:
-                    fast_weight_source.micro_batches_seen = int(extra["fast_weight_draws"])
+                    # One draw per micro-batch (on the last pipeline stage, which alone draws).
+                    fast_weight_source.micro_batches_seen = start_iteration * num_micro_batches
                 log(f"resumed from {args.load} at iteration {start_iteration}")
         losses: list[float] = []
         history: list[dict[str, float]] = []
@@ -227,6 +252,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             mfu = _mfu(stats["tokens_per_s"], n_params, device)
             if mfu is not None:
                 stats["mfu"] = mfu
+            stage_times = collect_stage_times(model_config.timers) if pipelined else []
+            stats.update({f"pipeline/stage{t.stage}_busy_fraction": t.busy_fraction for t in stage_times})
             if args.attention_metrics_interval and iteration % args.attention_metrics_interval == 0:
                 stats.update({f"attention/{k}": v for k, v in attention_metrics(model.module, probe).items()})
             losses.append(stats["loss"])
@@ -242,6 +269,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
                 log(f"[{100 * iteration / args.train_iters:5.1f}%] iteration {iteration:>6}/{args.train_iters} | "
                     f"lm loss {stats['loss']:.4f}{inner} | lr {lr:.3e} | grad norm {stats['grad_norm']:.3f} | "
                     f"{stats['tokens_per_s']:,.0f} tok/s | {dt:.2f} s/it | ETA {eta:,.0f} s", flush=True)
+                if stage_times:
+                    log(f"    pipeline: {format_stage_times(stage_times)}", flush=True)
             exiting = args.exit_interval is not None and iteration % args.exit_interval == 0
             last = iteration == args.train_iters
             if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or last):

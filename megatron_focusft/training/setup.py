@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -14,6 +15,7 @@ from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.fastweights.spec import get_fast_weight_block_spec
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
+from megatron_focusft.parallel.pipeline import check_fast_weights_on_last_stage
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class ModelSetup:
     preset: str | ModelPreset = "tiny"  # a preset name, or a shape
     attention_backend: str = "sdpa"
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers); None: even.
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     bf16: bool = False
@@ -43,12 +49,22 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     """GPTModel with segment-mask attention wrapped in Megatron's DDP (per-token loss averaging).
 
     Parallel state must be initialised. Weights are initialised from the global torch seed
-    as one master tensor split across TP ranks, so any TP size starts from the same model.
+    as one master tensor split across TP ranks, so any TP size starts from the same model; a
+    pipeline stage builds (and draws the initial values of) its own layers only. With fast
+    weights under PP every adapted layer must be on the last stage (parallel/pipeline.py).
     """
     preset = setup.preset if isinstance(setup.preset, ModelPreset) else get_preset(setup.preset)
     config = transformer_config(
         preset,
         tensor_model_parallel_size=setup.tensor_model_parallel_size,
+        pipeline_model_parallel_size=setup.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=setup.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=setup.num_layers_in_last_pipeline_stage,
+        # Stages exchange activation shapes: FocuSFT's context objective sends [s, 2b, h]. (The
+        # config refuses that with the MoE "allgather" dispatcher, which a dense model never uses.)
+        variable_seq_lengths=setup.pipeline_model_parallel_size > 1,
+        moe_token_dispatcher_type="alltoall",
+        pipeline_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
         context_parallel_size=setup.context_parallel_size,
         sequence_parallel=setup.sequence_parallel,
         bf16=setup.bf16,
@@ -57,8 +73,10 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     )
     layer_spec = get_segment_attention_layer_spec(setup.attention_backend)
     if setup.fast_weights is not None:
+        check_fast_weights_on_last_stage(config, setup.fast_weights)
         layer_spec = get_fast_weight_block_spec(layer_spec, config, setup.fast_weights)
-    model = build_gpt_model(config, preset, layer_spec)
+    model = build_gpt_model(config, preset, layer_spec, pre_process=parallel_state.is_pipeline_first_stage(),
+                            post_process=parallel_state.is_pipeline_last_stage())
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model
     )

@@ -6,6 +6,8 @@ import functools
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -28,7 +30,10 @@ def train_step(
     forward_step=sft_forward_step,
 ) -> dict[str, float]:
     """One optimizer step over `micro_batches`: token-mean loss, token count, grad norm, and the mean
-    of every other [sum, count] log of the forward step (e.g. inner_loss_before for FocuSFT)."""
+    of every other [sum, count] log of the forward step (e.g. inner_loss_before for FocuSFT).
+
+    Under pipeline parallelism the losses exist on the last stage; every stage returns them.
+    """
     model.zero_grad_buffer()
     optimizer.zero_grad()
     # Under context parallelism tokens are this rank's share; Megatron's schedules take the global length.
@@ -43,9 +48,24 @@ def train_step(
         forward_only=False,
     )
     _, grad_norm, _ = optimizer.step()
+    stats = _summarise(logs, float(grad_norm)) if parallel_state.is_pipeline_last_stage() else None
+    return _from_last_stage(stats)
+
+
+def _summarise(logs: list[dict[str, torch.Tensor]], grad_norm: float) -> dict[str, float]:
     totals = {key: torch.stack([log[key] for log in logs]).sum(dim=0) for key in logs[0]}
     lm = totals.pop("lm loss")
-    stats = {"loss": float(lm[0] / lm[1].clamp(min=1)), "num_tokens": int(lm[1]), "grad_norm": float(grad_norm)}
+    stats = {"loss": float(lm[0] / lm[1].clamp(min=1)), "num_tokens": int(lm[1]), "grad_norm": grad_norm}
     # Other logs (e.g. the FocuSFT inner loop's) are [sum, count] pairs too: report their means.
     stats.update({key.replace(" ", "_"): float(v[0] / v[1].clamp(min=1)) for key, v in totals.items()})
     return stats
+
+
+def _from_last_stage(stats: dict[str, float] | None) -> dict[str, float]:
+    """The last pipeline stage's stats on every stage of its pipeline."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return stats
+    box = [stats]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]

@@ -75,7 +75,8 @@ def test_bad_chat_row_errors_with_file_and_row_or_is_skipped(tmp_path: Path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--mock-data", "--pipeline-model-parallel-size", "2"], "pipeline-model-parallel-size"),
+    (["--mock-data", "--decoder-last-pipeline-num-layers", "1"],
+     "--decoder-last-pipeline-num-layers needs --pipeline-model-parallel-size > 1"),
     (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--mock-data", "--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "66"],
      "must be a multiple of --tensor-model-parallel-size 4"),
@@ -122,6 +123,36 @@ def test_sequence_parallel_training_equals_one_rank(worker_pool, mode):
     one_rank = _pretrain_in_worker(argv)
     assert sp[0] == sp[1]
     assert sp[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)
+
+
+def _pretrain_history_in_worker(argv: list[str]) -> list[dict[str, float]]:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    return pretrain(parse_training_args(argv))["history"]
+
+
+@pytest.mark.parametrize("mode", ["focusft", "sft"])
+def test_pipeline_parallel_training_continues_a_one_rank_run_exactly(worker_pool, tmp_path: Path, mode: str):
+    # A pipeline stage initialises its own layers, so PP = 2 starts from the one-rank run's
+    # checkpoint of iteration 1 (resharded on load) and must continue its loss curve: Megatron's
+    # 1F1B schedule, gradient clipping over the stages, Adam; the probe's attention metrics run
+    # through the pipeline too. Two micro-batches per iteration.
+    ckpt = str(tmp_path / "ckpt")
+    argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", mode,
+            "--attention-metrics-interval", "3"]
+    uninterrupted = pretrain(parse_training_args(argv))["history"]
+    pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
+    pp2 = worker_pool(2).run(_pretrain_history_in_worker, [*argv, "--load", ckpt, "--pipeline-model-parallel-size", "2"])
+    assert [h["loss"] for h in pp2[0]] == [h["loss"] for h in pp2[1]]
+    for expected, got in zip(uninterrupted[1:], pp2[0], strict=True):
+        assert got["iteration"] == expected["iteration"]
+        for key in ("loss", "grad_norm", "attention/sink_mass", "attention/context_engagement",
+                    *(("inner_loss_before", "inner_loss_after") if mode == "focusft" else ())):
+            if key in expected:
+                assert got[key] == pytest.approx(expected[key], rel=2e-5, abs=2e-5), key
+        assert 0 < got["pipeline/stage0_busy_fraction"] <= 1 and 0 < got["pipeline/stage1_busy_fraction"] <= 1
+    assert "attention/sink_mass" in pp2[0][-1]
 
 
 @pytest.mark.parametrize("mode", ["focusft", "sft"])

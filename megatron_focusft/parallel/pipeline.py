@@ -1,0 +1,112 @@
+"""Pipeline parallelism for the bilevel step: where the fast weights sit, and per-stage busy time.
+
+The schedule is Megatron's own 1F1B (`forward_backward_pipelining_without_interleaving`). Every
+adapted layer sits on the last stage; the earlier stages run their layers once per micro-batch
+with no knowledge of the method, and the last stage runs, inside its forward of micro-batch m,
+its own bottom layers, the inner loop and the outer pass (focusft/step.py). In the 1F1B steady
+state the earlier stages meanwhile run forwards and backwards of other micro-batches, so the
+inner loop of one micro-batch overlaps outer work of others instead of stalling the pipeline.
+The last stage's forward costs about (1 + inner_steps x (forward + backward)) passes over the
+adapted layers, so giving it fewer layers (`num_layers_in_last_pipeline_stage`, Megatron's
+`--decoder-last-pipeline-num-layers`) rebalances the stages; `collect_stage_times` reports each
+stage's compute and idle time from the schedule's own timers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.timers import Timers
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
+
+# Timer names: Megatron's schedules time 'forward-compute', 'backward-compute' and the whole
+# 'forward-backward'; the FocuSFT step adds 'inner-loop' (inside 'forward-compute').
+FORWARD, BACKWARD, TOTAL, INNER = "forward-compute", "backward-compute", "forward-backward", "inner-loop"
+# The log level each is created with (a timer asked for with another level is an error).
+_LOG_LEVELS = {FORWARD: 2, BACKWARD: 2, INNER: 2, TOTAL: 1}
+
+
+def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
+    """Global 1-based layer numbers held by pipeline stage `pp_rank` (Megatron's placement,
+    uneven first/last stages included)."""
+    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
+    return range(offset + 1, offset + 1 + get_num_layers_to_build(config, pp_rank=pp_rank))
+
+
+def check_fast_weights_on_last_stage(config: TransformerConfig, fast_weights: FastWeightConfig) -> None:
+    """Raise ValueError unless every adapted layer sits on the last pipeline stage.
+
+    The inner loop then runs on one stage: its forward/backward passes need no communication.
+    """
+    pp = config.pipeline_model_parallel_size
+    if pp == 1:
+        return
+    adapted = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)
+    last = stage_layer_numbers(config, pp - 1)
+    if adapted[0] < last[0]:
+        raise ValueError(
+            f"FocuSFT under pipeline parallelism needs every adapted layer on the last stage: layers "
+            f"{adapted[0]}-{adapted[-1]} of {config.num_layers} are adapted (layer fraction "
+            f"{fast_weights.layer_fraction}) but the last of {pp} stages holds layers {last[0]}-{last[-1]}; "
+            f"give it >= {len(adapted)} layers (--decoder-last-pipeline-num-layers) or lower "
+            f"--focusft-layer-fraction")
+
+
+def schedule_timers() -> Timers:
+    """Megatron timers that Megatron's schedules fill when set as `TransformerConfig.timers`."""
+    return Timers(log_level=2, log_option="max")
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """Seconds one pipeline stage spent since the last collection (max over its ranks).
+
+    forward includes the inner loop (inner); idle = total - forward - backward is waiting for
+    neighbours (bubbles and transfers).
+    """
+
+    stage: int
+    forward: float
+    backward: float
+    inner: float
+    total: float
+
+    @property
+    def busy_fraction(self) -> float:
+        return (self.forward + self.backward) / self.total if self.total > 0 else 0.0
+
+    @property
+    def idle(self) -> float:
+        return max(self.total - self.forward - self.backward, 0.0)
+
+
+def collect_stage_times(timers: Timers) -> list[StageTime]:
+    """Every stage's times, on every rank (an all-gather over the world); resets the timers.
+
+    A collective: every rank must call it at the same point.
+    """
+    names = (FORWARD, BACKWARD, INNER, TOTAL)
+    local = [float(parallel_state.get_pipeline_model_parallel_rank())]
+    local += [timers(name, _LOG_LEVELS[name]).elapsed(reset=True) for name in names]
+    gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    table = torch.tensor(gathered, dtype=torch.float64)
+    stages = []
+    for stage in range(parallel_state.get_pipeline_model_parallel_world_size()):
+        rows = table[table[:, 0] == stage, 1:].max(dim=0).values.tolist()
+        forward, backward, inner, total = rows
+        stages.append(StageTime(stage, forward, backward, inner, total))
+    return stages
+
+
+def format_stage_times(stages: list[StageTime]) -> str:
+    """One console line: each stage's busy share and compute split."""
+    return " | ".join(f"stage {t.stage}: busy {100 * t.busy_fraction:.0f}% (fwd {t.forward:.2f} s"
+                      f"{f', inner {t.inner:.2f} s' if t.inner else ''}, bwd {t.backward:.2f} s)" for t in stages)

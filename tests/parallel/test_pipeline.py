@@ -1,0 +1,197 @@
+"""Pipeline parallelism: PP = 2 (and PP = 2 x TP = 2) trains exactly like one process.
+
+Every rank builds the whole tiny model at its TP size without PP (the same weights as TP = 1),
+then its pipeline stage, and copies its layers' weights over; Megatron's 1F1B schedule runs
+three packed micro-batches (warm-up, steady state and cool-down all occur) with DDP and
+per-token loss averaging. Compared with the PP = 1, TP = 1 run: the loss of every micro-batch
+(last stage), every slow-weight gradient (main_grad after finalize_model_grads, each stage's
+own layers, unsharded over TP) and, for FocuSFT, the inner losses, skipped steps and update
+norm. FocuSFT runs the inner loop on the last stage (parallel/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.fastweights.config import FastWeightConfig
+from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
+from megatron_focusft.parallel.tensor_parallel import unshard
+from tests.helpers.batches import random_batch
+from tests.helpers.distributed import init_model_parallel
+
+FAST = FastWeightConfig(rank=8, alpha=16.0)  # tiny: 4 layers, layers 3 and 4 adapted
+VOCAB = 512
+# Gradients are summed in another order (over DP in the reference, TP splits matmuls), so parity
+# is at fp32 noise: relative to each tensor's largest entry.
+GRAD_TOL, GRAD_TOL_TP = 2e-5, 2e-4
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _batches(kind: str) -> list[SegmentBatch]:
+    return [random_batch(2, 40, VOCAB, seed=seed, kind=kind, max_doc=20) for seed in (41, 42, 43)]
+
+
+def _initial_fast_weights(model_config, batch: SegmentBatch) -> dict:
+    """The micro-batch's fast weights, with a random B so that A gets a first-step gradient too."""
+    n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
+    weights = init_fast_weights(fast_weight_layout(model_config, FAST), list(range(100, 100 + n)), FAST.rank)
+    g = torch.Generator().manual_seed(7)
+    return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}
+
+
+def _renumber(name: str, offset: int) -> str:
+    """A stage-local parameter name -> the whole model's (layer index + offset)."""
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
+# --- worker functions (every rank of a gloo pool) -------------------------------------------
+
+
+def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
+         timed: bool = False, sp: bool = False) -> dict:
+    """One forward/backward through Megatron's schedule; this rank's logs and main_grads."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
+    from megatron_focusft.parallel.pipeline import collect_stage_times, schedule_timers, stage_layer_numbers
+    from megatron_focusft.training.setup import ModelSetup, build_model
+    from megatron_focusft.training.sft import sft_forward_step
+
+    fast = FAST if focusft is not None else None
+    init_model_parallel(tp=tp, seed=21)
+    whole, _ = build_model(ModelSetup(tensor_model_parallel_size=tp, sequence_parallel=sp, fast_weights=fast))
+    weights = whole.module.state_dict()
+    init_model_parallel(tp=tp, pp=pp, seed=99)  # another seed: the stage's own init is overwritten
+    first_layers = None if last_stage_layers is None else 4 - last_stage_layers
+    model, config = build_model(ModelSetup(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp, fast_weights=fast,
+        num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers))
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    offset = stage_layer_numbers(config, pp_rank)[0] - 1
+    model.module.load_state_dict({k: weights[_renumber(k, offset)] for k in model.module.state_dict()})
+    if focusft is None:
+        forward_step = sft_forward_step
+    else:
+        initial = iter([_initial_fast_weights(config, batch) for batch in batches]).__next__
+        forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft), lambda _: initial())
+    if timed:
+        config.timers = schedule_timers()
+    model.zero_grad_buffer()
+    logs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        seq_length=batches[0].tokens.shape[1], micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
+    grads = {_renumber(name, offset): (p.main_grad.clone(), getattr(p, "partition_dim", -1),
+                                       getattr(p, "partition_stride", 1))
+             for name, p in model.module.named_parameters()}
+    return {"logs": logs, "grads": grads, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": pp_rank, "layers": list(stage_layer_numbers(config, pp_rank)),
+            "stage_times": collect_stage_times(config.timers) if timed else None}
+
+
+# --- comparison ----------------------------------------------------------------------------
+
+
+def _check_parity(reference: list[dict], parallel: list[dict], focusft: bool, grad_tol: float = GRAD_TOL) -> None:
+    """reference: a PP = 1, TP = 1 run (any rank); parallel: all ranks of the pipelined run."""
+    ref = reference[0]
+    last_stage = max(r["pp_rank"] for r in parallel)
+    assert last_stage > 0
+    for r in parallel:
+        if r["pp_rank"] != last_stage:
+            assert r["logs"] == []  # losses exist on the last stage only
+            continue
+        assert len(r["logs"]) == len(ref["logs"])
+        for mb, (logs, ref_logs) in enumerate(zip(r["logs"], ref["logs"])):
+            assert int(logs["lm loss"][1]) == int(ref_logs["lm loss"][1])
+            torch.testing.assert_close(logs["lm loss"][0], ref_logs["lm loss"][0], rtol=2e-6, atol=1e-5)
+            keys = ("inner loss before", "inner loss after", "inner skipped steps", "fast weight update norm")
+            for key in keys if focusft else ():
+                torch.testing.assert_close(logs[key], ref_logs[key], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, k=key: f"micro-batch {mb} {k}: {m}")
+    # Every reference gradient is held by exactly one stage (unsharded over its TP ranks).
+    seen = set()
+    for stage in range(last_stage + 1):
+        ranks = sorted((r for r in parallel if r["pp_rank"] == stage), key=lambda r: r["tp_rank"])
+        for name, (_, dim, stride) in ranks[0]["grads"].items():
+            grad = (ranks[0]["grads"][name][0] if dim < 0 or len(ranks) == 1
+                    else unshard([r["grads"][name][0] for r in ranks], dim, stride))
+            ref_grad = ref["grads"][name][0]
+            torch.testing.assert_close(grad, ref_grad, rtol=0, atol=grad_tol * float(ref_grad.abs().max()),
+                                       msg=lambda m, n=name: f"stage {stage} {n}: {m}")
+            seen.add(name)
+    assert seen == set(ref["grads"])
+
+
+# --- PP = 2 x TP = 2 (4 processes) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("focusft, sp", [(None, False), ({"inner_objective": "context"}, False),
+                                         ({"inner_objective": "response"}, True)],
+                         ids=["sft-block", "focusft-context", "focusft-response-sequence-parallel"])
+def test_pp2_tp2_matches_one_process(worker_pool, focusft, sp):
+    pool = worker_pool(4)
+    batches = _batches("block" if focusft is None else "focusft")
+    reference = pool.run(_run, 1, 1, batches, focusft)
+    parallel = pool.run(_run, 2, 2, batches, focusft, None, False, sp)
+    _check_parity(reference, parallel, focusft is not None, GRAD_TOL_TP)
+
+
+# --- PP = 2 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["focusft", "block"])
+def test_sft_pp2_matches_one_process(worker_pool, kind):
+    pool = worker_pool(2)
+    batches = _batches(kind)
+    _check_parity(pool.run(_run, 1, 1, batches, None), pool.run(_run, 1, 2, batches, None), focusft=False)
+
+
+@pytest.mark.parametrize("objective", ["response", "context"])
+def test_focusft_step_pp2_matches_one_process(worker_pool, objective):
+    pool = worker_pool(2)
+    batches = _batches("focusft")
+    focusft = {"inner_objective": objective}
+    reference = pool.run(_run, 1, 1, batches, focusft)
+    assert all(log["inner loss after"][0] < log["inner loss before"][0] for log in reference[0]["logs"])
+    _check_parity(reference, pool.run(_run, 1, 2, batches, focusft), focusft=True)
+
+
+def test_uneven_stages_last_stage_runs_its_own_bottom_layer(worker_pool):
+    # Stage 0: layer 1; stage 1: layer 2 (below the fast weights: both masks) and layers 3-4.
+    pool = worker_pool(2)
+    batches = _batches("focusft")
+    focusft = {"inner_objective": "context"}
+    parallel = pool.run(_run, 1, 2, batches, focusft, 3)
+    assert [r["layers"] for r in parallel] == [[1], [2, 3, 4]]
+    _check_parity(pool.run(_run, 1, 1, batches, focusft), parallel, focusft=True)
+
+
+def test_stage_times_report_the_inner_loop_on_the_last_stage(worker_pool):
+    pool = worker_pool(2)
+    results = pool.run(_run, 1, 2, _batches("focusft"), {"inner_objective": "response"}, None, True)
+    assert results[0]["stage_times"] == results[1]["stage_times"]  # gathered: every rank has all stages
+    first, last = results[0]["stage_times"]
+    assert (first.stage, last.stage) == (0, 1)
+    for t in (first, last):
+        assert t.forward > 0 and t.backward > 0 and t.total >= t.forward + t.backward
+        assert 0 < t.busy_fraction <= 1
+    assert first.inner == 0 and 0 < last.inner < last.forward
+
+
+def _place_fast_weights(last_stage_layers: int) -> None:
+    from megatron_focusft.training.setup import ModelSetup, build_model
+
+    init_model_parallel(pp=2)
+    build_model(ModelSetup(pipeline_model_parallel_size=2, fast_weights=FAST,
+                           num_layers_in_first_pipeline_stage=4 - last_stage_layers,
+                           num_layers_in_last_pipeline_stage=last_stage_layers))
+
+
+def test_adapted_layers_off_the_last_stage_are_refused(worker_pool):
+    with pytest.raises(AssertionError, match=r"layers 3-4 of 4 are adapted .* holds layers 4-4; give it >= 2"):
+        worker_pool(2).run(_place_fast_weights, 1)
