@@ -1,13 +1,14 @@
-"""The ``focusft`` command line: ``focusft demo`` and ``focusft bench attention``.
+"""The ``focusft`` command line: ``train``, ``demo``, ``bench attention`` and ``bench step``.
 
-demo             a short training run of the ``tiny`` preset on the synthetic packed multi-turn
-                 retrieval task under the FocuSFT mask (CPU over gloo, or GPU); writes
-                 ``<output-dir>/results.json``. Plain SFT with the segment mask: a stand-in
-                 until the bilevel FocuSFT demo lands.
+train            the training entry point (``pretrain_focusft.py``), with its own Megatron-style flags.
+demo             plain SFT vs FocuSFT on a synthetic long-context chat task, the ``tiny`` preset
+                 trained twice on CPU (``megatron_focusft.demo``, its own flags; ``make demo``).
 bench attention  forward / forward+backward time of an attention backend on a representative
                  layout of each mask kind, with TFLOP/s counted on the visible area of the mask.
+bench step       a FocuSFT training step against a plain SFT step (``megatron_focusft.bench.step``).
 
-Megatron-Core is imported only by ``demo``: the benchmark needs torch and the masks alone.
+Megatron-Core is imported only by ``train``, ``demo`` and ``bench step``: ``bench attention``
+needs torch and the masks alone.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ import argparse
 import dataclasses
 import json
 import math
-import shlex
-import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,232 +30,16 @@ from megatron_focusft.masks import MASK_KINDS, SegmentMask, segment_mask
 from megatron_focusft.runtime import device_name, median_ms, megatron_session, synchronize
 
 # ---------------------------------------------------------------------------------------------
-# focusft demo
+# shared
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DemoConfig:
-    """Settings of ``focusft demo``; the defaults take about 10 s on 2 CPU cores (3 s of training)."""
-
-    steps: int = 30
-    seq_length: int = 256
-    micro_batch_size: int = 2
-    num_micro_batches: int = 1
-    lr: float = 5e-4
-    warmup_steps: int = 3
-    mask: str = "focusft"
-    method: str = "sft"  # "sft" or "focusft" (bilevel step with per-sample fast weights)
-    preset: str = "tiny"
-    attention_backend: str = "sdpa"
-    tensor_model_parallel_size: int = 1
-    output_dir: str = "runs/demo"
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "seq_length", "micro_batch_size", "num_micro_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.mask not in MASK_KINDS or self.mask == "block":
-            raise ValueError(f"the demo trains with mask 'focusft' or 'causal', got {self.mask!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.method not in ("sft", "focusft"):
-            raise ValueError(f"method must be 'sft' or 'focusft', got {self.method!r}")
-        from megatron_focusft.data.synthetic import RetrievalTaskConfig
-
-        RetrievalTaskConfig.fitting(self.seq_length)  # raises if a sample cannot fit in a row
-
-
 def _quiet_megatron_import_warnings() -> None:
-    # Megatron warns at import that TE/Apex are absent and it falls back to torch: expected
-    # for the demo (local layer spec, torch optimizer), so it only clutters the progress lines.
+    # Megatron warns at import that TE/Apex are absent and it falls back to torch: expected on
+    # CPU (local layer spec, torch optimizer), so it only clutters the progress lines.
     for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
                     "MimoModelConfig is experimental"):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
-
-
-def _data_parallel_mean(stats: dict[str, float], world_size: int) -> dict[str, float]:
-    """train_step's stats with the loss as a token mean over all data-parallel ranks.
-
-    train_step reports its own rank's micro-batches; the grad norm is already global.
-    """
-    if world_size == 1:
-        return stats
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    totals = torch.tensor([stats["loss"] * stats["num_tokens"], stats["num_tokens"]], dtype=torch.float64,
-                          device=device)
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return {**stats, "loss": float(totals[0] / totals[1].clamp(min=1)), "num_tokens": int(totals[1])}
-
-
-def _fmt_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _answer_accuracy(model: torch.nn.Module, batches: list[Any], value_range: tuple[int, int]) -> dict[str, float]:
-    """Greedy accuracy of the model on the answer value of each question (the retrieval itself).
-
-    Scored at positions whose label is a response value token; the logits are [b, s, vocab]
-    (TP = 1, so the vocabulary is not sharded).
-    """
-    lo, hi = value_range
-    correct = total = 0
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(batch.tokens, batch.position_ids, batch.attention)
-            at_answer = (batch.loss_mask > 0) & (batch.labels >= lo) & (batch.labels < hi)
-            predicted = logits.argmax(dim=-1)
-            correct += int((predicted[at_answer] == batch.labels[at_answer]).sum())
-            total += int(at_answer.sum())
-    model.train()
-    return {"answer_accuracy": correct / max(total, 1), "answers_scored": total}
-
-
-def run_demo(config: DemoConfig, command: str) -> dict[str, Any]:
-    """Train the ``tiny`` preset for config.steps steps; return (and write) the results dict."""
-    _quiet_megatron_import_warnings()
-    import megatron.core
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megatron_focusft.data.batch import make_batch
-    from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
-    from megatron_focusft.models.presets import get_preset
-    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
-    from megatron_focusft.fastweights.config import FastWeightConfig
-    from megatron_focusft.fastweights.linear import fast_weight_layout
-    from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
-    from megatron_focusft.training.sft import sft_forward_step, train_step
-
-    with megatron_session(config.tensor_model_parallel_size, config.seed) as device:
-        cuda = device.type == "cuda"
-        rank, world = dist.get_rank(), dist.get_world_size()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        log = print if rank == 0 else (lambda *a, **k: None)
-        preset = get_preset(config.preset)
-        fast = FastWeightConfig() if config.method == "focusft" else None
-        model, model_config = build_model(ModelSetup(
-            preset=config.preset, attention_backend=config.attention_backend,
-            tensor_model_parallel_size=config.tensor_model_parallel_size, fast_weights=fast))
-        forward_step = sft_forward_step
-        if fast is not None:
-            forward_step = make_focusft_forward_step(
-                FocusftConfig(fast_weights=fast),
-                SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed * 1000 + dp_rank))
-        optimizer = build_optimizer(model, OptimizerSetup(lr=config.lr, min_lr=config.lr * 0.1))
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.lr * 0.1,
-            lr_warmup_steps=min(config.warmup_steps, config.steps - 1), lr_decay_steps=config.steps,
-            lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=config.steps,
-            wd_incr_style="constant",
-        )
-        scheduler.step(increment=1)  # step 1 trains at lr / warmup_steps, not at init_lr = 0
-        task = RetrievalTaskConfig.fitting(config.seq_length, vocab_size=preset.vocab_size)
-        # Each data-parallel rank reads its own stream; the evaluation stream is disjoint.
-        packer = RetrievalPacker(task, config.seq_length, config.micro_batch_size, seed=config.seed * 1000 + dp_rank)
-        eval_packer = RetrievalPacker(task, config.seq_length, config.micro_batch_size, seed=-1 - config.seed)
-
-        def next_batch(source: RetrievalPacker) -> Any:
-            rows = source.next_rows().to(device)
-            return make_batch(rows.tokens, rows.doc_ids, rows.response, mask_kind=config.mask)
-
-        eval_batches = [next_batch(eval_packer) for _ in range(4)]
-        tokens_per_step = config.micro_batch_size * config.seq_length * config.num_micro_batches * world
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"focusft demo: preset {config.preset} ({n_params / 1e6:.1f}M params), {config.steps} steps of "
-            f"{config.num_micro_batches} x [{config.micro_batch_size}, {config.seq_length}] on {world} rank(s), "
-            f"{'CUDA' if cuda else 'CPU/gloo'}, mask {config.mask}, attention {config.attention_backend}, "
-            f"lr {config.lr:g}")
-        before = _answer_accuracy(model, eval_batches, task.value_range)
-
-        losses: list[float] = []
-        grad_norms: list[float] = []
-        loss_tokens: list[int] = []
-        step_seconds: list[float] = []
-        lrs: list[float] = []
-        inner: dict[str, list[float]] = {"inner_loss_before": [], "inner_loss_after": [], "inner_skipped_steps": []}
-        start = time.perf_counter()
-        for step in range(1, config.steps + 1):
-            t0 = time.perf_counter()
-            micro_batches = [next_batch(packer) for _ in range(config.num_micro_batches)]
-            lr = optimizer.param_groups[0]["lr"]
-            stats = _data_parallel_mean(train_step(model, optimizer, micro_batches, forward_step), world)
-            scheduler.step(increment=1)
-            if cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(f"step {step}: loss is {stats['loss']}")
-            losses.append(stats["loss"])
-            grad_norms.append(stats["grad_norm"])
-            loss_tokens.append(stats["num_tokens"])
-            step_seconds.append(dt)
-            lrs.append(lr)
-            # ETA from the recent steps: the first step also pays one-time warm-up costs.
-            recent = statistics.median(step_seconds[-5:])
-            inner_text = ""
-            if fast is not None:
-                for key in inner:
-                    inner[key].append(stats[key])
-                inner_text = f" | inner {stats['inner_loss_before']:6.3f} -> {stats['inner_loss_after']:6.3f}"
-            log(f"step {step:>4}/{config.steps} | loss {stats['loss']:7.4f}{inner_text} | grad norm "
-                f"{stats['grad_norm']:6.3f} | lr {lr:.2e} | {tokens_per_step / dt:8,.0f} tok/s | {dt:5.2f} s/step | "
-                f"ETA {_fmt_seconds(recent * (config.steps - step))}", flush=True)
-        total_seconds = time.perf_counter() - start
-        after = _answer_accuracy(model, eval_batches, task.value_range)
-
-        steady = step_seconds[1:] or step_seconds
-        mean_step = statistics.fmean(steady)
-        head, tail = losses[: max(1, len(losses) // 5)], losses[-max(1, len(losses) // 5):]
-        results: dict[str, Any] = {
-            "command": command,
-            "config": dataclasses.asdict(config),
-            "steps": config.steps,
-            "loss": losses,
-            **(inner if fast is not None else {}),
-            "grad_norm": grad_norms,
-            "lr": lrs,
-            "loss_tokens": loss_tokens,
-            "seconds_per_step": step_seconds,
-            "mean_seconds_per_step": mean_step,
-            "tokens_per_step": tokens_per_step,
-            "tokens_per_second": tokens_per_step / mean_step,
-            "total_seconds": total_seconds,
-            "loss_start": statistics.fmean(head),
-            "loss_end": statistics.fmean(tail),
-            "answer_accuracy_before": before["answer_accuracy"],
-            "answer_accuracy_after": after["answer_accuracy"],
-            "answers_scored": after["answers_scored"],
-            # Accuracy of answering with a random value of the sample's own table.
-            "table_guess_accuracy": statistics.fmean(1 / n for n in range(task.min_pairs, task.max_pairs + 1)),
-            "task": dataclasses.asdict(task),
-            "model": {"preset": config.preset, "parameters": n_params},
-            "world_size": world,
-            "device": device_name(device),
-            "torch_version": torch.__version__,
-            "megatron_core_version": megatron.core.__version__,
-        }
-        log(f"done: {config.steps} steps in {_fmt_seconds(total_seconds)} ({mean_step:.3f} s/step after the first, "
-            f"{results['tokens_per_second']:,.0f} tok/s); loss {results['loss_start']:.3f} -> {results['loss_end']:.3f} "
-            f"(mean of the first / last {len(head)} steps)")
-        # A few dozen steps teach the answer format (EOS) and the value distribution; looking
-        # the key up in the table (in-context retrieval) takes far more steps than the demo.
-        log(f"answer accuracy on held-out samples: {before['answer_accuracy']:.1%} -> {after['answer_accuracy']:.1%} "
-            f"(a random value of the sample's table: {results['table_guess_accuracy']:.1%})")
-        if rank == 0:
-            out_dir = Path(config.output_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / "results.json"
-            path.write_text(json.dumps(results, indent=2) + "\n")
-            log(f"results: {path}")
-        return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,27 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench}")
     commands.add_parser("train", help="FocuSFT / SFT training (same flags as pretrain_focusft.py; see train --help)",
                         add_help=False)
-
-    demo_defaults = _defaults(DemoConfig)
-    demo = commands.add_parser("demo", help="short CPU/GPU training of the tiny preset on synthetic retrieval data",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--steps", type=int, default=demo_defaults.steps, help="optimizer steps")
-    demo.add_argument("--seq-length", type=int, default=demo_defaults.seq_length, help="tokens per packed row")
-    demo.add_argument("--micro-batch-size", type=int, default=demo_defaults.micro_batch_size,
-                      help="packed rows per micro-batch")
-    demo.add_argument("--num-micro-batches", type=int, default=demo_defaults.num_micro_batches,
-                      help="micro-batches accumulated per optimizer step")
-    demo.add_argument("--lr", type=float, default=demo_defaults.lr, help="peak learning rate (cosine decay)")
-    demo.add_argument("--mask", choices=("focusft", "causal"), default=demo_defaults.mask,
-                      help="attention mask of the training batches")
-    demo.add_argument("--output-dir", default=demo_defaults.output_dir, help="where results.json is written")
-    demo.add_argument("--seed", type=int, default=demo_defaults.seed, help="model init and data seed")
-    demo.add_argument("--method", choices=("sft", "focusft"), default=demo_defaults.method,
-                      help="plain SFT, or the FocuSFT bilevel step (inner loop on per-sample fast weights)")
-    demo.add_argument("--tensor-model-parallel-size", type=int, default=demo_defaults.tensor_model_parallel_size,
-                      help="tensor-parallel ranks (launch with torchrun; the rest is data parallel)")
-    demo.add_argument("--attention-backend", choices=("sdpa", "flex", "te"), default=demo_defaults.attention_backend,
-                      help="attention backend (flex and te train on a GPU only)")
+    commands.add_parser("demo", help="plain SFT vs FocuSFT on a synthetic long-context task, tiny preset on CPU "
+                        "(see demo --help)", add_help=False)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention,step}")
@@ -531,18 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _quiet_megatron_import_warnings()
         return train_main(args_list[1:])
+    if args_list[:1] == ["demo"]:  # the demo parses its own flags too
+        from megatron_focusft.demo import main as demo_main
+
+        return demo_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     # Settings are validated here, before any work starts, so a bad flag is a usage error.
     try:
-        if args.command == "demo":
-            demo_config = DemoConfig(
-                steps=args.steps, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
-                num_micro_batches=args.num_micro_batches, lr=args.lr, mask=args.mask,
-                output_dir=args.output_dir, seed=args.seed, attention_backend=args.attention_backend, method=args.method,
-                tensor_model_parallel_size=args.tensor_model_parallel_size,
-            )
-        elif args.bench == "step":
+        if args.bench == "step":
             from megatron_focusft.bench.step import StepBenchConfig
 
             step_config = StepBenchConfig(
@@ -560,9 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             get_attention_backend(bench_config.backend)
     except (ValueError, ImportError) as exc:
         parser.error(str(exc))  # exits with status 2 and the usage line
-    if args.command == "demo":
-        run_demo(demo_config, command=shlex.join(["focusft", *args_list]))
-    elif args.bench == "step":
+    if args.bench == "step":
         from megatron_focusft.bench.step import run_bench_step
 
         _quiet_megatron_import_warnings()

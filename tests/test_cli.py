@@ -1,13 +1,12 @@
-"""The ``focusft`` command line: demo training run, attention benchmark, synthetic data.
+"""The ``focusft`` command line: attention benchmark, synthetic data.
 
-The demo runs in-process (one gloo rank, as the CLI starts it); the benchmark runs once as a
-subprocess through ``python -m megatron_focusft.cli`` so the module entry point is covered.
+The benchmark runs once as a subprocess through ``python -m megatron_focusft.cli`` so the module
+entry point is covered. ``focusft demo`` is tested in tests/test_demo.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -31,54 +30,6 @@ from tests.helpers.layouts import random_layout
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHAPE = ["--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--dtype", "fp32", "--iters", "1",
               "--warmup", "0"]
-
-
-def _demo(tmp_path: Path, name: str, *args: str) -> dict:
-    out = tmp_path / name
-    assert main(["demo", "--output-dir", str(out), *args]) == 0
-    return json.loads((out / "results.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def short_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return _demo(tmp_path_factory.mktemp("demo"), "short", "--steps", "4", "--seq-length", "64", "--seed", "7")
-
-
-def test_demo_results_json(short_demo: dict) -> None:
-    r = short_demo
-    assert r["steps"] == 4
-    for key in ("loss", "grad_norm", "lr", "loss_tokens", "seconds_per_step"):
-        assert len(r[key]) == 4, key
-    assert all(math.isfinite(x) for x in r["loss"] + r["grad_norm"])
-    assert all(t > 0 for t in r["seconds_per_step"]) and all(n > 0 for n in r["loss_tokens"])
-    # An untrained model is near-uniform over the vocabulary: the first loss is about ln(V).
-    assert abs(r["loss"][0] - math.log(r["task"]["vocab_size"])) < 0.5
-    assert r["command"].startswith("focusft demo ") and "--steps 4" in r["command"]
-    assert r["config"]["seq_length"] == 64 and r["config"]["mask"] == "focusft"
-    assert r["world_size"] == 1 and r["torch_version"] == torch.__version__
-
-
-def test_demo_is_reproducible(short_demo: dict, tmp_path: Path) -> None:
-    again = _demo(tmp_path, "again", "--steps", "4", "--seq-length", "64", "--seed", "7")
-    assert again["loss"] == short_demo["loss"]
-
-
-def test_demo_loss_decreases(tmp_path: Path) -> None:
-    # Checked on seeds 0-11: the mean of the last 3 losses is 0.59-0.63 of the first loss
-    # (format and value distribution learned), so 0.8 leaves a wide margin.
-    r = _demo(tmp_path, "longer", "--steps", "12", "--seq-length", "64", "--seed", "3")
-    losses = r["loss"]
-    assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
-
-
-def test_demo_focusft_method_logs_the_inner_loop(tmp_path: Path) -> None:
-    r = _demo(tmp_path, "focusft", "--steps", "3", "--seq-length", "64", "--seed", "7", "--method", "focusft")
-    for key in ("inner_loss_before", "inner_loss_after", "inner_skipped_steps"):
-        assert len(r[key]) == 3 and all(math.isfinite(x) for x in r[key]), key
-    # Exact inner losses are checked against the reference in tests/focusft; here: the CLI
-    # runs the bilevel step and reports it (sample means of the inner objective).
-    assert all(after < before for before, after in zip(r["inner_loss_before"], r["inner_loss_after"]))
-    assert r["inner_skipped_steps"] == [0.0, 0.0, 0.0]
 
 
 def test_bench_attention_json_subprocess() -> None:
