@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attention backend")
     step.add_argument("--inner-steps", type=int, default=step_defaults.inner_steps, help="FocuSFT inner steps")
     step.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
+    step.add_argument("--recompute-num-layers", type=int, default=step_defaults.recompute_num_layers,
+                      help="full activation recomputation in uniform groups of N layers (0: off)")
     step.add_argument("--iters", type=int, default=step_defaults.iters, help="timed steps (median)")
     step.add_argument("--warmup", type=int, default=step_defaults.warmup, help="untimed steps first")
     step.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
@@ -308,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step_config = StepBenchConfig(
                 preset=args.preset, seq_lengths=args.seq_lengths, micro_batch_size=args.micro_batch_size,
                 attention_backend=args.attention_backend, inner_steps=args.inner_steps, bf16=args.bf16,
-                iters=args.iters, warmup=args.warmup)
+                recompute_num_layers=args.recompute_num_layers, iters=args.iters, warmup=args.warmup)
         else:
             bench_config = AttentionBenchConfig(
                 backend=args.backend, masks=args.mask, seq_lengths=args.seq_lengths, batch_size=args.batch_size,

@@ -132,6 +132,21 @@ def _rng_tracker_fork_cpu(self: Any, name: str = "model-parallel-rng") -> Iterat
                            "parallelism on CPU)")
 
 
+def _get_cuda_rng_state_cpu(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """The CUDA generator's state without CUDA: there is none, so an empty state.
+
+    Megatron's activation checkpoint saves it next to the CPU generator's state (which it saves
+    and restores itself) and hands it back to `_set_cuda_rng_state_cpu` when recomputing.
+    """
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _set_cuda_rng_state_cpu(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """Restoring the (empty) CUDA generator state of `_get_cuda_rng_state_cpu`: nothing to do."""
+    if new_state.numel():
+        raise RuntimeError("a CUDA generator state reached the CPU shim: it cannot be restored without CUDA")
+
+
 @dataclass(frozen=True)
 class FunctionPatch:
     used_in: str  # the module whose reference is replaced
@@ -162,6 +177,19 @@ PATCHED_FUNCTIONS: tuple[FunctionPatch, ...] = (
         _rng_tracker_fork_cpu,
         "(self, name='model-parallel-rng')",
         "the tracker's fork reads and sets the CUDA generator's state (GPTModel forks under sequence parallelism)",
+    ),
+    FunctionPatch(
+        "megatron.core.tensor_parallel.random", "megatron.core.tensor_parallel.random", "_get_cuda_rng_state",
+        _get_cuda_rng_state_cpu,
+        "(device: 'Union[int, str, torch.device]' = 'cuda', clone: 'bool' = False, graph_safe: 'bool' = False) "
+        "-> 'torch.Tensor'",
+        "activation checkpointing (tensor_parallel.checkpoint) saves the CUDA generator's state",
+    ),
+    FunctionPatch(
+        "megatron.core.tensor_parallel.random", "megatron.core.tensor_parallel.random", "_set_cuda_rng_state",
+        _set_cuda_rng_state_cpu,
+        "(new_state: 'torch.Tensor', device: 'int' = -1, graph_safe: 'bool' = False)",
+        "activation checkpointing restores the CUDA generator's state before recomputing",
     ),
 )
 

@@ -5,6 +5,8 @@ optimizer). The SFT step uses the same model with its fast-weight linears unboun
 plain base layers, under the same FocuSFT mask. Two SFT baselines are timed: Megatron's
 standard forward (logits at every position: `ratio`), and one whose LM head runs on the scored
 positions only, as the FocuSFT step's does (`ratio_vs_scored_head_sft`, the method's own cost).
+On a GPU each step's peak allocated memory is recorded too; `recompute_num_layers` > 0 turns on
+full activation recomputation (uniform groups of that many layers) for every step.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class StepBenchConfig:
     attention_backend: str = "sdpa"
     inner_steps: int = 2
     bf16: bool = False
+    recompute_num_layers: int = 0  # 0: no activation recomputation
     iters: int = 5
     warmup: int = 2
     seed: int = 1234
@@ -36,6 +39,8 @@ class StepBenchConfig:
         for name in ("micro_batch_size", "iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.recompute_num_layers < 0:
+            raise ValueError(f"recompute_num_layers must be >= 0, got {self.recompute_num_layers}")
         if not self.seq_lengths or min(self.seq_lengths) < 16:
             raise ValueError(f"seq_lengths must be >= 16, got {self.seq_lengths}")
 
@@ -78,8 +83,11 @@ def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(config.seed)
     fast = FastWeightConfig()
-    model, model_config = build_model(ModelSetup(preset=config.preset, attention_backend=config.attention_backend,
-                                                 bf16=config.bf16, fast_weights=fast))
+    recompute = config.recompute_num_layers
+    model, model_config = build_model(ModelSetup(
+        preset=config.preset, attention_backend=config.attention_backend, bf16=config.bf16, fast_weights=fast,
+        recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
+        recompute_num_layers=recompute or None))
     optimizer = build_optimizer(model, OptimizerSetup(lr=1e-5), bf16=config.bf16)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     focusft = FocusftConfig(inner_steps=config.inner_steps, fast_weights=fast)
@@ -88,11 +96,11 @@ def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any
     records = []
     for seq_length in config.seq_lengths:
         batch = _batch(seq_length, config.micro_batch_size, get_preset(config.preset).vocab_size, device, config.seed)
-        sft_ms = median_ms(lambda: train_step(model, optimizer, [batch]), config.iters, config.warmup, device)
-        scored_ms = median_ms(lambda: train_step(model, optimizer, [batch], forward_step=_scored_head_sft_step),
-                              config.iters, config.warmup, device)
-        focusft_ms = median_ms(lambda: train_step(model, optimizer, [batch], forward_step=focusft_step),
-                               config.iters, config.warmup, device)
+        sft_ms, sft_gib = _timed(lambda: train_step(model, optimizer, [batch]), config, device)
+        scored_ms, scored_gib = _timed(lambda: train_step(model, optimizer, [batch], forward_step=_scored_head_sft_step),
+                                       config, device)
+        focusft_ms, focusft_gib = _timed(lambda: train_step(model, optimizer, [batch], forward_step=focusft_step),
+                                         config, device)
         record = {
             "model": config.preset, "seq_length": seq_length, "micro_batch_size": config.micro_batch_size,
             "attention_backend": config.attention_backend, "dtype": "bf16" if config.bf16 else "fp32",
@@ -100,6 +108,9 @@ def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any
             "adapted_layers": len(fast_weight_layout(model_config, fast)) // 3,
             "sft_step_s": sft_ms / 1e3, "focusft_step_s": focusft_ms / 1e3, "ratio": focusft_ms / sft_ms,
             "scored_head_sft_step_s": scored_ms / 1e3, "ratio_vs_scored_head_sft": focusft_ms / scored_ms,
+            "focusft_tokens_per_s": config.micro_batch_size * seq_length / (focusft_ms / 1e3),
+            "recompute_num_layers": recompute, "sft_peak_gib": sft_gib, "scored_head_sft_peak_gib": scored_gib,
+            "focusft_peak_gib": focusft_gib,
             "device": device_name(device), "torch": torch.__version__, "iters": config.iters,
         }
         records.append(record)
@@ -108,5 +119,14 @@ def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any
         else:
             print(f"{config.preset} s={seq_length}: sft {record['sft_step_s']:.3f} s, focusft "
                   f"{record['focusft_step_s']:.3f} s, ratio {record['ratio']:.2f}x (vs scored-head SFT "
-                  f"{record['ratio_vs_scored_head_sft']:.2f}x) ({record['device']})", flush=True)
+                  f"{record['ratio_vs_scored_head_sft']:.2f}x), {record['focusft_tokens_per_s']:,.0f} tok/s"
+                  f"{'' if focusft_gib is None else f', peak {focusft_gib:.1f} GiB'} ({record['device']})", flush=True)
     return records
+
+
+def _timed(step, config: StepBenchConfig, device: torch.device) -> tuple[float, float | None]:
+    """(median ms of `step`, peak GiB allocated during its runs on a GPU, else None)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = median_ms(step, config.iters, config.warmup, device)
+    return ms, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -274,8 +274,8 @@ def fast_weight_modules(model: torch.nn.Module) -> list[FastWeightLinear]:
 def bind_fast_weights(model: torch.nn.Module, binding: FastWeightBinding) -> Iterator[None]:
     """Attach `binding` to every fast-weight linear of `model` for the body of the `with`.
 
-    Run the backward inside the `with` as well when activation recomputation is on (the
-    recomputed forward needs the binding); a plain backward only uses saved tensors.
+    A backward after the `with` only uses saved tensors; activation recomputation re-binds
+    (focusft/split_model.forward_layers).
     """
     modules = fast_weight_modules(model)
     if not modules:
@@ -291,6 +291,11 @@ def bind_fast_weights(model: torch.nn.Module, binding: FastWeightBinding) -> Ite
     finally:
         for m in modules:
             m._binding = None
+
+
+def bound_fast_weights(model: torch.nn.Module) -> FastWeightBinding | None:
+    """The binding attached to `model`'s fast-weight linears (None: unbound or no such linears)."""
+    return next((m._binding for m in model.modules() if isinstance(m, _FastWeightSlot)), None)
 
 
 def sample_index_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:

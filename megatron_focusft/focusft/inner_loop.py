@@ -166,18 +166,20 @@ def run_inner_loop(
     for step in range(config.inner_steps):
         leaves = {key: [t.requires_grad_(True) for t in pair] for key, pair in tensors.items()}
         binding = FastWeightBinding(sample_index, {k: tuple(v) for k, v in leaves.items()})
+        # The backward stays inside the `with`: activation recomputation re-runs the forward
+        # there, with the slow weights frozen as they were.
         with frozen_slow_weights(model), bind_fast_weights(model, binding):
             out = forward_layers(model, hidden, objective.mask, rotary, top_layers)
             token_loss = lm_head_loss(model, out, labels, objective.targets)
-        sums, _ = per_sample_sums(token_loss, objective.targets, sample_index, n)
-        # This rank's share of each sample's token mean (the whole mean without CP).
-        local_loss = sums / counts.clamp(min=1)
-        loss = _cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
-        finite_loss = torch.isfinite(loss)
-        total = torch.where(finite_loss & has_targets, local_loss, torch.zeros_like(local_loss)).sum()
-        flat = [t for key in keys for t in leaves[key]]
-        # Every CP rank must run this backward: it holds the K/V gather's reduce-scatter.
-        grads = torch.autograd.grad(total, flat, allow_unused=True)
+            sums, _ = per_sample_sums(token_loss, objective.targets, sample_index, n)
+            # This rank's share of each sample's token mean (the whole mean without CP).
+            local_loss = sums / counts.clamp(min=1)
+            loss = _cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
+            finite_loss = torch.isfinite(loss)
+            total = torch.where(finite_loss & has_targets, local_loss, torch.zeros_like(local_loss)).sum()
+            flat = [t for key in keys for t in leaves[key]]
+            # Every CP rank must run this backward: it holds the K/V gather's reduce-scatter.
+            grads = torch.autograd.grad(total, flat, allow_unused=True)
         grads = _cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)])
         # A sample whose loss or gradient is not finite skips this step, on every TP and CP rank
         # alike (fast weights are replicated over CP and must stay identical).

@@ -20,11 +20,16 @@ whole sequence on every TP rank.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 
 import torch
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_focusft.fastweights.linear import FastWeightBinding, bind_fast_weights, bound_fast_weights
 from megatron_focusft.masks import SegmentMask
 
 
@@ -59,11 +64,58 @@ def stage_input(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tenso
 def forward_layers(
     model: GPTModel, hidden: torch.Tensor, mask: SegmentMask, rotary: torch.Tensor, layers: range
 ) -> torch.Tensor:
-    """Decoder layers with 0-based indices `layers` (into this model's layer list), [s, b, h] -> [s, b, h]."""
+    """Decoder layers with 0-based indices `layers` (into this stage's layer list), [s, b, h] -> [s, b, h].
+
+    With full activation recomputation configured and grad enabled, the layers run in the
+    checkpointed groups of `recompute_groups`: a group keeps only its input and re-runs in the
+    backward, with the fast weights that were bound in the forward bound again.
+    """
+    config = model.config
+    if config.recompute_granularity != "full" or not torch.is_grad_enabled():
+        return _run_layers(model, hidden, mask, rotary, layers)
+    if config.hidden_dropout > 0 or config.attention_dropout > 0:
+        raise NotImplementedError("activation recomputation in the FocuSFT step does not replay Megatron's "
+                                  "tensor-parallel RNG streams: set dropout to 0 or turn recomputation off")
+    binding = bound_fast_weights(model)
+    for group, recompute in recompute_groups(config, layers):
+        run = functools.partial(_run_layers, model, mask=mask, rotary=rotary, layers=group, binding=binding)
+        # Non-reentrant: the inner loop differentiates with torch.autograd.grad.
+        hidden = torch.utils.checkpoint.checkpoint(run, hidden, use_reentrant=False) if recompute else run(hidden)
+    return hidden
+
+
+def recompute_groups(config: TransformerConfig, layers: range) -> list[tuple[range, bool]]:
+    """Megatron's recompute methods on stage-local layer indices -> (consecutive layers, checkpointed).
+
+    uniform: chunks of `recompute_num_layers` layers (chunk k = indices [kN, (k+1)N) of the
+    stage), each checkpointed as a whole. block: the stage's first `recompute_num_layers` layers
+    checkpointed one by one, the others not.
+    """
+    n = config.recompute_num_layers
+    if config.recompute_method == "uniform":
+        key = lambda index: (index // n, True)  # noqa: E731
+    elif config.recompute_method == "block":
+        key = lambda index: (index, True) if index < n else (-1, False)  # noqa: E731
+    else:
+        raise ValueError(f"unknown recompute_method {config.recompute_method!r}; expected 'uniform' or 'block'")
+    groups: list[tuple[range, bool]] = []
+    for k, indices in itertools.groupby(layers, key):
+        indices = list(indices)
+        groups.append((range(indices[0], indices[-1] + 1), k[1]))
+    return groups
+
+
+def _run_layers(
+    model: GPTModel, hidden: torch.Tensor, mask: SegmentMask, rotary: torch.Tensor, layers: range,
+    binding: FastWeightBinding | None = None,
+) -> torch.Tensor:
+    """The layers in order. `binding` is bound for the call unless fast weights are bound already
+    (the backward's recomputation of a checkpointed group runs after the forward's `with` ended)."""
+    rebind = binding is not None and bound_fast_weights(model) is None
     # Like TransformerBlock.forward: under SP, dropout on sequence shards draws from the
     # tensor-parallel RNG stream.
     rng = tensor_parallel.get_cuda_rng_tracker().fork() if model.config.sequence_parallel else contextlib.nullcontext()
-    with rng:
+    with rng, (bind_fast_weights(model, binding) if rebind else contextlib.nullcontext()):
         for index in layers:
             hidden, _ = model.decoder.layers[index](hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
     return hidden

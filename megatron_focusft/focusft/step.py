@@ -87,9 +87,6 @@ def inner_targets(batch: SegmentBatch, objective: str, cp_size: int = 1, cp_rank
 
 def _layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
     """Indices into this stage's layer list: the layers below the fast weights, the adapted ones."""
-    if model.config.recompute_granularity is not None:
-        raise NotImplementedError("activation recomputation would re-run the outer forward without its "
-                                  "fast weights bound; it is not supported by the FocuSFT step yet")
     first_adapted = adapted_layer_numbers(model.config.num_layers, config.fast_weights.layer_fraction)[0]
     below = sum(1 for layer in model.decoder.layers if layer.layer_number < first_adapted)
     return range(0, below), range(below, len(model.decoder.layers))

@@ -26,6 +26,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",
                        help="segment-mask attention backend")
     model.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (fp32 grads)")
+    model.add_argument("--recompute-granularity", choices=("full",), default=None,
+                       help="activation recomputation of whole layers (Megatron's 'selective' cannot carry "
+                            "segment masks)")
+    model.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                       help="full recomputation: groups of --recompute-num-layers layers (uniform), or only "
+                            "the first --recompute-num-layers layers of each stage (block)")
+    model.add_argument("--recompute-num-layers", type=int, default=None)
 
     par = parser.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -127,6 +134,11 @@ def validate_training_args(args: argparse.Namespace) -> None:
                          "for segment masks)")
     if args.context_parallel_size > 1 and args.attention_metrics_interval:
         raise ValueError("--attention-metrics-interval is not supported with --context-parallel-size > 1 yet")
+    if args.recompute_granularity == "full" and (args.recompute_method is None or not args.recompute_num_layers):
+        raise ValueError("--recompute-granularity full needs --recompute-method uniform|block and "
+                         "--recompute-num-layers N >= 1")
+    if args.recompute_granularity != "full" and (args.recompute_method or args.recompute_num_layers):
+        raise ValueError("--recompute-method / --recompute-num-layers need --recompute-granularity full")
     if not args.mock_data and not args.data_path:
         raise ValueError("give --data-path FILE [FILE ...] (chat JSONL/Parquet) or --mock-data")
     if args.mock_data and args.data_path:

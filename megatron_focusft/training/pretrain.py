@@ -172,7 +172,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
             num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
             context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-            bf16=args.bf16, fast_weights=fast))
+            recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+            recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=fast))
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()

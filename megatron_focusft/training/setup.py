@@ -31,6 +31,11 @@ class ModelSetup:
     num_layers_in_last_pipeline_stage: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Megatron's activation recomputation: granularity None | "full" | "selective"; method
+    # "uniform" | "block" and num_layers as Megatron's --recompute-method / --recompute-num-layers.
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
     bf16: bool = False
     fast_weights: FastWeightConfig | None = None  # FocuSFT adapters in the top layers
 
@@ -53,6 +58,10 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     pipeline stage builds (and draws the initial values of) its own layers only. With fast
     weights under PP every adapted layer must be on the last stage (parallel/pipeline.py).
     """
+    if setup.recompute_granularity not in (None, "full"):
+        raise ValueError(f"recompute_granularity {setup.recompute_granularity!r} is not supported: Megatron's "
+                         "selective recomputation checkpoints core attention with save_for_backward, which "
+                         "cannot hold a SegmentMask; use 'full'")
     preset = setup.preset if isinstance(setup.preset, ModelPreset) else get_preset(setup.preset)
     config = transformer_config(
         preset,
@@ -67,6 +76,9 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
         pipeline_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
         context_parallel_size=setup.context_parallel_size,
         sequence_parallel=setup.sequence_parallel,
+        recompute_granularity=setup.recompute_granularity,
+        recompute_method=setup.recompute_method,
+        recompute_num_layers=setup.recompute_num_layers,
         bf16=setup.bf16,
         params_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
         calculate_per_token_loss=True,

@@ -13,13 +13,26 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.training.loss import masked_token_loss
 
 
 def sft_forward_step(data_iterator: Iterator[SegmentBatch], model: torch.nn.Module):
-    """Megatron forward_step_func: per-token CE on response tokens under the batch's mask."""
+    """Megatron forward_step_func: per-token CE on response tokens under the batch's mask.
+
+    GPTModel.forward, except under full activation recomputation: Megatron's checkpoint saves
+    every argument with save_for_backward, which cannot hold a SegmentMask, so the layers then
+    run through focusft/split_model, which checkpoints them itself (the same computation, tested
+    bit for bit against GPTModel.forward).
+    """
     batch = next(data_iterator)
-    per_token_loss = model(batch.tokens, batch.position_ids, batch.attention, labels=batch.labels)
+    gpt = model.module if hasattr(model, "module") else model
+    if gpt.config.recompute_granularity != "full":
+        per_token_loss = model(batch.tokens, batch.position_ids, batch.attention, labels=batch.labels)
+    else:
+        hidden, rotary = stage_input(gpt, batch.tokens, batch.position_ids)
+        hidden = forward_layers(gpt, hidden, batch.attention, rotary, range(len(gpt.decoder.layers)))
+        per_token_loss = lm_head_loss(gpt, hidden, batch.labels) if gpt.post_process else hidden
     return per_token_loss, functools.partial(masked_token_loss, loss_mask=batch.loss_mask)
 
 

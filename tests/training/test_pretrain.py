@@ -80,6 +80,8 @@ def test_bad_chat_row_errors_with_file_and_row_or_is_skipped(tmp_path: Path):
     (["--mock-data", "--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--mock-data", "--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "66"],
      "must be a multiple of --tensor-model-parallel-size 4"),
+    (["--mock-data", "--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method"),
+    (["--mock-data", "--recompute-granularity", "selective"], "invalid choice: 'selective'"),
     ([], "--data-path"),
     (["--mock-data", "--save-interval", "2"], "--save"),
 ])
