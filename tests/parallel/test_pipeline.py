@@ -1,4 +1,4 @@
-"""Pipeline parallelism: PP = 2 (and PP = 2 x TP = 2) trains exactly like one process.
+"""Pipeline parallelism: PP = 2 (also x TP = 2, with SP, and x CP = 2) trains exactly like one process.
 
 Every rank builds the whole tiny model at its TP size without PP (the same weights as TP = 1),
 then its pipeline stage, and copies its layers' weights over; Megatron's 1F1B schedule runs
@@ -52,12 +52,13 @@ def _renumber(name: str, offset: int) -> str:
 
 
 def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
-         timed: bool = False, sp: bool = False) -> dict:
+         timed: bool = False, sp: bool = False, cp: int = 1) -> dict:
     """One forward/backward through Megatron's schedule; this rank's logs and main_grads."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
+    from megatron_focusft.parallel.cp_batch import split_batch_for_cp
     from megatron_focusft.parallel.pipeline import collect_stage_times, schedule_timers, stage_layer_numbers
     from megatron_focusft.training.setup import ModelSetup, build_model
     from megatron_focusft.training.sft import sft_forward_step
@@ -66,12 +67,16 @@ def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, la
     init_model_parallel(tp=tp, seed=21)
     whole, _ = build_model(ModelSetup(tensor_model_parallel_size=tp, sequence_parallel=sp, fast_weights=fast))
     weights = whole.module.state_dict()
-    init_model_parallel(tp=tp, pp=pp, seed=99)  # another seed: the stage's own init is overwritten
+    init_model_parallel(tp=tp, pp=pp, cp=cp, seed=99)  # another seed: the stage's own init is overwritten
     first_layers = None if last_stage_layers is None else 4 - last_stage_layers
     model, config = build_model(ModelSetup(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp, fast_weights=fast,
+        context_parallel_size=cp,
         num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers))
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    # Under CP every rank holds its load-balanced chunks of each row (and the global mask).
+    local = [split_batch_for_cp(batch, cp, cp_rank) for batch in batches] if cp > 1 else batches
     offset = stage_layer_numbers(config, pp_rank)[0] - 1
     model.module.load_state_dict({k: weights[_renumber(k, offset)] for k in model.module.state_dict()})
     if focusft is None:
@@ -83,13 +88,13 @@ def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, la
         config.timers = schedule_timers()
     model.zero_grad_buffer()
     logs = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
+        forward_step_func=forward_step, data_iterator=iter(local), model=[model], num_microbatches=len(local),
         seq_length=batches[0].tokens.shape[1], micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
     grads = {_renumber(name, offset): (p.main_grad.clone(), getattr(p, "partition_dim", -1),
                                        getattr(p, "partition_stride", 1))
              for name, p in model.module.named_parameters()}
     return {"logs": logs, "grads": grads, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-            "pp_rank": pp_rank, "layers": list(stage_layer_numbers(config, pp_rank)),
+            "pp_rank": pp_rank, "cp_rank": cp_rank, "layers": list(stage_layer_numbers(config, pp_rank)),
             "stage_times": collect_stage_times(config.timers) if timed else None}
 
 
@@ -97,32 +102,37 @@ def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, la
 
 
 def _check_parity(reference: list[dict], parallel: list[dict], focusft: bool, grad_tol: float = GRAD_TOL) -> None:
-    """reference: a PP = 1, TP = 1 run (any rank); parallel: all ranks of the pipelined run."""
+    """reference: a PP = 1, TP = 1 run (any rank); parallel: all ranks of the pipelined run.
+
+    Under CP the last stage's CP ranks each hold their tokens' share of the loss [sum, count].
+    """
     ref = reference[0]
     last_stage = max(r["pp_rank"] for r in parallel)
     assert last_stage > 0
-    for r in parallel:
-        if r["pp_rank"] != last_stage:
-            assert r["logs"] == []  # losses exist on the last stage only
-            continue
-        assert len(r["logs"]) == len(ref["logs"])
-        for mb, (logs, ref_logs) in enumerate(zip(r["logs"], ref["logs"])):
-            assert int(logs["lm loss"][1]) == int(ref_logs["lm loss"][1])
-            torch.testing.assert_close(logs["lm loss"][0], ref_logs["lm loss"][0], rtol=2e-6, atol=1e-5)
-            keys = ("inner loss before", "inner loss after", "inner skipped steps", "fast weight update norm")
-            for key in keys if focusft else ():
-                torch.testing.assert_close(logs[key], ref_logs[key], rtol=1e-5, atol=1e-6,
+    assert all(r["logs"] == [] for r in parallel if r["pp_rank"] != last_stage)  # losses: last stage only
+    last = [r for r in parallel if r["pp_rank"] == last_stage]
+    for mb, ref_logs in enumerate(ref["logs"]):
+        shares = [r["logs"][mb]["lm loss"] for r in last if r["tp_rank"] == 0]
+        total = torch.stack(shares).sum(dim=0)
+        assert int(total[1]) == int(ref_logs["lm loss"][1])
+        torch.testing.assert_close(total[0], ref_logs["lm loss"][0], rtol=2e-6, atol=1e-5)
+        keys = ("inner loss before", "inner loss after", "inner skipped steps", "fast weight update norm")
+        for r in last if focusft else ():  # the inner logs describe the whole micro-batch on every rank
+            for key in keys:
+                torch.testing.assert_close(r["logs"][mb][key], ref_logs[key], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, k=key: f"micro-batch {mb} {k}: {m}")
-    # Every reference gradient is held by exactly one stage (unsharded over its TP ranks).
+    # Every reference gradient is held by exactly one stage (unsharded over its TP ranks; the
+    # same on every CP rank after Megatron's reduction over DP x CP).
     seen = set()
-    for stage in range(last_stage + 1):
-        ranks = sorted((r for r in parallel if r["pp_rank"] == stage), key=lambda r: r["tp_rank"])
+    for stage, cp_rank in sorted({(r["pp_rank"], r["cp_rank"]) for r in parallel}):
+        ranks = sorted((r for r in parallel if (r["pp_rank"], r["cp_rank"]) == (stage, cp_rank)),
+                       key=lambda r: r["tp_rank"])
         for name, (_, dim, stride) in ranks[0]["grads"].items():
             grad = (ranks[0]["grads"][name][0] if dim < 0 or len(ranks) == 1
                     else unshard([r["grads"][name][0] for r in ranks], dim, stride))
             ref_grad = ref["grads"][name][0]
             torch.testing.assert_close(grad, ref_grad, rtol=0, atol=grad_tol * float(ref_grad.abs().max()),
-                                       msg=lambda m, n=name: f"stage {stage} {n}: {m}")
+                                       msg=lambda m, n=name: f"stage {stage} cp rank {cp_rank} {n}: {m}")
             seen.add(name)
     assert seen == set(ref["grads"])
 
@@ -139,6 +149,16 @@ def test_pp2_tp2_matches_one_process(worker_pool, focusft, sp):
     reference = pool.run(_run, 1, 1, batches, focusft)
     parallel = pool.run(_run, 2, 2, batches, focusft, None, False, sp)
     _check_parity(reference, parallel, focusft is not None, GRAD_TOL_TP)
+
+
+def test_focusft_step_pp2_cp2_matches_one_process(worker_pool):
+    # Each CP rank's chunks of every row (documents straddle the chunk borders) go through
+    # the two stages; the context objective also sends the causal activations along.
+    pool = worker_pool(4)
+    batches = _batches("focusft")
+    focusft = {"inner_objective": "context"}
+    reference = pool.run(_run, 1, 1, batches, focusft)
+    _check_parity(reference, pool.run(_run, 1, 2, batches, focusft, None, False, False, 2), focusft=True)
 
 
 # --- PP = 2 ----------------------------------------------------------------------------------
