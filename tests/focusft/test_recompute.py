@@ -13,10 +13,10 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
 from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
 from megatron_focusft.focusft.split_model import recompute_groups
 from tests.helpers.batches import random_batch
+from tests.helpers.model import fast_weights_with_random_b
 
 FAST = FastWeightConfig(rank=8, alpha=16.0)  # tiny: 4 layers, 3 and 4 adapted
 
@@ -53,12 +53,8 @@ def _step(recompute: dict, focusft: dict | None) -> dict:
     if focusft is None:
         forward_step = sft_forward_step
     else:
-        def initial(batch):
-            n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
-            weights = init_fast_weights(fast_weight_layout(config, FAST), list(range(n)), FAST.rank)
-            g = torch.Generator().manual_seed(3)  # random B: A gets a first-step gradient too
-            return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}
-        forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft), initial)
+        forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft),
+                                                 lambda batch: fast_weights_with_random_b(config, FAST, batch))
     saved = []
 
     def pack(tensor):

@@ -28,3 +28,14 @@ def reference_config(name: str = "tiny"):
                            heads=p.num_attention_heads, kv_heads=p.num_query_groups,
                            head_dim=p.hidden_size // p.num_attention_heads, rope_base=p.rotary_base,
                            norm_eps=p.norm_epsilon)
+
+
+def fast_weights_with_random_b(model_config, fast, batch) -> dict:
+    """Initial fast weights of a micro-batch's samples (per-sample seeds 100, 101, ...), unsharded,
+    with a random B: B = 0 is the method's init; a random B also gives A a first-step gradient."""
+    from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
+
+    n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
+    weights = init_fast_weights(fast_weight_layout(model_config, fast), list(range(100, 100 + n)), fast.rank)
+    g = torch.Generator().manual_seed(7)
+    return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}

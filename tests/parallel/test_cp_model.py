@@ -17,12 +17,13 @@ import torch
 
 from megatron_focusft.data.batch import SegmentBatch, make_batch
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
+from megatron_focusft.fastweights.linear import sample_index_from_doc_ids
 from megatron_focusft.parallel.context_parallel import cp_padded_length, split_for_cp
 from megatron_focusft.parallel.cp_batch import sample_index_for_cp, split_batch_for_cp
 from megatron_focusft.parallel.tensor_parallel import unshard
 from tests.helpers.batches import random_batch
 from tests.helpers.distributed import init_model_parallel
+from tests.helpers.model import fast_weights_with_random_b
 
 FAST = FastWeightConfig(rank=8, alpha=16.0)
 VOCAB = 512
@@ -79,7 +80,7 @@ def _run(tp: int, cp: int, batches: list[SegmentBatch], focusft: dict | None, sp
     if focusft is None:
         forward_step = sft_forward_step
     else:
-        initial = [_initial_fast_weights(config, batch) for batch in batches]
+        initial = [fast_weights_with_random_b(config, FAST, batch) for batch in batches]
         fast_weights_for = iter(initial).__next__
         forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft),
                                                  lambda _batch: fast_weights_for())
@@ -91,14 +92,6 @@ def _run(tp: int, cp: int, batches: list[SegmentBatch], focusft: dict | None, sp
              for name, p in model.module.named_parameters()}
     return {"logs": logs, "grads": grads, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "cp_rank": cp_rank, "local_tokens": [int((b.doc_ids >= 0).sum()) for b in local]}
-
-
-def _initial_fast_weights(model_config, batch: SegmentBatch) -> dict:
-    """The micro-batch's fast weights, with a random B so that A gets a first-step gradient too."""
-    n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
-    weights = init_fast_weights(fast_weight_layout(model_config, FAST), list(range(100, 100 + n)), FAST.rank)
-    g = torch.Generator().manual_seed(7)
-    return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}
 
 
 # --- comparison ----------------------------------------------------------------------------

@@ -18,10 +18,10 @@ import torch
 
 from megatron_focusft.data.batch import SegmentBatch
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
 from megatron_focusft.parallel.tensor_parallel import unshard
 from tests.helpers.batches import random_batch
 from tests.helpers.distributed import init_model_parallel
+from tests.helpers.model import fast_weights_with_random_b
 
 FAST = FastWeightConfig(rank=8, alpha=16.0)  # tiny: 4 layers, layers 3 and 4 adapted
 VOCAB = 512
@@ -33,14 +33,6 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 def _batches(kind: str) -> list[SegmentBatch]:
     return [random_batch(2, 40, VOCAB, seed=seed, kind=kind, max_doc=20) for seed in (41, 42, 43)]
-
-
-def _initial_fast_weights(model_config, batch: SegmentBatch) -> dict:
-    """The micro-batch's fast weights, with a random B so that A gets a first-step gradient too."""
-    n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
-    weights = init_fast_weights(fast_weight_layout(model_config, FAST), list(range(100, 100 + n)), FAST.rank)
-    g = torch.Generator().manual_seed(7)
-    return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}
 
 
 def _renumber(name: str, offset: int) -> str:
@@ -82,7 +74,7 @@ def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, la
     if focusft is None:
         forward_step = sft_forward_step
     else:
-        initial = iter([_initial_fast_weights(config, batch) for batch in batches]).__next__
+        initial = iter([fast_weights_with_random_b(config, FAST, batch) for batch in batches]).__next__
         forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft), lambda _: initial())
     if timed:
         config.timers = schedule_timers()

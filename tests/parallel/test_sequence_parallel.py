@@ -17,10 +17,10 @@ import torch
 
 from megatron_focusft.data.batch import SegmentBatch
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
 from megatron_focusft.parallel.tensor_parallel import unshard
 from tests.helpers.batches import random_batch
 from tests.helpers.distributed import init_model_parallel
+from tests.helpers.model import fast_weights_with_random_b
 
 # qkv and proj as well: under SP the column adapters see sequence shards (qkv, fc1) and the row
 # adapters feed a reduce-scatter (proj, fc2).
@@ -36,14 +36,6 @@ GRAD_TOL_TP, GRAD_TOL_SP = 2e-4, 5e-6
 
 def _batches() -> list[SegmentBatch]:
     return [random_batch(2, SEQ, VOCAB, seed=seed, max_doc=20) for seed in (51, 52)]
-
-
-def _initial_fast_weights(model_config, batch: SegmentBatch) -> dict:
-    """The micro-batch's fast weights, with a random B so that A gets a first-step gradient too."""
-    n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
-    weights = init_fast_weights(fast_weight_layout(model_config, FAST), list(range(100, 100 + n)), FAST.rank)
-    g = torch.Generator().manual_seed(7)
-    return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}
 
 
 # --- worker functions (every rank of a gloo pool) -------------------------------------------
@@ -65,7 +57,7 @@ def _run(tp: int, sp: bool, batches: list[SegmentBatch], focusft: dict | None) -
     if focusft is None:
         forward_step = sft_forward_step
     else:
-        initial = iter([_initial_fast_weights(config, batch) for batch in batches])
+        initial = iter([fast_weights_with_random_b(config, FAST, batch) for batch in batches])
         forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft),
                                                  lambda _batch: next(initial))
     model.zero_grad_buffer()
