@@ -78,11 +78,11 @@ def per_sample_loss(
     """
     sums, counts = per_sample_sums(token_loss, targets, sample_index, num_samples)
     if _cp_size() > 1:
-        sums, counts = _cp_all_reduce(sums.detach().clone()), _cp_all_reduce(counts)
+        sums, counts = cp_all_reduce(sums.detach().clone()), cp_all_reduce(counts)
     return sums / counts.clamp(min=1), counts
 
 
-def _tp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+def tp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
     return tensor
@@ -92,24 +92,24 @@ def _cp_size() -> int:
     return parallel_state.get_context_parallel_world_size()
 
 
-def _cp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+def cp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     if _cp_size() > 1:
         dist.all_reduce(tensor, op=op, group=parallel_state.get_context_parallel_group())
     return tensor
 
 
-def _cp_sum_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def cp_sum_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each CP rank's partial fast-weight gradients -> their sum, in one fp32 all-reduce."""
     if _cp_size() == 1:
         return grads
-    flat = _cp_all_reduce(torch.cat([g.reshape(-1).float() for g in grads]))
+    flat = cp_all_reduce(torch.cat([g.reshape(-1).float() for g in grads]))
     return [part.view_as(g).to(g.dtype) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def per_sample_sq_norms(local: torch.Tensor, sharded: bool) -> torch.Tensor:
     """Squared L2 norm of each sample's tensor [n, ...] -> [n]; a TP-sharded tensor's is global."""
     sq = local.float().pow(2).flatten(1).sum(dim=1)
-    return _tp_all_reduce(sq) if sharded else sq
+    return tp_all_reduce(sq) if sharded else sq
 
 
 def is_sharded(key: tuple[int, str]) -> tuple[bool, bool]:
@@ -136,6 +136,41 @@ def frozen_slow_weights(model: GPTModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def non_finite_gradients(grads: list[torch.Tensor], num_samples: int) -> torch.Tensor:
+    """[n] bool: samples with a non-finite entry in any of their gradients (each [n, ...])."""
+    bad = torch.zeros(num_samples, dtype=torch.bool)
+    for g in grads:
+        bad = bad.to(g.device) | ~torch.isfinite(g).flatten(1).all(dim=1)
+    return bad
+
+
+def sgd_step(
+    tensors: dict[tuple[int, str], list[torch.Tensor]], grads: list[torch.Tensor], update: torch.Tensor,
+    config: FocusftConfig,
+) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """One inner SGD step on this rank's fast-weight shards, per sample and per tensor.
+
+    tensors: key -> [A, B] ([n, ...] each); grads: theirs in the same order, already summed over
+    CP. Each sample's A and B are clipped on their own to `inner_grad_clip` (the TP-global norm of
+    a sharded tensor); samples where `update` [n] is False keep their values.
+    """
+    grad_iter = iter(grads)
+    new_tensors = {}
+    for key, pair in tensors.items():
+        new_pair = []
+        for tensor, shard in zip(pair, is_sharded(key)):
+            g = next(grad_iter)
+            if config.inner_grad_clip > 0:
+                norm = per_sample_sq_norms(g, shard).sqrt()
+                scale = torch.where(norm > config.inner_grad_clip,
+                                    config.inner_grad_clip / (norm + 1e-12), torch.ones_like(norm))
+                g = g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            g = torch.where(update.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
+            new_pair.append((tensor.detach() - config.inner_lr * g).detach())
+        new_tensors[key] = new_pair
+    return new_tensors
+
+
 def run_inner_loop(
     model: GPTModel,
     hidden: torch.Tensor,
@@ -155,7 +190,7 @@ def run_inner_loop(
     n = next(iter(initial.values()))[0].shape[0]
     device = hidden.device
     # Targets of the whole sequence: a sample may have targets on other CP ranks only.
-    counts = _cp_all_reduce(torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n))
+    counts = cp_all_reduce(torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n))
     has_targets = counts > 0
     keys = list(initial)
     tensors = {key: [t.detach().clone() for t in initial[key]] for key in keys}
@@ -174,35 +209,20 @@ def run_inner_loop(
             sums, _ = per_sample_sums(token_loss, objective.targets, sample_index, n)
             # This rank's share of each sample's token mean (the whole mean without CP).
             local_loss = sums / counts.clamp(min=1)
-            loss = _cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
+            loss = cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
             finite_loss = torch.isfinite(loss)
             total = torch.where(finite_loss & has_targets, local_loss, torch.zeros_like(local_loss)).sum()
             flat = [t for key in keys for t in leaves[key]]
             # Every CP rank must run this backward: it holds the K/V gather's reduce-scatter.
             grads = torch.autograd.grad(total, flat, allow_unused=True)
-        grads = _cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)])
+        grads = cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)])
         # A sample whose loss or gradient is not finite skips this step, on every TP and CP rank
         # alike (fast weights are replicated over CP and must stay identical).
-        bad = ~finite_loss.clone()
-        for g in grads:
-            bad |= ~torch.isfinite(g).flatten(1).all(dim=1)
-        bad = _tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX)
-        bad = _cp_all_reduce(bad, dist.ReduceOp.MAX).bool()
+        bad = ~finite_loss | non_finite_gradients(grads, n)
+        bad = tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX)
+        bad = cp_all_reduce(bad, dist.ReduceOp.MAX).bool()
         update = has_targets & ~bad
         skipped += (has_targets & bad).long()
         losses[step] = torch.where(has_targets, loss.detach(), torch.zeros_like(loss))
-        grad_iter = iter(grads)
-        for key in keys:
-            sharded = is_sharded(key)
-            new_pair = []
-            for tensor, shard in zip(leaves[key], sharded):
-                g = next(grad_iter)
-                if config.inner_grad_clip > 0:
-                    norm = per_sample_sq_norms(g, shard).sqrt()
-                    scale = torch.where(norm > config.inner_grad_clip,
-                                        config.inner_grad_clip / (norm + 1e-12), torch.ones_like(norm))
-                    g = g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
-                g = torch.where(update.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros_like(g))
-                new_pair.append((tensor.detach() - config.inner_lr * g).detach())
-            tensors[key] = new_pair
+        tensors = sgd_step(leaves, grads, update, config)
     return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)

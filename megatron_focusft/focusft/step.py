@@ -31,6 +31,7 @@ schedule exchanges the shape, `variable_seq_lengths`); their gradient is zero.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,11 +48,12 @@ from megatron_focusft.fastweights.linear import (
 from megatron_focusft.parallel.cp_batch import next_in_document, sample_index_for_cp
 from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
-    InnerLoopResult, InnerTargets, is_sharded, per_sample_loss, per_sample_sq_norms, run_inner_loop,
+    InnerLoopResult, InnerTargets, cp_all_reduce, is_sharded, per_sample_loss, per_sample_sq_norms, run_inner_loop,
 )
+from megatron_focusft.focusft.pipelined_inner import MicroBatchInner, outer_stage_forward, run_pipelined_inner_loop
 from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.masks import SegmentMask, segment_mask
-from megatron_focusft.parallel.pipeline import INNER
+from megatron_focusft.parallel.pipeline import INNER, fast_weights_span_stages
 from megatron_focusft.training.loss import masked_token_loss
 
 
@@ -216,22 +218,80 @@ class SeededFastWeights:
         return self._init([base + i for i in range(max(n, 0))], device=batch.tokens.device)
 
 
-def make_focusft_forward_step(
-    config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]
-) -> Callable[[Iterator[SegmentBatch], torch.nn.Module], tuple[torch.Tensor, Callable]]:
+class FocusftForwardStep:
     """A Megatron `forward_step_func` running the bilevel step on each micro-batch.
 
-    fast_weights_for(batch) is called once per micro-batch, on the last pipeline stage only.
+    fast_weights_for(batch) gives a micro-batch's initial fast weights; it is called once per
+    micro-batch on the stages holding adapted layers. When adapted layers sit on several pipeline
+    stages, `prepare(model, micro_batches)` (training.sft.train_step calls it before the
+    schedule) runs the inner loop of all micro-batches first (pipelined_inner.py), and the forward
+    step then runs each stage's outer forward with the adapted fast weights.
     """
 
-    def forward_step(data_iterator: Iterator[SegmentBatch], model: torch.nn.Module):
+    def __init__(self, config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]) -> None:
+        self.config = config
+        self.fast_weights_for = fast_weights_for
+        self._prepared: collections.deque[MicroBatchInner] | None = None
+
+    def prepare(self, model: torch.nn.Module, micro_batches: list[SegmentBatch]) -> None:
+        gpt = model.module if hasattr(model, "module") else model
+        if not fast_weights_span_stages(gpt.config, self.config.fast_weights):
+            self._prepared = None
+            return
+        bottom, top = _layer_ranges(gpt, self.config)
+        states = [self._initial_state(gpt, batch, top) for batch in micro_batches]
+        timers = gpt.config.timers
+        if timers is not None:
+            timers(INNER, log_level=2).start()
+        run_pipelined_inner_loop(model, states, bottom, top, self.config)
+        if timers is not None:
+            timers(INNER).stop()
+        self._prepared = collections.deque(states)
+
+    def _initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range) -> MicroBatchInner:
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        sample_index, _ = sample_index_for_cp(batch, cp_size, cp_rank)
+        objective = inner_targets(batch, self.config.inner_objective, cp_size, cp_rank)
+        n = int(sample_index_from_doc_ids(batch.attention.doc_ids).max()) + 1
+        scored = objective.targets & (sample_index >= 0)
+        counts = cp_all_reduce(torch.bincount(sample_index[scored], minlength=n))
+        initial: FastWeights = {}
+        if top:
+            mine = {gpt.decoder.layers[index].layer_number for index in top}
+            initial = shard_fast_weights({k: v for k, v in self.fast_weights_for(batch).items() if k[0] in mine},
+                                         parallel_state.get_tensor_model_parallel_rank(),
+                                         parallel_state.get_tensor_model_parallel_world_size())
+        device = batch.tokens.device
+        return MicroBatchInner(
+            batch, objective, sample_index, counts, {k: [t.detach().clone() for t in v] for k, v in initial.items()},
+            initial, torch.zeros(self.config.inner_steps, n, device=device), torch.zeros(n, dtype=torch.long,
+                                                                                         device=device))
+
+    def __call__(self, data_iterator: Iterator[SegmentBatch], model: torch.nn.Module):
         batch = next(data_iterator)
         gpt = model.module if hasattr(model, "module") else model
+        sft_loss = functools.partial(masked_token_loss, loss_mask=batch.loss_mask)
+        if fast_weights_span_stages(gpt.config, self.config.fast_weights):
+            if not self._prepared:
+                raise RuntimeError("the adapted layers span several pipeline stages: call prepare(model, "
+                                   "micro_batches) before the schedule, once per optimizer step "
+                                   "(training.sft.train_step does)")
+            state = self._prepared.popleft()
+            bottom, top = _layer_ranges(gpt, self.config)
+            out = outer_stage_forward(gpt, state, bottom, top)
+            if not gpt.post_process:
+                return out, sft_loss  # Megatron calls no loss function before the last stage
+            output = FocusftOutput(out, state.result(), state.loss_after, state.update_norm)
+            return out, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
         if not gpt.post_process:
-            # Megatron calls no loss function on a stage before the last; this one is SFT's.
-            return pipeline_stage_forward(gpt, batch, config), functools.partial(masked_token_loss,
-                                                                                 loss_mask=batch.loss_mask)
-        output = focusft_forward(gpt, batch, config, fast_weights_for(batch))
+            return pipeline_stage_forward(gpt, batch, self.config), sft_loss
+        output = focusft_forward(gpt, batch, self.config, self.fast_weights_for(batch))
         return output.per_token_loss, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
 
-    return forward_step
+
+def make_focusft_forward_step(
+    config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]
+) -> FocusftForwardStep:
+    """The bilevel step as a Megatron `forward_step_func` (FocusftForwardStep)."""
+    return FocusftForwardStep(config, fast_weights_for)

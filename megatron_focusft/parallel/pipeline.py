@@ -1,15 +1,19 @@
 """Pipeline parallelism for the bilevel step: where the fast weights sit, and per-stage busy time.
 
-The schedule is Megatron's own 1F1B (`forward_backward_pipelining_without_interleaving`). Every
-adapted layer sits on the last stage; the earlier stages run their layers once per micro-batch
-with no knowledge of the method, and the last stage runs, inside its forward of micro-batch m,
-its own bottom layers, the inner loop and the outer pass (focusft/step.py). In the 1F1B steady
-state the earlier stages meanwhile run forwards and backwards of other micro-batches, so the
-inner loop of one micro-batch overlaps outer work of others instead of stalling the pipeline.
-The last stage's forward costs about (1 + inner_steps x (forward + backward)) passes over the
-adapted layers, so giving it fewer layers (`num_layers_in_last_pipeline_stage`, Megatron's
-`--decoder-last-pipeline-num-layers`) rebalances the stages; `collect_stage_times` reports each
-stage's compute and idle time from the schedule's own timers.
+The schedule is Megatron's own 1F1B (`forward_backward_pipelining_without_interleaving`), in one
+of two arrangements, chosen by where the adapted layers sit (`fast_weights_span_stages`):
+- all on the last stage: the earlier stages run their layers once per micro-batch with no
+  knowledge of the method, and the last stage runs, inside its forward of micro-batch m, its own
+  bottom layers, the inner loop and the outer pass (focusft/step.py). In the 1F1B steady state
+  the earlier stages meanwhile run forwards and backwards of other micro-batches, so the inner
+  loop of one micro-batch overlaps outer work of others. The last stage's forward costs about
+  (1 + inner_steps x (forward + backward)) passes over the adapted layers;
+- on several stages: each inner step is a schedule call of its own over all micro-batches, in
+  which only the adapted stages do backward work, then the outer call (focusft/pipelined_inner.py).
+  This spreads the inner loop's work over the stages that hold adapted layers.
+Uneven stages (`num_layers_in_first/last_pipeline_stage`, Megatron's
+`--decoder-first/last-pipeline-num-layers`) move layers between stages; `collect_stage_times`
+reports each stage's compute and idle time from the schedule's own timers.
 """
 
 from __future__ import annotations
@@ -40,23 +44,17 @@ def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
     return range(offset + 1, offset + 1 + get_num_layers_to_build(config, pp_rank=pp_rank))
 
 
-def check_fast_weights_on_last_stage(config: TransformerConfig, fast_weights: FastWeightConfig) -> None:
-    """Raise ValueError unless every adapted layer sits on the last pipeline stage.
+def fast_weights_span_stages(config: TransformerConfig, fast_weights: FastWeightConfig) -> bool:
+    """Whether some adapted layer sits on a pipeline stage before the last.
 
-    The inner loop then runs on one stage: its forward/backward passes need no communication.
+    If not, the inner loop runs inside the last stage's forward (focusft/step.py); if so, in
+    schedule calls of its own before the outer one (focusft/pipelined_inner.py).
     """
     pp = config.pipeline_model_parallel_size
     if pp == 1:
-        return
+        return False
     adapted = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)
-    last = stage_layer_numbers(config, pp - 1)
-    if adapted[0] < last[0]:
-        raise ValueError(
-            f"FocuSFT under pipeline parallelism needs every adapted layer on the last stage: layers "
-            f"{adapted[0]}-{adapted[-1]} of {config.num_layers} are adapted (layer fraction "
-            f"{fast_weights.layer_fraction}) but the last of {pp} stages holds layers {last[0]}-{last[-1]}; "
-            f"give it >= {len(adapted)} layers (--decoder-last-pipeline-num-layers) or lower "
-            f"--focusft-layer-fraction")
+    return adapted[0] < stage_layer_numbers(config, pp - 1)[0]
 
 
 def schedule_timers() -> Timers:
@@ -68,7 +66,9 @@ def schedule_timers() -> Timers:
 class StageTime:
     """Seconds one pipeline stage spent since the last collection (max over its ranks).
 
-    forward includes the inner loop (inner); idle = total - forward - backward is waiting for
+    inner is the time in the inner loop: inside forward when it runs in the last stage's forward;
+    when the adapted layers span stages, the wall time of its own schedule calls, whose compute
+    is also counted in forward and backward. idle = total - forward - backward is waiting for
     neighbours (bubbles and transfers).
     """
 

@@ -15,7 +15,6 @@ from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.fastweights.spec import get_fast_weight_block_spec
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
-from megatron_focusft.parallel.pipeline import check_fast_weights_on_last_stage
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,7 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
 
     Parallel state must be initialised. Weights are initialised from the global torch seed
     as one master tensor split across TP ranks, so any TP size starts from the same model; a
-    pipeline stage builds (and draws the initial values of) its own layers only. With fast
-    weights under PP every adapted layer must be on the last stage (parallel/pipeline.py).
+    pipeline stage builds (and draws the initial values of) its own layers only.
     """
     if setup.recompute_granularity not in (None, "full"):
         raise ValueError(f"recompute_granularity {setup.recompute_granularity!r} is not supported: Megatron's "
@@ -85,7 +83,6 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     )
     layer_spec = get_segment_attention_layer_spec(setup.attention_backend)
     if setup.fast_weights is not None:
-        check_fast_weights_on_last_stage(config, setup.fast_weights)
         layer_spec = get_fast_weight_block_spec(layer_spec, config, setup.fast_weights)
     model = build_gpt_model(config, preset, layer_spec, pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage())

@@ -49,6 +49,10 @@ def train_step(
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
+    # A forward step may need the whole list first (FocuSFT with adapted layers on several stages).
+    prepare = getattr(forward_step, "prepare", None)
+    if prepare is not None:
+        prepare(model, micro_batches)
     # Under context parallelism tokens are this rank's share; Megatron's schedules take the global length.
     b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
     logs = get_forward_backward_func()(

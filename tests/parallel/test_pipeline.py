@@ -11,6 +11,7 @@ norm. FocuSFT runs the inner loop on the last stage (parallel/pipeline.py).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -44,7 +45,7 @@ def _renumber(name: str, offset: int) -> str:
 
 
 def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
-         timed: bool = False, sp: bool = False, cp: int = 1) -> dict:
+         timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None) -> dict:
     """One forward/backward through Megatron's schedule; this rank's logs and main_grads."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -55,7 +56,9 @@ def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, la
     from megatron_focusft.training.setup import ModelSetup, build_model
     from megatron_focusft.training.sft import sft_forward_step
 
-    fast = FAST if focusft is not None else None
+    fast = None
+    if focusft is not None:
+        fast = FAST if layer_fraction is None else dataclasses.replace(FAST, layer_fraction=layer_fraction)
     init_model_parallel(tp=tp, seed=21)
     whole, _ = build_model(ModelSetup(tensor_model_parallel_size=tp, sequence_parallel=sp, fast_weights=fast))
     weights = whole.module.state_dict()
@@ -74,11 +77,13 @@ def _run(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, la
     if focusft is None:
         forward_step = sft_forward_step
     else:
-        initial = iter([fast_weights_with_random_b(config, FAST, batch) for batch in batches]).__next__
-        forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=FAST, **focusft), lambda _: initial())
+        initial = iter([fast_weights_with_random_b(config, fast, batch) for batch in batches]).__next__
+        forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=fast, **focusft), lambda _: initial())
     if timed:
         config.timers = schedule_timers()
     model.zero_grad_buffer()
+    if focusft is not None:  # as training.sft.train_step does
+        forward_step.prepare(model, local)
     logs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(local), model=[model], num_microbatches=len(local),
         seq_length=batches[0].tokens.shape[1], micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
@@ -132,14 +137,15 @@ def _check_parity(reference: list[dict], parallel: list[dict], focusft: bool, gr
 # --- PP = 2 x TP = 2 (4 processes) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("focusft, sp", [(None, False), ({"inner_objective": "context"}, False),
-                                         ({"inner_objective": "response"}, True)],
-                         ids=["sft-block", "focusft-context", "focusft-response-sequence-parallel"])
-def test_pp2_tp2_matches_one_process(worker_pool, focusft, sp):
+@pytest.mark.parametrize("focusft, sp, fraction", [
+    (None, False, None), ({"inner_objective": "context"}, False, None), ({"inner_objective": "response"}, True, None),
+    ({"inner_objective": "context"}, False, 0.75)],
+    ids=["sft-block", "focusft-context", "focusft-response-sequence-parallel", "focusft-context-adapted-on-both-stages"])
+def test_pp2_tp2_matches_one_process(worker_pool, focusft, sp, fraction):
     pool = worker_pool(4)
     batches = _batches("block" if focusft is None else "focusft")
-    reference = pool.run(_run, 1, 1, batches, focusft)
-    parallel = pool.run(_run, 2, 2, batches, focusft, None, False, sp)
+    reference = pool.run(_run, 1, 1, batches, focusft, layer_fraction=fraction)
+    parallel = pool.run(_run, 2, 2, batches, focusft, None, False, sp, layer_fraction=fraction)
     _check_parity(reference, parallel, focusft is not None, GRAD_TOL_TP)
 
 
@@ -195,15 +201,15 @@ def test_stage_times_report_the_inner_loop_on_the_last_stage(worker_pool):
     assert first.inner == 0 and 0 < last.inner < last.forward
 
 
-def _place_fast_weights(last_stage_layers: int) -> None:
-    from megatron_focusft.training.setup import ModelSetup, build_model
-
-    init_model_parallel(pp=2)
-    build_model(ModelSetup(pipeline_model_parallel_size=2, fast_weights=FAST,
-                           num_layers_in_first_pipeline_stage=4 - last_stage_layers,
-                           num_layers_in_last_pipeline_stage=last_stage_layers))
-
-
-def test_adapted_layers_off_the_last_stage_are_refused(worker_pool):
-    with pytest.raises(AssertionError, match=r"layers 3-4 of 4 are adapted .* holds layers 4-4; give it >= 2"):
-        worker_pool(2).run(_place_fast_weights, 1)
+@pytest.mark.parametrize("objective", ["response", "context"])
+def test_adapted_layers_on_both_stages_match_one_process(worker_pool, objective):
+    # Layer fraction 0.75: layers 2-4 adapted; stage 0 holds layers 1 (below) and 2 (adapted),
+    # stage 1 layers 3-4. Each inner step is a schedule call of its own over both stages.
+    pool = worker_pool(2)
+    batches = _batches("focusft")
+    focusft = {"inner_objective": objective}
+    reference = pool.run(_run, 1, 1, batches, focusft, layer_fraction=0.75)
+    assert all(log["inner loss after"][0] < log["inner loss before"][0] for log in reference[0]["logs"])
+    parallel = pool.run(_run, 1, 2, batches, focusft, layer_fraction=0.75)
+    assert [r["layers"] for r in parallel] == [[1, 2], [3, 4]]
+    _check_parity(reference, parallel, focusft=True)

@@ -134,15 +134,18 @@ def _pretrain_history_in_worker(argv: list[str]) -> list[dict[str, float]]:
     return pretrain(parse_training_args(argv))["history"]
 
 
-@pytest.mark.parametrize("mode", ["focusft", "sft"])
-def test_pipeline_parallel_training_continues_a_one_rank_run_exactly(worker_pool, tmp_path: Path, mode: str):
+@pytest.mark.parametrize("mode, extra", [("focusft", []), ("sft", []),
+                                         ("focusft", ["--focusft-layer-fraction", "0.75"])],
+                         ids=["focusft", "sft", "focusft-adapted-on-both-stages"])
+def test_pipeline_parallel_training_continues_a_one_rank_run_exactly(worker_pool, tmp_path: Path, mode: str,
+                                                                      extra: list[str]):
     # A pipeline stage initialises its own layers, so PP = 2 starts from the one-rank run's
     # checkpoint of iteration 1 (resharded on load) and must continue its loss curve: Megatron's
     # 1F1B schedule, gradient clipping over the stages, Adam; the probe's attention metrics run
     # through the pipeline too. Two micro-batches per iteration.
     ckpt = str(tmp_path / "ckpt")
     argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", mode,
-            "--attention-metrics-interval", "3"]
+            "--attention-metrics-interval", "3", *extra]
     uninterrupted = pretrain(parse_training_args(argv))["history"]
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
     pp2 = worker_pool(2).run(_pretrain_history_in_worker, [*argv, "--load", ckpt, "--pipeline-model-parallel-size", "2"])

@@ -1,0 +1,214 @@
+"""The inner loop when the adapted layers span several pipeline stages.
+
+A micro-batch's inner loop must end before its outer forward reaches the first adapted layer, and
+every inner step is a forward and a backward through all adapted layers. With the adapted layers
+on stages k..P-1 it therefore cannot run inside one stage's forward, as it does when they all sit
+on the last stage (step.py). Here each inner step is one call of Megatron's schedule over all
+micro-batches of the iteration (1F1B across them), before the outer call:
+
+- stages below the adapted layers, and the layers of stage k below them, compute their output
+  once (in the first call, without grad, under the inner objective's mask) and send that cached
+  tensor in every call; its gradient to their input is zero (`_Relay`), so they do no backward
+  work and the inner backward effectively crosses only the adapted stages;
+- the adapted layers run with the slow weights frozen and the micro-batch's fast weights as
+  leaves; the last stage scores the objective's targets and returns the sum of per-sample
+  token-mean losses, and the schedule's backward leaves each stage's fast-weight gradients;
+- after each call, every rank agrees on the samples that skip (MAX all-reduce of non-finite
+  losses and gradients over TP, CP and PP) and takes the per-sample SGD step of its fast weights.
+With the `context` objective a forward-only call gives the inner loss after adaptation. The outer
+call then runs every stage's layers with grad and the adapted fast weights bound as constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.fastweights.linear import FastWeightBinding, FastWeights, bind_fast_weights
+from megatron_focusft.focusft.config import FocusftConfig
+from megatron_focusft.focusft.inner_loop import (
+    InnerLoopResult, InnerTargets, cp_all_reduce, cp_sum_gradients, tp_all_reduce, frozen_slow_weights,
+    non_finite_gradients, per_sample_loss, per_sample_sq_norms, per_sample_sums, sgd_step, is_sharded,
+)
+from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
+
+
+class _Relay(torch.autograd.Function):
+    """`value` (computed without grad) passed on as if computed from `anchor`; anchor's gradient is 0."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.anchor_meta = (anchor.shape, anchor.dtype, anchor.device)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.anchor_meta
+        return None, torch.zeros(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class MicroBatchInner:
+    """One micro-batch's inner-loop state on this rank (tensors hold this stage's fast weights only).
+
+    losses [steps, n] and loss_after [n] are filled on the last stage (zeros elsewhere).
+    """
+
+    batch: SegmentBatch
+    objective: InnerTargets
+    sample_index: torch.Tensor
+    counts: torch.Tensor
+    tensors: dict[tuple[int, str], list[torch.Tensor]]
+    initial: FastWeights
+    losses: torch.Tensor
+    skipped: torch.Tensor
+    cache: torch.Tensor | None = None
+    leaves: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
+    grads: list[torch.Tensor] = field(default_factory=list)
+    step_loss: torch.Tensor | None = None
+    loss_after: torch.Tensor | None = None
+    update_norm: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def has_targets(self) -> torch.Tensor:
+        return self.counts > 0
+
+    def result(self) -> InnerLoopResult:
+        adapted = {k: (a, b) for k, (a, b) in self.tensors.items()}
+        return InnerLoopResult(adapted, self.losses, self.skipped, self.has_targets)
+
+
+def _stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range,
+                   weights: dict[tuple[int, str], list[torch.Tensor]]) -> torch.Tensor:
+    """This stage's part of one inner forward: [s, b, h] for the next stage, or the loss on the last."""
+    batch = state.batch
+    hidden_in, rotary = stage_input(gpt, batch.tokens, batch.position_ids)
+    if bottom or not top:
+        if state.cache is None:
+            with torch.no_grad():
+                state.cache = forward_layers(gpt, hidden_in, state.objective.mask, rotary, bottom)
+        anchor = hidden_in if hidden_in.requires_grad else torch.zeros((), requires_grad=True)
+        hidden = _Relay.apply(state.cache, anchor)
+    else:
+        hidden = hidden_in
+    if not top:
+        return hidden
+    binding = FastWeightBinding(state.sample_index, {k: tuple(v) for k, v in weights.items()})
+    with bind_fast_weights(gpt, binding):
+        out = forward_layers(gpt, hidden, state.objective.mask, rotary, top)
+    if not gpt.post_process:
+        return out
+    token_loss = lm_head_loss(gpt, out, batch.labels, state.objective.targets)
+    sums, _ = per_sample_sums(token_loss, state.objective.targets, state.sample_index, state.num_samples)
+    local_loss = sums / state.counts.clamp(min=1)  # this CP rank's share of each sample's token mean
+    state.step_loss = cp_all_reduce(sums.detach().clone()) / state.counts.clamp(min=1)
+    keep = torch.isfinite(state.step_loss) & state.has_targets
+    return torch.where(keep, local_loss, torch.zeros_like(local_loss)).sum()
+
+
+def _schedule(model: torch.nn.Module, states: list[MicroBatchInner], forward_only: bool, forward) -> None:
+    """One call of Megatron's schedule over the micro-batches, without gradient finalisation."""
+    config = model.module.config if hasattr(model, "module") else model.config
+    finalize, config.finalize_model_grads_func = config.finalize_model_grads_func, None
+
+    def forward_step(data_iterator: Iterator[MicroBatchInner], _model):
+        state = next(data_iterator)
+        output = forward(state)
+        # The schedule's (loss, token count, logs): the loss is differentiated as is.
+        return output, lambda out: (out, torch.ones((), dtype=torch.int, device=out.device), {})
+
+    batch = states[0].batch
+    try:
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(states), model=[model], num_microbatches=len(states),
+            seq_length=batch.attention.shape[1], micro_batch_size=batch.tokens.shape[0], forward_only=forward_only)
+    finally:
+        config.finalize_model_grads_func = finalize
+
+
+def _pp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(tensor, op=op, group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor
+
+
+def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInner], bottom: range, top: range,
+                             config: FocusftConfig) -> None:
+    """`config.inner_steps` SGD steps of every micro-batch's fast weights (module doc); fills `states`."""
+    gpt = model.module if hasattr(model, "module") else model
+    last = gpt.post_process
+    with frozen_slow_weights(gpt):
+        for step in range(config.inner_steps):
+            for state in states:
+                state.leaves = {key: [t.detach().requires_grad_(True) for t in pair]
+                                for key, pair in state.tensors.items()}
+            _schedule(model, states, False, lambda s: _stage_forward(gpt, s, bottom, top, s.leaves))
+            bad = []
+            for state in states:
+                flat = [t for pair in state.leaves.values() for t in pair]
+                grads = cp_sum_gradients([torch.zeros_like(t) if t.grad is None else t.grad for t in flat])
+                flags = non_finite_gradients(grads, state.num_samples).to(state.counts.device)
+                if last:
+                    flags |= ~torch.isfinite(state.step_loss)
+                bad.append(flags.to(torch.int32))
+                state.grads = grads
+            # One agreement for all micro-batches: a sample skips on every stage and rank alike.
+            agreed = _pp_all_reduce(cp_all_reduce(tp_all_reduce(torch.cat(bad), dist.ReduceOp.MAX),
+                                                   dist.ReduceOp.MAX), dist.ReduceOp.MAX).bool()
+            for state, skip in zip(states, agreed.split([s.num_samples for s in states])):
+                update = state.has_targets & ~skip
+                state.skipped += (state.has_targets & skip).long()
+                if last:
+                    state.losses[step] = torch.where(state.has_targets, state.step_loss, torch.zeros_like(state.step_loss))
+                state.tensors = sgd_step(state.leaves, state.grads, update, config) if state.leaves else state.tensors
+                state.grads = []
+        if config.inner_objective == "context":
+            with torch.no_grad():
+                _schedule(model, states, True, lambda s: _after_forward(gpt, s, bottom, top))
+    for state in states:
+        local = torch.zeros((), dtype=torch.float64)
+        for key, pair in state.tensors.items():
+            for new, old, shard in zip(pair, state.initial[key], is_sharded(key)):
+                local = local + per_sample_sq_norms(new - old, shard).sum().double().cpu()
+        state.update_norm = local
+    norms = _pp_all_reduce(torch.stack([s.update_norm for s in states]).to(states[0].counts.device))
+    for state, norm in zip(states, norms):
+        state.update_norm = norm.sqrt().float().cpu()
+
+
+def _after_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range) -> torch.Tensor:
+    """Forward-only: the inner objective's loss with the adapted fast weights (last stage: recorded)."""
+    out = _stage_forward(gpt, state, bottom, top, state.tensors)
+    if gpt.post_process:
+        state.loss_after = state.step_loss
+    return out
+
+
+def outer_stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range) -> torch.Tensor:
+    """The outer forward of one stage with the adapted fast weights as constants: [s, b, h] for the
+    next stage, or the per-token loss [b, s] on the last."""
+    batch = state.batch
+    hidden, rotary = stage_input(gpt, batch.tokens, batch.position_ids)
+    hidden = forward_layers(gpt, hidden, batch.attention, rotary, bottom)
+    if top:
+        binding = FastWeightBinding(state.sample_index, {k: tuple(v) for k, v in state.tensors.items()})
+        with bind_fast_weights(gpt, binding):
+            hidden = forward_layers(gpt, hidden, batch.attention, rotary, top)
+    if not gpt.post_process:
+        return hidden
+    per_token_loss = lm_head_loss(gpt, hidden, batch.labels, batch.loss_mask.bool())
+    if state.loss_after is None:  # response objective: the outer loss is the inner objective
+        state.loss_after, _ = per_sample_loss(per_token_loss.detach(), state.objective.targets, state.sample_index,
+                                              state.num_samples)
+    return per_token_loss
+
