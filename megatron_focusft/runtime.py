@@ -71,6 +71,29 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def release_model_parallel() -> None:
+    """Megatron's destroy_model_parallel, and the process groups it created destroyed too.
+
+    destroy_model_parallel only forgets its groups; each gloo group keeps two threads and its
+    sockets, so a process that re-initialises parallel state (tests, repeated commands) would
+    accumulate them.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    groups = {}
+    for value in vars(parallel_state).values():
+        for group in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD:
+                groups[id(group)] = group
+    parallel_state.destroy_model_parallel()
+    for group in groups.values():
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # a group torch does not hold for this rank (not a member)
+            pass
+
+
 @contextmanager
 def megatron_session(
     tensor_model_parallel_size: int = 1, seed: int = 1234, context_parallel_size: int = 1,
@@ -104,6 +127,6 @@ def megatron_session(
         yield torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     finally:
         if owns_parallel_state:
-            parallel_state.destroy_model_parallel()
+            release_model_parallel()
         if created_world:
             dist.destroy_process_group()

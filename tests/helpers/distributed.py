@@ -96,7 +96,9 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
     import torch
     from megatron.core import parallel_state
 
-    parallel_state.destroy_model_parallel()
+    from megatron_focusft.runtime import release_model_parallel
+
+    release_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
     )

@@ -99,9 +99,9 @@ def test_focusft_train_cli_alias(tmp_path: Path):
 
 def _pretrain_in_worker(argv: list[str]) -> list[float]:
     """On every rank of a worker pool: a fresh parallel state sized by the flags, then pretrain."""
-    from megatron.core import parallel_state
+    from megatron_focusft.runtime import release_model_parallel
 
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     return pretrain(parse_training_args(argv))["losses"]
 
 
@@ -128,9 +128,9 @@ def test_sequence_parallel_training_equals_one_rank(worker_pool, mode):
 
 
 def _pretrain_history_in_worker(argv: list[str]) -> list[dict[str, float]]:
-    from megatron.core import parallel_state
+    from megatron_focusft.runtime import release_model_parallel
 
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     return pretrain(parse_training_args(argv))["history"]
 
 
