@@ -136,6 +136,16 @@ def frozen_slow_weights(model: GPTModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def update_sq_norm(initial: FastWeights, adapted: FastWeights) -> torch.Tensor:
+    """Squared L2 norm (fp32 scalar on the CPU), over all samples and of this rank's tensors, of
+    adapted - initial fast weights; a TP-sharded tensor counts whole."""
+    total = torch.zeros((), dtype=torch.float32)
+    for key, pair in adapted.items():
+        for new, old, shard in zip(pair, initial[key], is_sharded(key)):
+            total = total + per_sample_sq_norms(new - old.detach(), shard).sum().cpu()
+    return total
+
+
 def non_finite_gradients(grads: list[torch.Tensor], num_samples: int) -> torch.Tensor:
     """[n] bool: samples with a non-finite entry in any of their gradients (each [n, ...])."""
     bad = torch.zeros(num_samples, dtype=torch.bool)

@@ -35,7 +35,7 @@ from megatron_focusft.fastweights.linear import FastWeightBinding, FastWeights, 
 from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
     InnerLoopResult, InnerTargets, cp_all_reduce, cp_sum_gradients, tp_all_reduce, frozen_slow_weights,
-    non_finite_gradients, per_sample_loss, per_sample_sq_norms, per_sample_sums, sgd_step, is_sharded,
+    non_finite_gradients, per_sample_loss, per_sample_sums, sgd_step, update_sq_norm,
 )
 from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
 
@@ -175,15 +175,11 @@ def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInne
         if config.inner_objective == "context":
             with torch.no_grad():
                 _schedule(model, states, True, lambda s: _after_forward(gpt, s, bottom, top))
-    for state in states:
-        local = torch.zeros((), dtype=torch.float64)
-        for key, pair in state.tensors.items():
-            for new, old, shard in zip(pair, state.initial[key], is_sharded(key)):
-                local = local + per_sample_sq_norms(new - old, shard).sum().double().cpu()
-        state.update_norm = local
-    norms = _pp_all_reduce(torch.stack([s.update_norm for s in states]).to(states[0].counts.device))
+    # Each stage holds its own layers' fast weights: the squared norms add up over the stages.
+    squares = torch.stack([update_sq_norm(s.initial, s.tensors) for s in states])
+    norms = _pp_all_reduce(squares.to(states[0].counts.device)).sqrt().cpu()
     for state, norm in zip(states, norms):
-        state.update_norm = norm.sqrt().float().cpu()
+        state.update_norm = norm
 
 
 def _after_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range) -> torch.Tensor:

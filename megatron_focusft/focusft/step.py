@@ -48,7 +48,7 @@ from megatron_focusft.fastweights.linear import (
 from megatron_focusft.parallel.cp_batch import next_in_document, sample_index_for_cp
 from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
-    InnerLoopResult, InnerTargets, cp_all_reduce, is_sharded, per_sample_loss, per_sample_sq_norms, run_inner_loop,
+    InnerLoopResult, InnerTargets, cp_all_reduce, per_sample_loss, run_inner_loop, update_sq_norm,
 )
 from megatron_focusft.focusft.pipelined_inner import MicroBatchInner, outer_stage_forward, run_pipelined_inner_loop
 from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
@@ -164,16 +164,7 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
                                             batch.labels, objective.targets)
     n = inner.has_targets.shape[0]
     after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n)
-    return FocusftOutput(per_token_loss, inner, after, _update_norm(local, inner.adapted))
-
-
-def _update_norm(initial: FastWeights, adapted: FastWeights) -> torch.Tensor:
-    """Global L2 norm, over all samples and tensors, of adapted - initial fast weights."""
-    total = torch.zeros((), dtype=torch.float32)
-    for key, pair in adapted.items():
-        for new, old, shard in zip(pair, initial[key], is_sharded(key)):
-            total = total + per_sample_sq_norms((new - old.detach()), shard).sum().cpu()
-    return total.sqrt()
+    return FocusftOutput(per_token_loss, inner, after, update_sq_norm(local, inner.adapted).sqrt())
 
 
 def focusft_loss_func(

@@ -253,7 +253,9 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             mfu = _mfu(stats["tokens_per_s"], n_params, device)
             if mfu is not None:
                 stats["mfu"] = mfu
-            stage_times = collect_stage_times(model_config.timers) if pipelined else []
+            # A gather over all ranks: only at log iterations (the timers sum over the interval).
+            logged = iteration % args.log_interval == 0 or iteration == args.train_iters
+            stage_times = collect_stage_times(model_config.timers) if pipelined and logged else []
             stats.update({f"pipeline/stage{t.stage}_busy_fraction": t.busy_fraction for t in stage_times})
             if args.attention_metrics_interval and iteration % args.attention_metrics_interval == 0:
                 stats.update({f"attention/{k}": v for k, v in attention_metrics(model.module, probe).items()})
@@ -262,7 +264,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             if writer is not None:
                 for key, value in stats.items():
                     writer.add_scalar(key if "/" in key else f"train/{key}", value, iteration)
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if logged:
                 done = iteration - start_iteration
                 eta = (time.perf_counter() - t_start) / done * (args.train_iters - iteration)
                 inner = (f" | inner {stats['inner_loss_before']:.4f} -> {stats['inner_loss_after']:.4f}"
