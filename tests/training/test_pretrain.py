@@ -12,6 +12,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from megatron_focusft.cli import main as cli_main
 from megatron_focusft.training.arguments import parse_training_args
 from megatron_focusft.training.pretrain import pretrain
+from tests.helpers.noise_band import (
+    PERTURBATION_SEEDS,
+    assert_curve_within,
+    measured_band,
+    noise_band,
+    perturb_by_one_ulp,
+)
 
 BASE = ["--train-iters", "3", "--seq-length", "64", "--micro-batch-size", "2", "--lr", "5e-4"]
 
@@ -97,67 +104,86 @@ def test_focusft_train_cli_alias(tmp_path: Path):
     assert json.loads((tmp_path / "summary.json").read_text())["losses"]
 
 
-def _pretrain_in_worker(argv: list[str]) -> list[float]:
-    """On every rank of a worker pool: a fresh parallel state sized by the flags, then pretrain."""
+def _pretrain_history(argv: list[str], perturb_seed: int | None = None) -> list[dict[str, float]]:
+    """On every rank of a worker pool, or in this process: a fresh parallel state sized by the
+    flags, then pretrain; with `perturb_seed`, from weights moved by one ulp (the noise band)."""
+    import megatron_focusft.training.setup as setup
     from megatron_focusft.runtime import release_model_parallel
 
     release_model_parallel()
-    return pretrain(parse_training_args(argv))["losses"]
+    build_model = setup.build_model
+
+    def build_perturbed(*args, **kwargs):
+        model, config = build_model(*args, **kwargs)
+        perturb_by_one_ulp(model, perturb_seed)
+        return model, config
+
+    if perturb_seed is not None:
+        setup.build_model = build_perturbed
+    try:
+        return pretrain(parse_training_args(argv))["history"]
+    finally:
+        setup.build_model = build_model
+
+
+def _losses(history: list[dict[str, float]]) -> list[float]:
+    return [h["loss"] for h in history]
 
 
 @pytest.mark.parametrize("mode", ["focusft", "sft"])
 def test_context_parallel_training_equals_one_rank(worker_pool, mode):
     # With CP 2 on 2 ranks there is one data-parallel rank: both read the rows a 1-rank run reads.
+    # The loss curve must stay inside the one-rank run's measured noise band (helpers/noise_band.py).
     argv = [*BASE, "--mock-data", "--training-mode", mode]
-    cp2 = worker_pool(2).run(_pretrain_in_worker, [*argv, "--context-parallel-size", "2"])
-    one_rank = _pretrain_in_worker(argv)
+    cp2 = [_losses(h) for h in worker_pool(2).run(_pretrain_history, [*argv, "--context-parallel-size", "2"])]
+    one_rank, band = measured_band(lambda seed: _losses(_pretrain_history(argv, seed)))
     assert cp2[0] == cp2[1]
-    assert cp2[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)
+    assert_curve_within(cp2[0], one_rank, band, f"CP 2 {mode} loss")
 
 
 @pytest.mark.parametrize("mode", ["focusft", "sft"])
 def test_sequence_parallel_training_equals_one_rank(worker_pool, mode):
     # TP 2 with --sequence-parallel: one data-parallel rank, so both ranks read the rows a 1-rank
-    # run reads; the loss curve (through Adam and gradient clipping) is the same. The attention
-    # metrics' probe forward runs under SP too.
+    # run reads; the loss curve (through Adam and gradient clipping) stays inside the one-rank
+    # run's noise band. The attention metrics' probe forward runs under SP too.
     argv = [*BASE, "--mock-data", "--training-mode", mode, "--attention-metrics-interval", "3"]
-    sp = worker_pool(2).run(_pretrain_in_worker, [*argv, "--tensor-model-parallel-size", "2", "--sequence-parallel"])
-    one_rank = _pretrain_in_worker(argv)
+    sp = [_losses(h) for h in worker_pool(2).run(
+        _pretrain_history, [*argv, "--tensor-model-parallel-size", "2", "--sequence-parallel"])]
+    one_rank, band = measured_band(lambda seed: _losses(_pretrain_history(argv, seed)))
     assert sp[0] == sp[1]
-    assert sp[0] == pytest.approx(one_rank, rel=2e-5, abs=2e-5)
-
-
-def _pretrain_history_in_worker(argv: list[str]) -> list[dict[str, float]]:
-    from megatron_focusft.runtime import release_model_parallel
-
-    release_model_parallel()
-    return pretrain(parse_training_args(argv))["history"]
+    assert_curve_within(sp[0], one_rank, band, f"TP 2 + SP {mode} loss")
 
 
 @pytest.mark.parametrize("mode, extra", [("focusft", []), ("sft", []),
                                          ("focusft", ["--focusft-layer-fraction", "0.75"])],
                          ids=["focusft", "sft", "focusft-adapted-on-both-stages"])
-def test_pipeline_parallel_training_continues_a_one_rank_run_exactly(worker_pool, tmp_path: Path, mode: str,
-                                                                      extra: list[str]):
+def test_pipeline_parallel_training_continues_a_one_rank_run(worker_pool, tmp_path: Path, mode: str,
+                                                            extra: list[str]):
     # A pipeline stage initialises its own layers, so PP = 2 starts from the one-rank run's
-    # checkpoint of iteration 1 (resharded on load) and must continue its loss curve: Megatron's
+    # checkpoint of iteration 1 (resharded on load) and must continue its curves: Megatron's
     # 1F1B schedule, gradient clipping over the stages, Adam; the probe's attention metrics run
-    # through the pipeline too. Two micro-batches per iteration.
+    # through the pipeline too. Two micro-batches per iteration. Each curve stays inside the
+    # uninterrupted run's noise band (measured from iteration 1, so it also covers iteration 1's
+    # amplification, which the PP run does not have: a looser but valid bound).
     ckpt = str(tmp_path / "ckpt")
     argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", mode,
             "--attention-metrics-interval", "3", *extra]
-    uninterrupted = pretrain(parse_training_args(argv))["history"]
+    uninterrupted = _pretrain_history(argv)
+    perturbed = [_pretrain_history(argv, seed) for seed in PERTURBATION_SEEDS]
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
-    pp2 = worker_pool(2).run(_pretrain_history_in_worker, [*argv, "--load", ckpt, "--pipeline-model-parallel-size", "2"])
+    pp2 = worker_pool(2).run(_pretrain_history, [*argv, "--load", ckpt, "--pipeline-model-parallel-size", "2"])
     assert [h["loss"] for h in pp2[0]] == [h["loss"] for h in pp2[1]]
-    for expected, got in zip(uninterrupted[1:], pp2[0], strict=True):
-        assert got["iteration"] == expected["iteration"]
-        for key in ("loss", "grad_norm", "attention/sink_mass", "attention/context_engagement",
-                    *(("inner_loss_before", "inner_loss_after") if mode == "focusft" else ())):
-            if key in expected:
-                assert got[key] == pytest.approx(expected[key], rel=2e-5, abs=2e-5), key
+    assert [h["iteration"] for h in pp2[0]] == [h["iteration"] for h in uninterrupted[1:]]
+    keys = ["loss", "grad_norm", *(("inner_loss_before", "inner_loss_after") if mode == "focusft" else ())]
+    for key in keys:
+        band = noise_band([h[key] for h in uninterrupted], [[h[key] for h in run] for run in perturbed])
+        assert_curve_within([h[key] for h in pp2[0]], [h[key] for h in uninterrupted[1:]], band[1:], f"PP 2 {key}")
+    # The probe's metrics at iteration 3 (the only probe): one forward, no update after it.
+    for key in ("attention/sink_mass", "attention/context_engagement"):
+        band = noise_band([uninterrupted[-1][key]], [[run[-1][key]] for run in perturbed])
+        assert_curve_within([pp2[0][-1][key]], [uninterrupted[-1][key]], band, f"PP 2 {key}")
+    for got in pp2[0]:
         assert 0 < got["pipeline/stage0_busy_fraction"] <= 1 and 0 < got["pipeline/stage1_busy_fraction"] <= 1
-    assert "attention/sink_mass" in pp2[0][-1]
 
 
 @pytest.mark.parametrize("mode", ["focusft", "sft"])
