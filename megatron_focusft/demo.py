@@ -17,16 +17,8 @@ Each run is the ordinary training entry point (``pretrain`` with ``pretrain_focu
 recorded in results.json) on chat JSONL written here, read by the chat pipeline with the
 built-in byte tokenizer (one token per character).
 
-The task (a tiny relative of RULER's common-words extraction): a system message holds a
-haystack of lower-case filler words with ``num_symbols`` distinct symbols (digits and
-punctuation, which occur nowhere else) at random word gaps; the user asks ``?``; the assistant
-answers the symbols that occur, sorted::
-
-    <bos><system>grass tree # the wind 7 quiet ... birds<end><user>?<end><assistant>#7@<end>
-                                                                                   '-------' response
-
-Every answer token depends on the context. The best context-free guess (``baseline``) predicts
-the successor of the previous answer token in the sorted symbol alphabet.
+The task (``data.long_context_task``): a haystack of filler words hides ``num_symbols``
+distinct symbols; the answer to ``?`` is those symbols, sorted.
 
 Training samples are packed into rows of ``seq_length`` tokens; their lengths run from the
 task's minimum up to ``seq_length`` with density 1/length^2, so every octave of lengths holds
@@ -35,11 +27,10 @@ nothing within the CPU budget from long samples alone), long ones train at the f
 Evaluation samples are single samples of exactly 1x, 2x and 4x ``seq_length`` tokens: the same
 kind of question, a longer haystack.
 
-Evaluation: the plain model (no fast weights), teacher-forced, one forward per sample under the
-FocuSFT mask both runs trained with (bidirectional context, causal answer). An answer is correct
-when the argmax at each of its symbol tokens is that token (exact match; with one forward this
-equals greedy decoding after a bidirectional prefill of the context); the end-of-turn token is
-not scored. ``token_accuracy`` is the fraction of symbol tokens right.
+Evaluation (``evaluation.teacher_forced``): the plain model (no fast weights), teacher-forced,
+one forward per sample under the FocuSFT mask both runs trained with; exact match and token
+accuracy at the answer's symbol tokens, against the best context-free guess. Plots:
+``analysis.plots``.
 """
 
 from __future__ import annotations
@@ -47,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
 import shlex
 import statistics
@@ -60,20 +50,11 @@ from typing import Any
 
 import torch
 
-from megatron_focusft.data.tokenizer import ByteChatTokenizer
+from megatron_focusft.analysis.plots import write_plots
+from megatron_focusft.data.long_context_task import DemoTaskConfig, load_eval_samples, sample_lengths, write_chats
+from megatron_focusft.evaluation import evaluate, probe_batch
+from megatron_focusft.runtime import quiet_megatron_import_warnings
 
-# Characters that occur nowhere else in a chat (the filler is lower-case words and spaces, the
-# question "?"); sorted by byte value, so sorted(answer) is also sorted by token id.
-SYMBOLS = "!#$%&*+0123456789@^"
-FILLER_WORDS = (
-    "the grass is green and the sky is blue the sun is warm here and there we go again "
-    "a river runs past an old stone bridge while birds sing in tall trees on the hill "
-    "small boats drift on calm water near the town where people walk slowly at dusk "
-    "rain falls on quiet roads and the wind moves through fields of wheat and corn"
-).split()
-# Tokens of a chat besides the haystack and the answer:
-# <bos> <system> ... <end> <user> ? <end> <assistant> ... <end>
-CHAT_OVERHEAD = 8
 # megatron_focusft.focusft.INNER_OBJECTIVES (not imported: that package imports megatron-core).
 INNER_OBJECTIVES = ("response", "context")
 RUNS = ("sft", "focusft")
@@ -83,29 +64,6 @@ LABELS = {"sft": "SFT (FocuSFT mask)", "focusft": "FocuSFT (bilevel)"}
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DemoTaskConfig:
-    """The synthetic chats: `num_symbols` distinct symbols in the haystack, answered sorted."""
-
-    num_symbols: int = 3
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_symbols <= len(SYMBOLS):
-            raise ValueError(f"num_symbols must be in [1, {len(SYMBOLS)}], got {self.num_symbols}")
-
-    def context_free_loss(self) -> float:
-        """Cross-entropy per response token (symbols + end) of the best model that ignores the context.
-
-        Every set of num_symbols symbols is equally likely; its sorted spelling carries
-        ln C(|SYMBOLS|, num_symbols) nats, the end token none.
-        """
-        return math.log(math.comb(len(SYMBOLS), self.num_symbols)) / (self.num_symbols + 1)
-
-    def min_length(self) -> int:
-        """Tokens of the shortest chat (no filler word): " s" per symbol in the haystack, s in the answer."""
-        return CHAT_OVERHEAD + 3 * self.num_symbols
 
 
 @dataclass(frozen=True)
@@ -171,51 +129,6 @@ class DemoConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _haystack(filler_chars: int, items: Sequence[str], rng: random.Random) -> str:
-    """Filler words (exactly filler_chars characters) with " " + item in a random word gap for each item."""
-    words: list[str] = []
-    used = 0
-    while used < filler_chars:
-        word = rng.choice(FILLER_WORDS)
-        take = (word if not words else " " + word)[: filler_chars - used]
-        words.append(take)
-        used += len(take)
-    gaps = sorted(rng.randint(0, len(words)) for _ in items)  # gap g: before words[g]
-    pieces: list[str] = []
-    for gap in range(len(words) + 1):
-        pieces += [" " + items[i] for i, g in enumerate(gaps) if g == gap]
-        if gap < len(words):
-            pieces.append(words[gap])
-    return "".join(pieces)
-
-
-def make_chat(task: DemoTaskConfig, length: int, rng: random.Random) -> dict[str, Any]:
-    """One chat of exactly `length` byte-chat tokens: {"messages": [system, user, assistant], "answer": str}."""
-    filler = length - task.min_length()
-    if filler < 0:
-        raise ValueError(f"length {length} < {task.min_length()} tokens (the task without filler)")
-    symbols = rng.sample(SYMBOLS, task.num_symbols)  # in haystack order
-    answer = "".join(sorted(symbols))
-    messages = [{"role": "system", "content": _haystack(filler, symbols, rng)},
-                {"role": "user", "content": "?"}, {"role": "assistant", "content": answer}]
-    return {"messages": messages, "answer": answer}
-
-
-def sample_lengths(count: int, low: int, high: int, rng: random.Random) -> list[int]:
-    """`count` sample lengths in [low, high] with density proportional to 1 / length^2.
-
-    Every octave of lengths then holds about the same share of the tokens; short samples are many.
-    """
-    if not 1 <= low <= high:
-        raise ValueError(f"need 1 <= low <= high, got {low}, {high}")
-    out = []
-    for _ in range(count):
-        u = rng.random()
-        length = 1.0 / (1.0 / low - u * (1.0 / low - 1.0 / high))  # inverse CDF of the 1/L^2 density
-        out.append(min(high, max(low, round(length))))
-    return out
-
-
 def training_lengths(config: DemoConfig, rng: random.Random) -> list[int]:
     """Lengths of the training samples: 25% more tokens than the steps consume (packing leaves gaps)."""
     need = 1.25 * config.steps * config.micro_batch_size * config.seq_length
@@ -223,116 +136,6 @@ def training_lengths(config: DemoConfig, rng: random.Random) -> list[int]:
     while sum(lengths) < need:
         lengths += sample_lengths(256, config.task.min_length(), config.seq_length, rng)
     return lengths
-
-
-def write_chats(path: Path, task: DemoTaskConfig, lengths: Sequence[int], seed: int) -> Path:
-    """One chat per entry of `lengths` (tokens) as JSONL (the chat pipeline's input format)."""
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for length in lengths:
-            f.write(json.dumps(make_chat(task, length, rng)) + "\n")
-    return path
-
-
-def load_eval_samples(path: Path, length: int) -> Any:
-    """The chats of `path` through the chat pipeline (byte tokenizer); every one must be `length` tokens."""
-    from megatron_focusft.data.chat import ChatDataConfig, load_chat_samples
-
-    samples = load_chat_samples(ChatDataConfig((str(path),), length), ByteChatTokenizer(), log=None)
-    if not bool((samples.lengths == length).all()):
-        raise ValueError(f"{path}: samples are {int(samples.lengths.min())}..{int(samples.lengths.max())} "
-                         f"tokens, expected {length}")
-    return samples
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def answer_spans(response: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each answer's content tokens in one sample: its response runs without the end token.
-
-    response: [s] 0/1 flags. A run of one token (the end token alone) has no content and is skipped.
-    """
-    flags = response.tolist() + [0]
-    spans, start = [], None
-    for i, flag in enumerate(flags):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            if i - 1 > start:
-                spans.append((start, i - 1))
-            start = None
-    return spans
-
-
-def context_free_guess(previous: Sequence[int]) -> int:
-    """Best guess of the next answer token (byte-chat id) without the context.
-
-    The sorted answer's next symbol is most likely the successor of the previous one in the
-    symbol alphabet; the first is most likely the first symbol.
-    """
-    ids = [ByteChatTokenizer.FIRST_BYTE_ID + ord(c) for c in SYMBOLS]
-    if not previous:
-        return ids[0]
-    i = ids.index(previous[-1]) if previous[-1] in ids else -1
-    return ids[min(i + 1, len(ids) - 1)]
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, samples: Any, rows_per_batch: int = 1) -> dict[str, float]:
-    """Exact-match and token accuracy, response loss of `model`, and the context-free guess's accuracies.
-
-    samples: equal-length chat samples (``sample(i)`` -> tokens [s], response flags [s]). The
-    model maps (tokens [b, s], position_ids [b, s], SegmentMask) to logits [b, s, vocab]; the
-    logit at t scores token t + 1, under the FocuSFT mask.
-    """
-    from megatron_focusft.data.batch import make_batch
-
-    was_training = model.training
-    model.eval()
-    exact = right = answers = answer_tokens = base_exact = base_right = 0
-    loss_sum = loss_tokens = 0.0
-    try:
-        for lo in range(0, len(samples), rows_per_batch):
-            rows = [samples.sample(i) for i in range(lo, min(lo + rows_per_batch, len(samples)))]
-            tokens = torch.stack([t.long() for t, _ in rows])
-            response = torch.stack([r.long() for _, r in rows])
-            batch = make_batch(tokens, torch.zeros_like(tokens), response, mask_kind="focusft")
-            logits = model(batch.tokens, batch.position_ids, batch.attention).float()  # [b, s, v]
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
-            loss_sum += float((ce * batch.loss_mask).sum())
-            loss_tokens += float(batch.loss_mask.sum())
-            predicted = logits.argmax(dim=-1)
-            for row in range(tokens.shape[0]):
-                for start, end in answer_spans(response[row]):
-                    truth = tokens[row, start:end].tolist()
-                    hits = (predicted[row, start - 1:end - 1] == tokens[row, start:end]).tolist()
-                    guess = [context_free_guess(truth[:j]) == t for j, t in enumerate(truth)]
-                    exact += all(hits)
-                    right += sum(hits)
-                    base_exact += all(guess)
-                    base_right += sum(guess)
-                    answers += 1
-                    answer_tokens += len(truth)
-    finally:
-        model.train(was_training)
-    if answers == 0:
-        raise ValueError("no answer to score: the samples have no response run longer than its end token")
-    return {"accuracy": exact / answers, "token_accuracy": right / answer_tokens,
-            "baseline_accuracy": base_exact / answers, "baseline_token_accuracy": base_right / answer_tokens,
-            "answers": answers, "response_loss": loss_sum / loss_tokens}
-
-
-def _probe(samples: Any, count: int) -> Any:
-    """The first `count` samples as one FocuSFT-mask batch (for the attention metrics)."""
-    from megatron_focusft.data.batch import make_batch
-
-    rows = [samples.sample(i) for i in range(min(count, len(samples)))]
-    tokens = torch.stack([t.long() for t, _ in rows])
-    return make_batch(tokens, torch.zeros_like(tokens), torch.stack([r.long() for _, r in rows]), mask_kind="focusft")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +185,7 @@ def _train_and_evaluate(config: DemoConfig, run: str, out: Path, data: dict[str,
             samples = load_eval_samples(data[f"eval_{length}"], length)
             rows = max(1, 4096 // length)
             result = evaluate(gpt, samples, rows_per_batch=rows)
-            result.update(attention_metrics(gpt, _probe(samples, rows)))
+            result.update(attention_metrics(gpt, probe_batch(samples, rows)))
             result["seconds"] = time.perf_counter() - t0
             evaluation[str(length)] = result
             log(f"  {run} @ {length} tokens: exact match {result['accuracy']:.1%}, token accuracy "
@@ -409,74 +212,6 @@ def _train_and_evaluate(config: DemoConfig, run: str, out: Path, data: dict[str,
         record["inner_loss_before"] = [h["inner_loss_before"] for h in history]
         record["inner_loss_after"] = [h["inner_loss_after"] for h in history]
     return record
-
-
-def _running_mean(values: Sequence[float], window: int) -> list[float]:
-    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
-
-
-def write_plots(out: Path, runs: dict[str, dict[str, Any]], config: DemoConfig) -> list[str]:
-    """The three PNGs of the module docstring; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"sft": "tab:blue", "focusft": "tab:red"}
-    paths = [out / "loss_curves.png", out / "attention_metrics.png", out / "accuracy_by_length.png"]
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    window = max(1, config.steps // 20)
-    for run, rec in runs.items():
-        steps = range(1, len(rec["loss"]) + 1)
-        ax.plot(steps, rec["loss"], color=colors[run], alpha=0.25, linewidth=0.8)
-        ax.plot(steps, _running_mean(rec["loss"], window), color=colors[run], label=f"{LABELS[run]}, mean of {window}")
-        if "inner_loss_before" in rec:
-            ax.plot(steps, _running_mean(rec["inner_loss_before"], window), color=colors[run], linestyle=":",
-                    label="FocuSFT, before the inner loop")
-    ax.axhline(config.task.context_free_loss(), color="gray", linestyle="--", linewidth=1, label="context-free best")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss on response tokens")
-    ax.set_title("Training loss (FocuSFT: outer loss, with the adapted fast weights)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, key, title in zip(axes, ("sink_mass", "sink_mass_first4", "context_engagement"),
-                              ("sink mass (first token)", "sink mass (first 4 tokens)", "context engagement")):
-        for run, rec in runs.items():
-            points = rec["attention_metrics_during_training"]
-            ax.plot([p["iteration"] for p in points], [p[key] for p in points], marker="o", markersize=3,
-                    color=colors[run], label=LABELS[run])
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Attention of response queries on the fixed probe batch ({config.seq_length}-token rows), "
-                 f"plain model")
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    lengths = list(config.eval_lengths)
-    for ax, key, title in zip(axes, ("accuracy", "token_accuracy"), ("exact match", "token accuracy")):
-        for run, rec in runs.items():
-            ax.plot(lengths, [rec["eval"][str(n)][key] for n in lengths], marker="o", color=colors[run],
-                    label=LABELS[run])
-        base = [runs["sft"]["eval"][str(n)][f"baseline_{key}"] for n in lengths]
-        ax.plot(lengths, base, color="gray", linestyle="--", linewidth=1, label="context-free guess")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.set_xlabel(f"context length (tokens); trained on rows of {config.seq_length}")
-        ax.set_title(f"answer {title}")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=100)
-    plt.close(fig)
-    return [str(p) for p in paths]
 
 
 def format_table(runs: dict[str, dict[str, Any]], config: DemoConfig, step_time_ratio: float) -> str:
@@ -511,9 +246,7 @@ def run_demo(config: DemoConfig, command: str | None = None, log: Callable[[str]
     """Generate the data, train SFT then FocuSFT, evaluate both, write results.json and plots; returns the results."""
     import megatron.core
 
-    from megatron_focusft.cli import _quiet_megatron_import_warnings
-
-    _quiet_megatron_import_warnings()
+    quiet_megatron_import_warnings()
     t_start = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -573,7 +306,8 @@ def run_demo(config: DemoConfig, command: str | None = None, log: Callable[[str]
         "torch_version": torch.__version__,
         "megatron_core_version": megatron.core.__version__,
     }
-    results["plots"] = write_plots(out, runs, config)
+    results["plots"] = write_plots(out, runs, LABELS, steps=config.steps, seq_length=config.seq_length,
+                                   eval_lengths=config.eval_lengths, context_free_loss=config.task.context_free_loss())
     results["wall_seconds"] = time.perf_counter() - t_start
     path = out / "results.json"
     path.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""Process-group start-up and timing shared by the CLI's commands."""
+"""Process-group start-up, timing and Megatron import-warning filters shared by the commands."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import socket
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Callable
@@ -63,6 +64,17 @@ def median_ms(fn: Callable[[], None], iters: int, warmup: int, device: torch.dev
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def quiet_megatron_import_warnings() -> None:
+    """Ignore the UserWarnings Megatron-Core emits at import that are expected here.
+
+    TE/Apex absent and a fallback to torch (expected on CPU: local layer spec, torch optimizer),
+    and MimoModelConfig being experimental: they only clutter the progress lines.
+    """
+    for message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "MimoModelConfig is experimental"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def device_name(device: torch.device) -> str:

@@ -1,4 +1,8 @@
-"""The SFT-vs-FocuSFT demo (megatron_focusft.demo): data generator, evaluation, and the CI-sized run end to end."""
+"""The SFT-vs-FocuSFT demo (megatron_focusft.demo): training lengths, configuration, and the CI-sized run end to end.
+
+The task generator is tested in tests/data/test_long_context_task.py, the evaluation in
+tests/evaluation/test_teacher_forced.py.
+"""
 
 from __future__ import annotations
 
@@ -8,59 +12,18 @@ import random
 import struct
 
 import pytest
-import torch
 
 from megatron_focusft import demo
 from megatron_focusft.cli import main as cli_main
-from megatron_focusft.data.tokenizer import ByteChatTokenizer, flatten_segments
+from megatron_focusft.data.long_context_task import DemoTaskConfig, sample_lengths
+from tests.helpers.long_context import baseline_by_hand
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TOK = ByteChatTokenizer()
-ASSISTANT_ID = ByteChatTokenizer.ROLE_IDS["assistant"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Training data
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_symbols", [1, 3, len(demo.SYMBOLS)])
-@pytest.mark.parametrize("length", [None, 300, 1024])
-def test_chat_has_exact_length_and_its_answer_follows_from_the_context(num_symbols, length):
-    task = demo.DemoTaskConfig(num_symbols=num_symbols)
-    length = length or task.min_length()
-    rng = random.Random(0)
-    for _ in range(5):
-        chat = demo.make_chat(task, length, rng)
-        ids, response = flatten_segments(TOK.render_chat(chat["messages"]))
-        assert len(ids) == length
-        system, user, assistant = chat["messages"]
-        assert [m["role"] for m in chat["messages"]] == ["system", "user", "assistant"]
-        document = system["content"]
-        assert set(document) <= set(" abcdefghijklmnopqrstuvwxyz" + demo.SYMBOLS)
-        present = [c for c in document if c in demo.SYMBOLS]
-        assert len(present) == len(set(present)) == num_symbols
-        assert user["content"] == "?"
-        assert assistant["content"] == chat["answer"] == "".join(sorted(present))
-        # The one scored span is the answer; the response run ends with the end-of-turn token.
-        (start, end), = demo.answer_spans(torch.tensor(response))
-        assert TOK.decode(ids[start:end]) == chat["answer"] and ids[end] == TOK.END_ID
-        assert ids[start - 1] == ASSISTANT_ID and sum(response) == num_symbols + 1
-
-
-def test_haystack_spreads_the_symbols():
-    rng = random.Random(0)
-    positions = []
-    for _ in range(40):
-        document = demo.make_chat(demo.DemoTaskConfig(num_symbols=3), 1000, rng)["messages"][0]["content"]
-        positions += [i / len(document) for i, c in enumerate(document) if c in demo.SYMBOLS]
-    assert min(positions) < 0.1 and max(positions) > 0.9  # anywhere in the haystack
-
-
-def test_chat_rejects_a_length_below_the_minimum():
-    task = demo.DemoTaskConfig(num_symbols=4)
-    with pytest.raises(ValueError, match="without filler"):
-        demo.make_chat(task, task.min_length() - 1, random.Random(0))
 
 
 def test_training_lengths_cover_every_step_and_spread_over_octaves():
@@ -74,20 +37,12 @@ def test_training_lengths_cover_every_step_and_spread_over_octaves():
     octaves = math.log2(config.seq_length / config.task.min_length())
     assert 0.5 / octaves < top_octave < 2 / octaves
     with pytest.raises(ValueError):
-        demo.sample_lengths(3, 10, 5, random.Random(0))
+        sample_lengths(3, 10, 5, random.Random(0))
 
 
-def test_context_free_loss():
-    assert demo.DemoTaskConfig(num_symbols=1).context_free_loss() == pytest.approx(math.log(len(demo.SYMBOLS)) / 2)
-    assert demo.DemoTaskConfig(num_symbols=2).context_free_loss() == pytest.approx(math.log(19 * 18 / 2) / 3)
-    assert demo.DemoTaskConfig(num_symbols=len(demo.SYMBOLS)).context_free_loss() == 0.0
-
-
-def test_context_free_guess_is_the_successor_rule():
-    ids = [ByteChatTokenizer.FIRST_BYTE_ID + ord(c) for c in demo.SYMBOLS]
-    assert demo.context_free_guess([]) == ids[0]
-    assert demo.context_free_guess([ids[0], ids[3]]) == ids[4]
-    assert demo.context_free_guess([ids[-1]]) == ids[-1]
+# ---------------------------------------------------------------------------------------------
+# Configuration and command line
+# ---------------------------------------------------------------------------------------------
 
 
 def test_inner_objectives_match_the_focusft_package():
@@ -96,102 +51,9 @@ def test_inner_objectives_match_the_focusft_package():
     assert demo.INNER_OBJECTIVES == INNER_OBJECTIVES
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation against an independent count
-# ---------------------------------------------------------------------------------------------
-
-
-class _Oracle(torch.nn.Module):
-    """Logits [b, s, vocab] whose argmax at t is a wrong token everywhere except where t predicts an
-    answer symbol: there it is the symbol, unless `wrong` (a set of (first token of the row's
-    answer, symbol index)) marks it. Answers are found from the <assistant> token, not from the
-    response flags the evaluation uses."""
-
-    def __init__(self, wrong: set[tuple[int, int]], num_symbols: int) -> None:
-        super().__init__()
-        self.wrong, self.k = wrong, num_symbols
-
-    def forward(self, tokens, position_ids, attention):
-        b, s = tokens.shape
-        target = torch.full((b, s), TOK.FIRST_BYTE_ID + ord("z"))  # never a symbol
-        for row in range(b):
-            at = tokens[row].tolist().index(ASSISTANT_ID)  # the logit at `at + j` predicts symbol j
-            for j in range(self.k):
-                right = int(tokens[row, at + 1 + j])
-                target[row, at + j] = right + 1 if (int(tokens[row, at + 1]), j) in self.wrong else right
-        return torch.nn.functional.one_hot(target, TOK.vocab_size).float() * 5.0
-
-
-class _Uniform(torch.nn.Module):
-    def forward(self, tokens, position_ids, attention):
-        return torch.zeros(*tokens.shape, TOK.vocab_size)
-
-
-def _eval_set(tmp_path, task, length=96, count=12):
-    path = demo.write_chats(tmp_path / "eval.jsonl", task, [length] * count, seed=3)
-    chats = [json.loads(line) for line in path.read_text().splitlines()]
-    return demo.load_eval_samples(path, length), chats
-
-
-@pytest.mark.parametrize("rows_per_batch", [1, 5])
-def test_accuracy_equals_an_independent_count(tmp_path, rows_per_batch):
-    task = demo.DemoTaskConfig(num_symbols=3)
-    samples, chats = _eval_set(tmp_path, task)
-    first = [TOK.FIRST_BYTE_ID + ord(c["answer"][0]) for c in chats]
-    distinct = sorted(set(first))
-    assert len(distinct) >= 4
-    # Answers starting with an even-ranked symbol get one wrong token; one odd-ranked gets two.
-    wrong = {(f, i % 3) for i, f in enumerate(distinct) if i % 2 == 0} | {(distinct[1], 1), (distinct[1], 2)}
-    # Independent count in character space.
-    marks = [[(f, j) in wrong for j in range(3)] for f in first]
-    expected_exact = sum(not any(m) for m in marks) / len(chats)
-    expected_tokens = sum(3 - sum(m) for m in marks) / (3 * len(chats))
-    assert 0 < expected_exact < 1
-    result = demo.evaluate(_Oracle(wrong, 3), samples, rows_per_batch=rows_per_batch)
-    assert result["answers"] == len(chats)
-    assert result["accuracy"] == pytest.approx(expected_exact)
-    assert result["token_accuracy"] == pytest.approx(expected_tokens)
-    perfect = demo.evaluate(_Oracle(set(), 3), samples, rows_per_batch=rows_per_batch)
-    assert perfect["accuracy"] == perfect["token_accuracy"] == 1.0
-
-
-def _baseline_by_hand(answer: str) -> list[bool]:
-    guesses = [demo.SYMBOLS[0]] + [demo.SYMBOLS[min(demo.SYMBOLS.index(c) + 1, len(demo.SYMBOLS) - 1)]
-                                   for c in answer[:-1]]
-    return [g == c for g, c in zip(guesses, answer)]
-
-
-def test_uniform_model_has_loss_log_vocab_and_the_baseline_is_counted_by_hand(tmp_path):
-    task = demo.DemoTaskConfig(num_symbols=1)  # the baseline is right when the symbol is "!"
-    samples, chats = _eval_set(tmp_path, task, count=40)
-    result = demo.evaluate(_Uniform(), samples, rows_per_batch=7)
-    assert result["response_loss"] == pytest.approx(math.log(TOK.vocab_size), rel=1e-6)
-    assert result["accuracy"] == 0.0  # argmax of equal logits is id 0 (padding), never a symbol
-    hand = [_baseline_by_hand(c["answer"]) for c in chats]
-    assert 0 < sum(map(all, hand)) < len(chats)
-    assert result["baseline_accuracy"] == pytest.approx(sum(map(all, hand)) / len(chats))
-
-
-def test_evaluate_refuses_samples_without_an_answer():
-    class NoAnswers:
-        def __len__(self):
-            return 1
-
-        def sample(self, i):
-            return torch.arange(8, 16), torch.zeros(8, dtype=torch.uint8)
-
-    with pytest.raises(ValueError, match="no answer"):
-        demo.evaluate(_Uniform(), NoAnswers())
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration and command line
-# ---------------------------------------------------------------------------------------------
-
-
 def test_config_validation_and_cli_flags():
     with pytest.raises(ValueError, match="num_symbols"):
-        demo.DemoTaskConfig(num_symbols=0)
+        DemoTaskConfig(num_symbols=0)
     with pytest.raises(ValueError, match="too short"):
         demo.DemoConfig(seq_length=8)
     with pytest.raises(ValueError, match="inner_objective"):
@@ -281,7 +143,7 @@ def test_short_demo_writes_results_plots_and_tensorboard(tmp_path):
     # The context-free guess, recounted by hand from the written evaluation data.
     for n in lengths:
         chats = [json.loads(line) for line in (out / "data" / f"eval_{n}.jsonl").read_text().splitlines()]
-        hand = [_baseline_by_hand(c["answer"]) for c in chats]
+        hand = [baseline_by_hand(c["answer"]) for c in chats]
         assert saved["baseline_accuracy_by_length"][n] == pytest.approx(sum(map(all, hand)) / len(chats))
         assert saved["baseline_token_accuracy_by_length"][n] == pytest.approx(
             sum(map(sum, hand)) / sum(map(len, hand)))

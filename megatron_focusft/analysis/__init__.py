@@ -1,1 +1,1 @@
-"""Attention analysis: sink mass and context engagement (spec: shared/specs/focusft.md, Metrics)."""
+"""Attention analysis: sink mass and context engagement (spec: shared/specs/focusft.md, Metrics); the demo's plots."""
