@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the NGC-based image and run the FocuSFT example inside it (one node, all GPUs).
-# The image keeps the container's torch, Transformer Engine and flash-attn (see Dockerfile).
+# The image keeps the container's torch, Transformer Engine and flash-attn and installs
+# megatron-focusft from its wheel with --no-deps (see Dockerfile and README "Container").
 set -euo pipefail
 IMAGE=${IMAGE:-megatron-focusft:latest}
 docker build -t "$IMAGE" .
