@@ -47,7 +47,7 @@ def _defaults(cls: type) -> argparse.Namespace:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_focusft.attention.backends import ATTENTION_BACKENDS
+    from megatron_focusft.attention.backends import attention_backend_names
     from megatron_focusft.bench.attention import DTYPES, FLOP_CONVENTION, AttentionBenchConfig
 
     parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=f"TFLOP/s convention: {FLOP_CONVENTION}.",
     )
-    attn.add_argument("--backend", choices=ATTENTION_BACKENDS, default=bench_defaults.backend,
+    attn.add_argument("--backend", choices=attention_backend_names(), default=bench_defaults.backend,
                       help="attention backend, timed as the model calls it (sdpa includes building its dense mask)")
     attn.add_argument("--mask", type=_mask_list, default=",".join(bench_defaults.masks),
                       help="mask kind(s), comma-separated")
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--seq-lengths", type=_int_list, default=",".join(map(str, step_defaults.seq_lengths)),
                       help="comma-separated sequence lengths")
     step.add_argument("--micro-batch-size", type=int, default=step_defaults.micro_batch_size, help="rows")
-    step.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=step_defaults.attention_backend,
+    step.add_argument("--attention-backend", choices=attention_backend_names(), default=step_defaults.attention_backend,
                       help="attention backend")
     step.add_argument("--inner-steps", type=int, default=step_defaults.inner_steps, help="FocuSFT inner steps")
     step.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")

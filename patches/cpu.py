@@ -102,7 +102,7 @@ def _clip_grad_by_total_norm_cpu(
 def _pos_emb_on_this_cp_rank_cpu(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
     """This CP rank's rows of a RoPE table: chunks r and 2cp-1-r of 2cp along seq_dim, in that order.
 
-    Megatron's selection (the load-balanced layout of parallel/context_parallel.py), with the
+    Megatron's selection (the load-balanced layout of attention/context_parallel.py and parallel/cp_layout.py), with the
     index tensor made on the table's device instead of pinned and copied to CUDA.
     """
     if cp_group is None:

@@ -1,1 +1,1 @@
-"""Attention analysis: sink mass and context engagement (spec: shared/specs/focusft.md, Metrics); the demo's plots."""
+"""Attention analysis: sink mass and context engagement (the FocuSFT paper's metrics, arXiv 2605.09932); the demo's plots."""

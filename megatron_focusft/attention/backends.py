@@ -1,35 +1,85 @@
-"""The attention backends, by name. Each computes masked attention for one SegmentMask.
+"""The attention backends: one registration each, the only list of them.
 
 Contract of a backend function: ``fn(query, key, value, mask, scale) -> out`` with
 query [b, hq, s, d], key/value [b, hkv, s, d] (hq a multiple of hkv: GQA), mask a SegmentMask
 of shape [b, s], out [b, hq, s, d]. Rows that see no key (padding) return zeros, never NaN.
+
+A new backend is one module holding its function plus one `register_attention_backend` call
+below; the model spec, context parallelism, the training flags and the CLI read the record.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from megatron_focusft.masks import SegmentMask
+from megatron_focusft.masks.flex import FLEX_BLOCK_SIZE
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SegmentMask, float], torch.Tensor]
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "te")
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """What the rest of the package needs to know about one backend.
+
+    name           the value of --attention-backend / --backend.
+    function       "module:attribute" of the backend function, imported on first use (optional
+                   dependencies such as Transformer Engine load only when chosen).
+    cp_path        the context-parallel path of attention/context_parallel.cp_attention that
+                   evaluates the same mask ("dense" | "flex"), None: no CP support.
+    chunk_multiple tokens a CP chunk must be a multiple of (whole flex tiles), 1: any.
+    cpu_backward   whether its gradient runs off CUDA (tests and benchmarks skip it otherwise).
+    help           one line for --help.
+    """
+
+    name: str
+    function: str
+    cp_path: str | None
+    chunk_multiple: int
+    cpu_backward: bool
+    help: str
+
+    def load(self) -> AttentionFn:
+        module, attribute = self.function.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_attention_backend(backend: AttentionBackend) -> AttentionBackend:
+    if backend.name in _BACKENDS:
+        raise ValueError(f"attention backend {backend.name!r} is registered already")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def attention_backend(name: str) -> AttentionBackend:
+    """The record of backend `name`; ValueError lists the registered ones."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {attention_backend_names()}")
+    return _BACKENDS[name]
+
+
+def attention_backend_names() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
 
 
 def get_attention_backend(name: str) -> AttentionFn:
     """The backend function called `name`; ImportError says what is missing for optional ones."""
-    if name == "sdpa":
-        from megatron_focusft.attention.sdpa import sdpa_attention
+    return attention_backend(name).load()
 
-        return sdpa_attention
-    if name == "flex":
-        from megatron_focusft.attention.flex import flex_attention_backend
 
-        return flex_attention_backend
-    if name == "te":
-        from megatron_focusft.attention.te import te_attention
-
-        return te_attention
-    raise ValueError(f"unknown attention backend {name!r}; expected one of {ATTENTION_BACKENDS}")
+register_attention_backend(AttentionBackend(
+    "sdpa", "megatron_focusft.attention.sdpa:sdpa_attention", cp_path="dense", chunk_multiple=1, cpu_backward=True,
+    help="torch scaled_dot_product_attention on the dense mask (any device; the reference path)"))
+register_attention_backend(AttentionBackend(
+    "flex", "megatron_focusft.attention.flex:flex_attention_backend", cp_path="flex", chunk_multiple=FLEX_BLOCK_SIZE,
+    cpu_backward=False, help="torch FlexAttention with an exact BlockMask (compiled on CUDA; forward only on CPU)"))
+register_attention_backend(AttentionBackend(
+    "te", "megatron_focusft.attention.te:te_attention", cp_path=None, chunk_multiple=1, cpu_backward=False,
+    help="Transformer Engine fused attention over varlen runs (needs transformer_engine; no CP)"))

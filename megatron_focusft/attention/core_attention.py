@@ -13,12 +13,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_focusft.attention.backends import get_attention_backend
+from megatron_focusft.attention.backends import attention_backend, attention_backend_names
+from megatron_focusft.attention.context_parallel import cp_attention
 from megatron_focusft.masks import SegmentMask, segment_mask
-from megatron_focusft.parallel.context_parallel import cp_attention
-
-# Our backend name -> the context-parallel attention path that evaluates the same mask.
-_CP_BACKENDS = {"sdpa": "dense", "flex": "flex"}
 
 
 class SegmentCoreAttention(MegatronModule):
@@ -29,10 +26,10 @@ class SegmentCoreAttention(MegatronModule):
     Llama-style models train without it); the config must set attention_dropout = 0.
 
     Context parallelism (context_parallel_size = cp > 1): the activations hold this rank's
-    s = S / cp tokens (load-balanced chunks r and 2cp-1-r, see parallel/cp_batch.py) while the
+    s = S / cp tokens (load-balanced chunks r and 2cp-1-r, see data/cp_split.py) while the
     mask stays GLOBAL, [b, S]. K/V are all-gathered over the CP group (cp_attention), whatever
     `cp_comm_type` says: Megatron's ring/a2a paths take no custom mask. sdpa runs the dense
-    path, flex the BlockMask path; te has no CP path.
+    path, flex the BlockMask path (each backend's record names its `cp_path`); te has none.
     """
 
     def __init__(
@@ -55,11 +52,12 @@ class SegmentCoreAttention(MegatronModule):
         if config.apply_query_key_layer_scaling:
             raise ValueError("SegmentCoreAttention does not support apply_query_key_layer_scaling")
         self.cp_group = None
+        self.backend = attention_backend(backend)
         if config.context_parallel_size > 1:
-            if backend not in _CP_BACKENDS:
+            if self.backend.cp_path is None:
                 raise ValueError(f"attention backend {backend!r} has no context-parallel path; with "
                                  f"context_parallel_size = {config.context_parallel_size} use one of "
-                                 f"{sorted(_CP_BACKENDS)}")
+                                 f"{sorted(_cp_capable())}")
             cp_group = getattr(pg_collection, "cp", None)
             if cp_group is None:
                 cp_group = parallel_state.get_context_parallel_group()
@@ -68,8 +66,7 @@ class SegmentCoreAttention(MegatronModule):
                                  f"process group has {dist.get_world_size(cp_group)} ranks")
             self.cp_group = cp_group
         self.layer_number = layer_number
-        self.backend_name = backend
-        self.attention_fn = get_attention_backend(backend)
+        self.attention_fn = self.backend.load()
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         tp_size = config.tensor_model_parallel_size
@@ -107,5 +104,9 @@ class SegmentCoreAttention(MegatronModule):
             out = self.attention_fn(q, k, v, mask, self.softmax_scale)
         else:
             out = cp_attention(q, k, v, mask, self.softmax_scale, self.cp_group,
-                               backend=_CP_BACKENDS[self.backend_name])
+                               backend=self.backend.cp_path)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+
+def _cp_capable() -> list[str]:
+    return [name for name in attention_backend_names() if attention_backend(name).cp_path is not None]

@@ -15,14 +15,12 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from megatron_focusft.masks import SegmentMask
-from megatron_focusft.masks.flex import flex_block_mask
-
-DEFAULT_BLOCK_SIZE = 128
+from megatron_focusft.masks.flex import FLEX_BLOCK_SIZE, flex_block_mask
 
 _compiled_flex_attention: Callable[..., torch.Tensor] | None = None
 
 
-def _flex_attention_for(device: torch.device) -> Callable[..., torch.Tensor]:
+def flex_attention_for(device: torch.device) -> Callable[..., torch.Tensor]:
     """Compiled flex_attention on CUDA (compiled once, on first use), eager elsewhere."""
     global _compiled_flex_attention
     if device.type != "cuda":
@@ -39,7 +37,7 @@ def flex_attention_backend(
     mask: SegmentMask,
     scale: float,
     *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = FLEX_BLOCK_SIZE,
 ) -> torch.Tensor:
     """query [b, hq, s, d], key/value [b, hkv, s, d] (hq a multiple of hkv) -> [b, hq, s, d].
 
@@ -47,7 +45,7 @@ def flex_attention_backend(
     does not rest on how a given kernel version treats fully masked rows.
     """
     block_mask = flex_block_mask(mask, block_size)
-    attend = _flex_attention_for(query.device)
+    attend = flex_attention_for(query.device)
     with warnings.catch_warnings():
         # Eager flex warns once that it materialises the scores instead of fusing a kernel;
         # off CUDA that is the intended path (short test lengths), so only that warning goes.

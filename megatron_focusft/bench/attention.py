@@ -86,7 +86,7 @@ def count_visible_pairs(mask: SegmentMask) -> int:
 
 def bench_attention_case(config: AttentionBenchConfig, kind: str, seq_length: int) -> dict[str, Any]:
     """Time one (mask kind, seq length) case; never raises for OOM (reported in 'error')."""
-    from megatron_focusft.attention.backends import get_attention_backend
+    from megatron_focusft.attention.backends import attention_backend, get_attention_backend
     from megatron_focusft.data.synthetic import benchmark_layout
 
     device = torch.device(config.device)
@@ -110,9 +110,9 @@ def bench_attention_case(config: AttentionBenchConfig, kind: str, seq_length: in
     scale = 1.0 / math.sqrt(d)
     # FlexAttention refuses CPU inputs that require grad ("does not support backward on CPU"),
     # so on CPU it is timed as an inference forward and its backward is reported as skipped.
-    backward = not (config.backend == "flex" and device.type == "cpu")
+    backward = device.type == "cuda" or attention_backend(config.backend).cpu_backward
     if not backward:
-        result["fwd_bwd_skipped"] = "FlexAttention has no backward on CPU; forward timed without grad"
+        result["fwd_bwd_skipped"] = f"{config.backend} has no backward on CPU; forward timed without grad"
     result["fwd_mode"] = "training (inputs require grad)" if backward else "inference (no grad)"
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the previous case's tensors are gone; start from a clean pool

@@ -11,6 +11,7 @@ full activation recomputation (uniform groups of that many layers) for every ste
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ import torch
 
 from megatron_focusft.data.batch import SegmentBatch, make_batch
 from megatron_focusft.data.synthetic import benchmark_layout
+from megatron_focusft.engine.loss import masked_token_loss
+from megatron_focusft.engine.split_model import embed, forward_layers, lm_head_loss
+from megatron_focusft.engine.train_step import ForwardStep
 from megatron_focusft.runtime import device_name, median_ms
 
 
@@ -50,35 +54,30 @@ def _batch(seq_length: int, micro_batch_size: int, vocab_size: int, device: torc
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (micro_batch_size, seq_length), generator=g)
     batch = make_batch(tokens, layout["doc_ids"], layout["loss_mask"], mask_kind="focusft")
-    if device.type == "cpu":
-        return batch
-    return SegmentBatch(*(t.to(device) for t in (batch.tokens, batch.labels, batch.loss_mask, batch.response,
-                                                  batch.doc_ids, batch.position_ids)), batch.attention.to(device))
+    return batch if device.type == "cpu" else batch.to(device)
 
 
-def _scored_head_sft_step(data_iterator, model):
+class _ScoredHeadSftStep(ForwardStep):
     """SFT forward step whose LM head runs on loss positions only (same loss as the standard one)."""
-    import functools
 
-    from megatron_focusft.focusft.split_model import embed, forward_layers, lm_head_loss
-    from megatron_focusft.training.loss import masked_token_loss
-
-    batch = next(data_iterator)
-    gpt = model.module
-    hidden, rotary = embed(gpt, batch.tokens, batch.position_ids)
-    hidden = forward_layers(gpt, hidden, batch.attention, rotary, range(len(gpt.decoder.layers)))
-    loss = lm_head_loss(gpt, hidden, batch.labels, batch.loss_mask.bool())
-    return loss, functools.partial(masked_token_loss, loss_mask=batch.loss_mask)
+    def __call__(self, data_iterator, model):
+        batch = next(data_iterator)
+        gpt = model.module
+        hidden, rotary = embed(gpt, batch.tokens, batch.position_ids)
+        hidden = forward_layers(gpt, hidden, batch.attention, rotary, range(len(gpt.decoder.layers)))
+        loss = lm_head_loss(gpt, hidden, batch.labels, batch.loss_mask.bool())
+        return loss, functools.partial(masked_token_loss, loss_mask=batch.loss_mask)
 
 
 def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any]]:
     """One JSON-able record per sequence length; parallel state must be initialised."""
+    from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.engine.train_step import train_step
     from megatron_focusft.fastweights.config import FastWeightConfig
     from megatron_focusft.fastweights.linear import fast_weight_layout
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron_focusft.models.presets import get_preset
-    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
-    from megatron_focusft.training.sft import train_step
+    from megatron_focusft.sft import sft_forward_step
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(config.seed)
@@ -88,7 +87,7 @@ def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any
         preset=config.preset, attention_backend=config.attention_backend, bf16=config.bf16, fast_weights=fast,
         recompute_granularity="full" if recompute else None, recompute_method="uniform" if recompute else None,
         recompute_num_layers=recompute or None))
-    optimizer = build_optimizer(model, OptimizerSetup(lr=1e-5), bf16=config.bf16)
+    optimizer = build_optimizer(model, OptimizerSetup(), bf16=config.bf16)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     focusft = FocusftConfig(inner_steps=config.inner_steps, fast_weights=fast)
     fast_weights = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed, dtype=dtype)
@@ -96,8 +95,8 @@ def run_bench_step(config: StepBenchConfig, as_json: bool) -> list[dict[str, Any
     records = []
     for seq_length in config.seq_lengths:
         batch = _batch(seq_length, config.micro_batch_size, get_preset(config.preset).vocab_size, device, config.seed)
-        sft_ms, sft_gib = _timed(lambda: train_step(model, optimizer, [batch]), config, device)
-        scored_ms, scored_gib = _timed(lambda: train_step(model, optimizer, [batch], forward_step=_scored_head_sft_step),
+        sft_ms, sft_gib = _timed(lambda: train_step(model, optimizer, [batch], sft_forward_step), config, device)
+        scored_ms, scored_gib = _timed(lambda: train_step(model, optimizer, [batch], forward_step=_ScoredHeadSftStep()),
                                        config, device)
         focusft_ms, focusft_gib = _timed(lambda: train_step(model, optimizer, [batch], forward_step=focusft_step),
                                          config, device)

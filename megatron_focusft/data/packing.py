@@ -174,13 +174,3 @@ def micro_batches(packed: PackedChats, config: PackingConfig, *, dp_rank: int = 
         mine = [first + dp_rank * b + i for i in range(b)]
         tokens, doc_ids, response = packed.row_tensors([r if r < packed.num_rows else None for r in mine])
         yield make_batch(tokens, doc_ids, response, mask_kind=config.mask_kind)
-
-
-def epoch_micro_batches(samples: ChatSamples, config: PackingConfig, *, dp_rank: int = 0, dp_size: int = 1,
-                        first_epoch: int = 0) -> Iterator[tuple[int, SegmentBatch]]:
-    """Endless (epoch, micro-batch) stream, repacking with a new shuffle every epoch."""
-    epoch = first_epoch
-    while True:
-        yield from ((epoch, batch) for batch in micro_batches(pack_chats(samples, config, epoch), config,
-                                                              dp_rank=dp_rank, dp_size=dp_size))
-        epoch += 1

@@ -8,17 +8,13 @@ from megatron_focusft.fastweights.linear import (
     FastWeightRowParallelLinear,
     FastWeightShape,
     bind_fast_weights,
-    check_fast_weights,
     fast_weight_layout,
     fast_weight_modules,
     init_fast_weights,
-    sample_index_from_doc_ids,
-    select_samples,
     shard_fast_weights,
-    unshard_fast_weights,
 )
-from megatron_focusft.fastweights.segmented import TokenGroups, segmented_lora, segmented_matmul
-from megatron_focusft.fastweights.spec import get_fast_weight_block_spec, with_fast_weights
+from megatron_focusft.fastweights.segmented import TokenGroups, segmented_matmul
+from megatron_focusft.fastweights.spec import with_fast_weights
 
 __all__ = [
     "SHARD_DIMS",
@@ -30,17 +26,11 @@ __all__ = [
     "TokenGroups",
     "adapted_layer_numbers",
     "bind_fast_weights",
-    "check_fast_weights",
     "fast_weight_layout",
     "fast_weight_modules",
-    "get_fast_weight_block_spec",
     "init_fast_weights",
-    "sample_index_from_doc_ids",
-    "segmented_lora",
     "segmented_matmul",
-    "select_samples",
     "shard_fast_weights",
     "target_projections",
-    "unshard_fast_weights",
     "with_fast_weights",
 ]

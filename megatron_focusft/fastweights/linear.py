@@ -54,7 +54,6 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_focusft.fastweights.config import TARGETS, FastWeightConfig, adapted_layer_numbers, target_projections
 from megatron_focusft.fastweights.segmented import TokenGroups, segmented_matmul
-from megatron_focusft.parallel.tensor_parallel import unshard
 
 FastWeightKey = tuple[int, str]  # (Megatron layer number, projection)
 TensorPair = tuple[torch.Tensor, torch.Tensor]  # (A, B)
@@ -73,7 +72,7 @@ class FastWeightBinding:
 
     sample_index  [b, s] long on the activations' device, the micro-batch's sample of each
                   token (0..n-1 across the whole micro-batch, not per row; -1 = no sample, no
-                  adapter). `sample_index_from_doc_ids` builds it from per-row document ids.
+                  adapter). SegmentBatch.sample_index holds it (data/batch.py).
     weights       key -> (A [n, r, in_local], B [n, out_local, r]) for every adapted linear of
                   the model (keys of layers this pipeline stage does not hold are ignored).
     Tokens are grouped by sample here, once for all layers.
@@ -266,7 +265,7 @@ def fast_weight_modules(model: torch.nn.Module) -> list[FastWeightLinear]:
                 if isinstance(m, _FastWeightSlot) and m.fast_weight_layer != layer.layer_number:
                     raise ValueError(f"a fast-weight {m.fast_weight_target} built for layer {m.fast_weight_layer} "
                                      f"sits in layer {layer.layer_number}: build the model with "
-                                     "get_fast_weight_block_spec (one spec per layer)")
+                                     "get_decoder_block_spec (one spec per layer)")
     return modules
 
 
@@ -275,11 +274,11 @@ def bind_fast_weights(model: torch.nn.Module, binding: FastWeightBinding) -> Ite
     """Attach `binding` to every fast-weight linear of `model` for the body of the `with`.
 
     A backward after the `with` only uses saved tensors; activation recomputation re-binds
-    (focusft/split_model.forward_layers).
+    (engine/split_model.forward_layers).
     """
     modules = fast_weight_modules(model)
     if not modules:
-        raise ValueError("the model has no fast-weight linears: build it with get_fast_weight_block_spec")
+        raise ValueError("the model has no fast-weight linears: build it with get_decoder_block_spec")
     for m in modules:
         if m._binding is not None:
             raise RuntimeError("fast weights are already bound to this model")
@@ -296,16 +295,6 @@ def bind_fast_weights(model: torch.nn.Module, binding: FastWeightBinding) -> Ite
 def bound_fast_weights(model: torch.nn.Module) -> FastWeightBinding | None:
     """The binding attached to `model`'s fast-weight linears (None: unbound or no such linears)."""
     return next((m._binding for m in model.modules() if isinstance(m, _FastWeightSlot)), None)
-
-
-def sample_index_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Micro-batch-wide sample index [b, s] from per-row document ids [b, s] (-1 stays -1).
-
-    Row i's documents are numbered after those of rows 0..i-1 (each row counts max + 1).
-    """
-    per_row = (doc_ids.max(dim=1).values + 1).clamp(min=0)
-    offsets = torch.cumsum(per_row, 0) - per_row
-    return torch.where(doc_ids >= 0, doc_ids + offsets[:, None], doc_ids)
 
 
 # --- Unsharded fast weights: layout, initialisation, sharding -------------------------------
@@ -377,32 +366,6 @@ def init_fast_weights(
     return weights
 
 
-def check_fast_weights(
-    layout: Sequence[FastWeightShape], weights: Mapping[FastWeightKey, TensorPair], rank: int
-) -> None:
-    """Raises unless `weights` (e.g. supplied by the caller) are unsharded fast weights for `layout`."""
-    expected = {shape.key: shape for shape in layout}
-    if set(weights) != set(expected):
-        raise KeyError(f"fast weights for {sorted(weights)}, expected {sorted(expected)}")
-    sizes = set()
-    for key, (A, B) in weights.items():
-        shape = expected[key]
-        n = A.shape[0]
-        sizes.add(n)
-        if tuple(A.shape) != (n, rank, shape.in_features) or tuple(B.shape) != (n, shape.out_features, rank):
-            raise ValueError(f"fast weights of {key}: expected A [n, {rank}, {shape.in_features}] and B "
-                             f"[n, {shape.out_features}, {rank}], got {tuple(A.shape)} and {tuple(B.shape)}")
-    if len(sizes) > 1:
-        raise ValueError(f"fast weights hold different numbers of samples: {sorted(sizes)}")
-
-
-def select_samples(weights: Mapping[FastWeightKey, TensorPair], samples: Sequence[int]) -> FastWeights:
-    """The fast weights of some samples, renumbered 0..len(samples)-1 in the given order."""
-    index = torch.tensor(list(samples), dtype=torch.long)
-    return {key: (A.index_select(0, index.to(A.device)), B.index_select(0, index.to(B.device)))
-            for key, (A, B) in weights.items()}
-
-
 def shard_fast_weights(weights: Mapping[FastWeightKey, TensorPair], tp_rank: int, tp_size: int) -> FastWeights:
     """This rank's local fast weights from unsharded ones (differentiable views; see SHARD_DIMS)."""
     local: FastWeights = {}
@@ -417,19 +380,3 @@ def shard_fast_weights(weights: Mapping[FastWeightKey, TensorPair], tp_rank: int
             pair.append(tensor.chunk(tp_size, dim=dim)[tp_rank])
         local[key] = (pair[0], pair[1])
     return local
-
-
-def unshard_fast_weights(per_rank: Sequence[Mapping[FastWeightKey, TensorPair]]) -> FastWeights:
-    """Unsharded tensors (e.g. gradients) from every rank's local ones, rank order.
-
-    Replicated tensors are taken from rank 0 (with the gradient convention above they are the
-    same on every rank).
-    """
-    full: FastWeights = {}
-    for key in per_rank[0]:
-        pair = []
-        for i, dim in enumerate(SHARD_DIMS[key[1]]):
-            shards = [rank_weights[key][i] for rank_weights in per_rank]
-            pair.append(shards[0] if dim is None else unshard(shards, dim))
-        full[key] = (pair[0], pair[1])
-    return full

@@ -78,16 +78,3 @@ def add_segmented_lora(
     h = segmented_matmul(rows, groups, A)
     y = segmented_matmul(h, groups, B)
     return base.index_add(0, groups.order, y, alpha=scale)
-
-
-def segmented_lora(
-    x: torch.Tensor, sample_of_token: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """The adapter term alone: [T, out], row t = scale * x[t] A_s^T B_s^T with s = sample_of_token[t], 0 where s = -1.
-
-    x [T, in], sample_of_token [T] long, A [n, r, in], B [n, out, r].
-    """
-    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
-        raise ValueError(f"A must be [n, r, in] and B [n, out, r]; got {tuple(A.shape)} and {tuple(B.shape)}")
-    groups = TokenGroups.from_sample_index(sample_of_token, A.shape[0])
-    return add_segmented_lora(x.new_zeros((x.shape[0], B.shape[1])), x, groups, A, B, scale)

@@ -1,7 +1,7 @@
-"""Layer and block specs whose adapted linears carry per-sample fast weights.
+"""A layer spec whose adapted linears carry per-sample fast weights.
 
-Only the linear slots named by FastWeightConfig.targets are swapped, and only in the top
-`layer_fraction` of the layers; everything else stays the given base spec.
+Only the linear slots named by FastWeightConfig.targets are swapped; which layers are adapted
+(the top `layer_fraction`) is chosen where the block spec is assembled (models/spec.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,8 @@ import functools
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_focusft.attention.spec import final_norm
-from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
+from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.fastweights.linear import FastWeightColumnParallelLinear, FastWeightRowParallelLinear
 
 # target -> (the submodules holder, its field, the base class the slot must hold, our subclass)
@@ -63,27 +59,3 @@ def with_fast_weights(layer_spec: ModuleSpec, config: FastWeightConfig, layer_nu
                                     fast_weight_config=config)
         setattr(spec.submodules, holder_name, _with_slot(holder, field, builder))
     return spec
-
-
-def get_fast_weight_block_spec(
-    layer_spec: ModuleSpec,
-    model_config: TransformerConfig,
-    config: FastWeightConfig,
-    *,
-    vp_stage: int | None = None,
-    pp_rank: int | None = None,
-) -> TransformerBlockSubmodules:
-    """Decoder block spec (GPTModel's `transformer_layer_spec`): fast weights in the top layers only.
-
-    Layers adapted_layer_numbers(L, config.layer_fraction) get `with_fast_weights`, the others
-    `layer_spec` unchanged. Like get_gpt_decoder_block_spec, the list is sliced to this pipeline
-    stage's layers; the final norm is attention.spec.final_norm(layer_spec).
-    """
-    if model_config.pipeline_model_parallel_layout is not None:
-        raise NotImplementedError("a pipeline_model_parallel_layout is not supported with fast weights yet")
-    adapted = set(adapted_layer_numbers(model_config.num_layers, config.layer_fraction))
-    specs = [with_fast_weights(layer_spec, config, number) if number in adapted else layer_spec
-             for number in range(1, model_config.num_layers + 1)]
-    offset = get_transformer_layer_offset(model_config, vp_stage=vp_stage, pp_rank=pp_rank)
-    count = get_num_layers_to_build(model_config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=final_norm(layer_spec))

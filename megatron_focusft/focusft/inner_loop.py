@@ -7,7 +7,7 @@ are then applied per sample.
 
 Context parallelism: a sample's tokens may lie on several CP ranks (or none of this rank's).
 Fast weights are replicated over the CP group and numbered globally (see
-parallel/cp_batch.sample_index_for_cp). Per-sample sums and target counts are all-reduced over
+SegmentBatch.sample_index). Per-sample sums and target counts are all-reduced over
 CP before any division; each rank differentiates its tokens' share of every sample's token-mean
 loss (the K/V gather's backward already brings the other ranks' queries' share into its keys),
 and the fast-weight gradients are summed over CP before clipping; so every CP rank takes the
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from megatron_focusft.engine.split_model import forward_layers, lm_head_loss
 from megatron_focusft.fastweights.linear import SHARD_DIMS, FastWeightBinding, FastWeights, bind_fast_weights
 from megatron_focusft.focusft.config import FocusftConfig
-from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss
 from megatron_focusft.masks import SegmentMask
+from megatron_focusft.parallel.context import ParallelContext
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ def per_sample_sums(
 
 
 def per_sample_loss(
-    token_loss: torch.Tensor, targets: torch.Tensor, sample_index: torch.Tensor, num_samples: int
+    token_loss: torch.Tensor, targets: torch.Tensor, sample_index: torch.Tensor, num_samples: int,
+    parallel: ParallelContext,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-mean loss of each sample over the whole sequence: [b, s] inputs -> (mean [n], count [n]).
 
@@ -77,39 +78,23 @@ def per_sample_loss(
     value, with no gradient); without CP the mean is differentiable.
     """
     sums, counts = per_sample_sums(token_loss, targets, sample_index, num_samples)
-    if _cp_size() > 1:
-        sums, counts = cp_all_reduce(sums.detach().clone()), cp_all_reduce(counts)
+    if parallel.cp_size > 1:
+        sums, counts = parallel.cp_all_reduce(sums.detach().clone()), parallel.cp_all_reduce(counts)
     return sums / counts.clamp(min=1), counts
 
 
-def tp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
-    return tensor
-
-
-def _cp_size() -> int:
-    return parallel_state.get_context_parallel_world_size()
-
-
-def cp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    if _cp_size() > 1:
-        dist.all_reduce(tensor, op=op, group=parallel_state.get_context_parallel_group())
-    return tensor
-
-
-def cp_sum_gradients(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+def cp_sum_gradients(grads: list[torch.Tensor], parallel: ParallelContext) -> list[torch.Tensor]:
     """Each CP rank's partial fast-weight gradients -> their sum, in one fp32 all-reduce."""
-    if _cp_size() == 1:
+    if parallel.cp_size == 1:
         return grads
-    flat = cp_all_reduce(torch.cat([g.reshape(-1).float() for g in grads]))
+    flat = parallel.cp_all_reduce(torch.cat([g.reshape(-1).float() for g in grads]))
     return [part.view_as(g).to(g.dtype) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
-def per_sample_sq_norms(local: torch.Tensor, sharded: bool) -> torch.Tensor:
+def per_sample_sq_norms(local: torch.Tensor, sharded: bool, parallel: ParallelContext) -> torch.Tensor:
     """Squared L2 norm of each sample's tensor [n, ...] -> [n]; a TP-sharded tensor's is global."""
     sq = local.float().pow(2).flatten(1).sum(dim=1)
-    return tp_all_reduce(sq) if sharded else sq
+    return parallel.tp_all_reduce(sq) if sharded else sq
 
 
 def is_sharded(key: tuple[int, str]) -> tuple[bool, bool]:
@@ -136,13 +121,13 @@ def frozen_slow_weights(model: GPTModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def update_sq_norm(initial: FastWeights, adapted: FastWeights) -> torch.Tensor:
+def update_sq_norm(initial: FastWeights, adapted: FastWeights, parallel: ParallelContext) -> torch.Tensor:
     """Squared L2 norm (fp32 scalar on the CPU), over all samples and of this rank's tensors, of
     adapted - initial fast weights; a TP-sharded tensor counts whole."""
     total = torch.zeros((), dtype=torch.float32)
     for key, pair in adapted.items():
         for new, old, shard in zip(pair, initial[key], is_sharded(key)):
-            total = total + per_sample_sq_norms(new - old.detach(), shard).sum().cpu()
+            total = total + per_sample_sq_norms(new - old.detach(), shard, parallel).sum().cpu()
     return total
 
 
@@ -156,7 +141,7 @@ def non_finite_gradients(grads: list[torch.Tensor], num_samples: int) -> torch.T
 
 def sgd_step(
     tensors: dict[tuple[int, str], list[torch.Tensor]], grads: list[torch.Tensor], update: torch.Tensor,
-    config: FocusftConfig,
+    config: FocusftConfig, parallel: ParallelContext,
 ) -> dict[tuple[int, str], list[torch.Tensor]]:
     """One inner SGD step on this rank's fast-weight shards, per sample and per tensor.
 
@@ -171,7 +156,7 @@ def sgd_step(
         for tensor, shard in zip(pair, is_sharded(key)):
             g = next(grad_iter)
             if config.inner_grad_clip > 0:
-                norm = per_sample_sq_norms(g, shard).sqrt()
+                norm = per_sample_sq_norms(g, shard, parallel).sqrt()
                 scale = torch.where(norm > config.inner_grad_clip,
                                     config.inner_grad_clip / (norm + 1e-12), torch.ones_like(norm))
                 g = g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
@@ -191,6 +176,7 @@ def run_inner_loop(
     sample_index: torch.Tensor,
     initial: FastWeights,
     config: FocusftConfig,
+    parallel: ParallelContext,
 ) -> InnerLoopResult:
     """`config.inner_steps` SGD steps on this rank's fast-weight shards.
 
@@ -200,7 +186,7 @@ def run_inner_loop(
     n = next(iter(initial.values()))[0].shape[0]
     device = hidden.device
     # Targets of the whole sequence: a sample may have targets on other CP ranks only.
-    counts = cp_all_reduce(torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n))
+    counts = parallel.cp_all_reduce(torch.bincount(sample_index[objective.targets & (sample_index >= 0)], minlength=n))
     has_targets = counts > 0
     keys = list(initial)
     tensors = {key: [t.detach().clone() for t in initial[key]] for key in keys}
@@ -219,20 +205,20 @@ def run_inner_loop(
             sums, _ = per_sample_sums(token_loss, objective.targets, sample_index, n)
             # This rank's share of each sample's token mean (the whole mean without CP).
             local_loss = sums / counts.clamp(min=1)
-            loss = cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
+            loss = parallel.cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
             finite_loss = torch.isfinite(loss)
             total = torch.where(finite_loss & has_targets, local_loss, torch.zeros_like(local_loss)).sum()
             flat = [t for key in keys for t in leaves[key]]
             # Every CP rank must run this backward: it holds the K/V gather's reduce-scatter.
             grads = torch.autograd.grad(total, flat, allow_unused=True)
-        grads = cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)])
+        grads = cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)], parallel)
         # A sample whose loss or gradient is not finite skips this step, on every TP and CP rank
         # alike (fast weights are replicated over CP and must stay identical).
         bad = ~finite_loss | non_finite_gradients(grads, n)
-        bad = tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX)
-        bad = cp_all_reduce(bad, dist.ReduceOp.MAX).bool()
+        bad = parallel.tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX)
+        bad = parallel.cp_all_reduce(bad, dist.ReduceOp.MAX).bool()
         update = has_targets & ~bad
         skipped += (has_targets & bad).long()
         losses[step] = torch.where(has_targets, loss.detach(), torch.zeros_like(loss))
-        tensors = sgd_step(leaves, grads, update, config)
+        tensors = sgd_step(leaves, grads, update, config, parallel)
     return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)

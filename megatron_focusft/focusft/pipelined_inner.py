@@ -26,18 +26,25 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.engine.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.fastweights.linear import FastWeightBinding, FastWeights, bind_fast_weights
 from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
-    InnerLoopResult, InnerTargets, cp_all_reduce, cp_sum_gradients, tp_all_reduce, frozen_slow_weights,
-    non_finite_gradients, per_sample_loss, per_sample_sums, sgd_step, update_sq_norm,
+    InnerLoopResult,
+    InnerTargets,
+    cp_sum_gradients,
+    frozen_slow_weights,
+    non_finite_gradients,
+    per_sample_loss,
+    per_sample_sums,
+    sgd_step,
+    update_sq_norm,
 )
-from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
+from megatron_focusft.parallel.context import ParallelContext
 
 
 class _Relay(torch.autograd.Function):
@@ -90,7 +97,7 @@ class MicroBatchInner:
 
 
 def _stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range,
-                   weights: dict[tuple[int, str], list[torch.Tensor]]) -> torch.Tensor:
+                   weights: dict[tuple[int, str], list[torch.Tensor]], parallel: ParallelContext) -> torch.Tensor:
     """This stage's part of one inner forward: [s, b, h] for the next stage, or the loss on the last."""
     batch = state.batch
     hidden_in, rotary = stage_input(gpt, batch.tokens, batch.position_ids)
@@ -112,7 +119,7 @@ def _stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: ra
     token_loss = lm_head_loss(gpt, out, batch.labels, state.objective.targets)
     sums, _ = per_sample_sums(token_loss, state.objective.targets, state.sample_index, state.num_samples)
     local_loss = sums / state.counts.clamp(min=1)  # this CP rank's share of each sample's token mean
-    state.step_loss = cp_all_reduce(sums.detach().clone()) / state.counts.clamp(min=1)
+    state.step_loss = parallel.cp_all_reduce(sums.detach().clone()) / state.counts.clamp(min=1)
     keep = torch.isfinite(state.step_loss) & state.has_targets
     return torch.where(keep, local_loss, torch.zeros_like(local_loss)).sum()
 
@@ -137,13 +144,8 @@ def _schedule(model: torch.nn.Module, states: list[MicroBatchInner], forward_onl
         config.finalize_model_grads_func = finalize
 
 
-def _pp_all_reduce(tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    dist.all_reduce(tensor, op=op, group=parallel_state.get_pipeline_model_parallel_group())
-    return tensor
-
-
 def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInner], bottom: range, top: range,
-                             config: FocusftConfig) -> None:
+                             config: FocusftConfig, parallel: ParallelContext) -> None:
     """`config.inner_steps` SGD steps of every micro-batch's fast weights (module doc); fills `states`."""
     gpt = model.module if hasattr(model, "module") else model
     last = gpt.post_process
@@ -152,45 +154,49 @@ def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInne
             for state in states:
                 state.leaves = {key: [t.detach().requires_grad_(True) for t in pair]
                                 for key, pair in state.tensors.items()}
-            _schedule(model, states, False, lambda s: _stage_forward(gpt, s, bottom, top, s.leaves))
+            _schedule(model, states, False, lambda s: _stage_forward(gpt, s, bottom, top, s.leaves, parallel))
             bad = []
             for state in states:
                 flat = [t for pair in state.leaves.values() for t in pair]
-                grads = cp_sum_gradients([torch.zeros_like(t) if t.grad is None else t.grad for t in flat])
+                grads = cp_sum_gradients([torch.zeros_like(t) if t.grad is None else t.grad for t in flat], parallel)
                 flags = non_finite_gradients(grads, state.num_samples).to(state.counts.device)
                 if last:
                     flags |= ~torch.isfinite(state.step_loss)
                 bad.append(flags.to(torch.int32))
                 state.grads = grads
             # One agreement for all micro-batches: a sample skips on every stage and rank alike.
-            agreed = _pp_all_reduce(cp_all_reduce(tp_all_reduce(torch.cat(bad), dist.ReduceOp.MAX),
-                                                   dist.ReduceOp.MAX), dist.ReduceOp.MAX).bool()
+            agreed = torch.cat(bad)
+            for all_reduce in (parallel.tp_all_reduce, parallel.cp_all_reduce, parallel.pp_all_reduce):
+                agreed = all_reduce(agreed, dist.ReduceOp.MAX)
+            agreed = agreed.bool()
             for state, skip in zip(states, agreed.split([s.num_samples for s in states])):
                 update = state.has_targets & ~skip
                 state.skipped += (state.has_targets & skip).long()
                 if last:
                     state.losses[step] = torch.where(state.has_targets, state.step_loss, torch.zeros_like(state.step_loss))
-                state.tensors = sgd_step(state.leaves, state.grads, update, config) if state.leaves else state.tensors
+                state.tensors = sgd_step(state.leaves, state.grads, update, config, parallel) if state.leaves else state.tensors
                 state.grads = []
         if config.inner_objective == "context":
             with torch.no_grad():
-                _schedule(model, states, True, lambda s: _after_forward(gpt, s, bottom, top))
+                _schedule(model, states, True, lambda s: _after_forward(gpt, s, bottom, top, parallel))
     # Each stage holds its own layers' fast weights: the squared norms add up over the stages.
-    squares = torch.stack([update_sq_norm(s.initial, s.tensors) for s in states])
-    norms = _pp_all_reduce(squares.to(states[0].counts.device)).sqrt().cpu()
+    squares = torch.stack([update_sq_norm(s.initial, s.tensors, parallel) for s in states])
+    norms = parallel.pp_all_reduce(squares.to(states[0].counts.device)).sqrt().cpu()
     for state, norm in zip(states, norms):
         state.update_norm = norm
 
 
-def _after_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range) -> torch.Tensor:
+def _after_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range,
+                   parallel: ParallelContext) -> torch.Tensor:
     """Forward-only: the inner objective's loss with the adapted fast weights (last stage: recorded)."""
-    out = _stage_forward(gpt, state, bottom, top, state.tensors)
+    out = _stage_forward(gpt, state, bottom, top, state.tensors, parallel)
     if gpt.post_process:
         state.loss_after = state.step_loss
     return out
 
 
-def outer_stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range) -> torch.Tensor:
+def outer_stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range,
+                        parallel: ParallelContext) -> torch.Tensor:
     """The outer forward of one stage with the adapted fast weights as constants: [s, b, h] for the
     next stage, or the per-token loss [b, s] on the last."""
     batch = state.batch
@@ -205,6 +211,6 @@ def outer_stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, to
     per_token_loss = lm_head_loss(gpt, hidden, batch.labels, batch.loss_mask.bool())
     if state.loss_after is None:  # response objective: the outer loss is the inner objective
         state.loss_after, _ = per_sample_loss(per_token_loss.detach(), state.objective.targets, state.sample_index,
-                                              state.num_samples)
+                                              state.num_samples, parallel)
     return per_token_loss
 

@@ -8,8 +8,8 @@ The bottom layers' output does not depend on the fast weights, so computing it o
 With the `context` objective the inner loop runs under a causal mask, so its bottom output is
 different: it is computed once more, without grad, and shared by all inner steps.
 
-Context parallelism: the batch is this CP rank's part (parallel/cp_batch.split_batch_for_cp):
-local tokens, the GLOBAL mask. Samples are numbered from the global doc ids, so every CP rank
+Context parallelism: the batch is this CP rank's part (data/cp_split.split_batch_for_cp):
+local tokens, the GLOBAL mask. Samples are numbered on the unsplit batch, so every CP rank
 holds the fast weights of every sample of the micro-batch; the inner loop reduces per-sample
 statistics and fast-weight gradients over CP. The outer loss needs nothing: its
 (loss_sum, num_tokens) are this rank's, and Megatron sums both over DP x CP
@@ -20,7 +20,7 @@ Sequence parallelism: hidden states are this TP rank's sequence shard (split_mod
 GPTModel's SP layout), but the batch, the sample index and every loss stay whole-sequence on
 each TP rank, as without SP; the fast-weight linears map between the two.
 
-Pipeline parallelism (parallel/pipeline.py): every adapted layer is on the last stage. A stage
+Pipeline parallelism (engine/pipeline.py): every adapted layer is on the last stage. A stage
 before it runs `pipeline_stage_forward` (its layers once, as plain SFT would); the last stage
 runs `focusft_forward` on the received activations: its own bottom layers, the inner loop, the
 outer pass. With the `context` objective the inner loop needs the bottom activations under a
@@ -37,24 +37,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.engine.loss import masked_token_loss
+from megatron_focusft.engine.pipeline import INNER, fast_weights_span_stages
+from megatron_focusft.engine.split_model import forward_layers, lm_head_loss, stage_input
+from megatron_focusft.engine.train_step import ForwardStep
 from megatron_focusft.fastweights.config import adapted_layer_numbers
-from megatron_focusft.fastweights.linear import (
-    FastWeightBinding, FastWeights, bind_fast_weights, sample_index_from_doc_ids, shard_fast_weights,
-)
-from megatron_focusft.parallel.cp_batch import next_in_document, sample_index_for_cp
+from megatron_focusft.fastweights.linear import FastWeightBinding, FastWeights, bind_fast_weights, shard_fast_weights
 from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
-    InnerLoopResult, InnerTargets, cp_all_reduce, per_sample_loss, run_inner_loop, update_sq_norm,
+    InnerLoopResult,
+    InnerTargets,
+    per_sample_loss,
+    run_inner_loop,
+    update_sq_norm,
 )
 from megatron_focusft.focusft.pipelined_inner import MicroBatchInner, outer_stage_forward, run_pipelined_inner_loop
-from megatron_focusft.focusft.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.masks import SegmentMask, segment_mask
-from megatron_focusft.parallel.pipeline import INNER, fast_weights_span_stages
-from megatron_focusft.training.loss import masked_token_loss
+from megatron_focusft.parallel.context import ParallelContext
 
 
 @dataclass
@@ -73,18 +75,17 @@ def context_mask(batch: SegmentBatch) -> SegmentMask:
     return segment_mask("causal", doc_ids=batch.attention.doc_ids)
 
 
-def inner_targets(batch: SegmentBatch, objective: str, cp_size: int = 1, cp_rank: int = 0) -> InnerTargets:
+def inner_targets(batch: SegmentBatch, objective: str) -> InnerTargets:
     """response: the outer targets under the FocuSFT mask. context: next-token targets that are
     context tokens, under a causal mask (next-token prediction is trivial bidirectionally).
 
     The context targets are the in-document next-token targets the outer loss does not score
     (make_batch's loss mask is exactly "next token is a response token of the same document"),
-    read from the global doc ids: under CP a token's successor may live on another rank.
+    from the batch's next_in_document (global: under CP a token's successor may live on another rank).
     """
     if objective == "response":
         return InnerTargets(batch.attention, batch.loss_mask.bool())
-    next_in_doc = next_in_document(batch, cp_size, cp_rank)
-    return InnerTargets(context_mask(batch), next_in_doc & ~batch.loss_mask.bool())
+    return InnerTargets(context_mask(batch), batch.next_in_document & ~batch.loss_mask.bool())
 
 
 def _layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
@@ -124,20 +125,18 @@ def pipeline_stage_forward(model: GPTModel, batch: SegmentBatch, config: Focusft
     return torch.cat([out, causal_out], dim=1)
 
 
-def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights) -> FocusftOutput:
+def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights,
+                    parallel: ParallelContext) -> FocusftOutput:
     """The bilevel forward of one packed micro-batch (on the last pipeline stage).
 
     initial: UNSHARDED fast weights of the batch's samples (reference layout: key (layer, proj)
-    -> A [n, r, in], B [n, out, r]; samples numbered as `sample_index_from_doc_ids` numbers the
-    unsplit batch, the same on every CP rank).
+    -> A [n, r, in], B [n, out, r], n = batch.num_samples; samples numbered as
+    batch.sample_index numbers them, the same on every CP rank).
     """
     bottom, top = _layer_ranges(model, config)
-    cp_size = parallel_state.get_context_parallel_world_size()
-    cp_rank = parallel_state.get_context_parallel_rank()
-    sample_index, _ = sample_index_for_cp(batch, cp_size, cp_rank)
-    local = shard_fast_weights(initial, parallel_state.get_tensor_model_parallel_rank(),
-                               parallel_state.get_tensor_model_parallel_world_size())
-    objective = inner_targets(batch, config.inner_objective, cp_size, cp_rank)
+    sample_index = batch.sample_index
+    local = shard_fast_weights(initial, parallel.tp_rank, parallel.tp_size)
+    objective = inner_targets(batch, config.inner_objective)
     with_causal = objective.mask is not batch.attention
     hidden, causal_hidden, rotary = _stage_inputs(model, batch, with_causal)
     h_bottom = forward_layers(model, hidden, batch.attention, rotary, bottom)
@@ -149,7 +148,7 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     timers = model.config.timers
     if timers is not None:
         timers(INNER, log_level=2).start()
-    inner = run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, sample_index, local, config)
+    inner = run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, sample_index, local, config, parallel)
     if timers is not None:
         timers(INNER).stop()
     # Outer pass: the adapted fast weights are constants (full stop-gradient).
@@ -163,8 +162,8 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
                 after_tokens = lm_head_loss(model, forward_layers(model, h_inner, objective.mask, rotary, top),
                                             batch.labels, objective.targets)
     n = inner.has_targets.shape[0]
-    after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n)
-    return FocusftOutput(per_token_loss, inner, after, update_sq_norm(local, inner.adapted).sqrt())
+    after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n, parallel)
+    return FocusftOutput(per_token_loss, inner, after, update_sq_norm(local, inner.adapted, parallel).sqrt())
 
 
 def focusft_loss_func(
@@ -202,19 +201,18 @@ class SeededFastWeights:
         self.micro_batches_seen = 0
 
     def __call__(self, batch: SegmentBatch) -> FastWeights:
-        # From the global mask's doc ids: the same samples on every CP rank.
-        n = int(sample_index_from_doc_ids(batch.attention.doc_ids).max()) + 1
+        n = batch.num_samples  # the whole micro-batch's: the same samples on every CP rank
         base = (self.seed * 1_000_003 + self.micro_batches_seen) * 4096
         self.micro_batches_seen += 1
         return self._init([base + i for i in range(max(n, 0))], device=batch.tokens.device)
 
 
-class FocusftForwardStep:
+class FocusftForwardStep(ForwardStep):
     """A Megatron `forward_step_func` running the bilevel step on each micro-batch.
 
     fast_weights_for(batch) gives a micro-batch's initial fast weights; it is called once per
     micro-batch on the stages holding adapted layers. When adapted layers sit on several pipeline
-    stages, `prepare(model, micro_batches)` (training.sft.train_step calls it before the
+    stages, `prepare(model, micro_batches)` (engine.train_step.train_step calls it before the
     schedule) runs the inner loop of all micro-batches first (pipelined_inner.py), and the forward
     step then runs each stage's outer forward with the adapted fast weights.
     """
@@ -230,29 +228,26 @@ class FocusftForwardStep:
             self._prepared = None
             return
         bottom, top = _layer_ranges(gpt, self.config)
-        states = [self._initial_state(gpt, batch, top) for batch in micro_batches]
+        parallel = ParallelContext.of(gpt)
+        states = [self._initial_state(gpt, batch, top, parallel) for batch in micro_batches]
         timers = gpt.config.timers
         if timers is not None:
             timers(INNER, log_level=2).start()
-        run_pipelined_inner_loop(model, states, bottom, top, self.config)
+        run_pipelined_inner_loop(model, states, bottom, top, self.config, parallel)
         if timers is not None:
             timers(INNER).stop()
         self._prepared = collections.deque(states)
 
-    def _initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range) -> MicroBatchInner:
-        cp_size = parallel_state.get_context_parallel_world_size()
-        cp_rank = parallel_state.get_context_parallel_rank()
-        sample_index, _ = sample_index_for_cp(batch, cp_size, cp_rank)
-        objective = inner_targets(batch, self.config.inner_objective, cp_size, cp_rank)
-        n = int(sample_index_from_doc_ids(batch.attention.doc_ids).max()) + 1
+    def _initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range, parallel: ParallelContext) -> MicroBatchInner:
+        sample_index, n = batch.sample_index, batch.num_samples
+        objective = inner_targets(batch, self.config.inner_objective)
         scored = objective.targets & (sample_index >= 0)
-        counts = cp_all_reduce(torch.bincount(sample_index[scored], minlength=n))
+        counts = parallel.cp_all_reduce(torch.bincount(sample_index[scored], minlength=n))
         initial: FastWeights = {}
         if top:
             mine = {gpt.decoder.layers[index].layer_number for index in top}
             initial = shard_fast_weights({k: v for k, v in self.fast_weights_for(batch).items() if k[0] in mine},
-                                         parallel_state.get_tensor_model_parallel_rank(),
-                                         parallel_state.get_tensor_model_parallel_world_size())
+                                         parallel.tp_rank, parallel.tp_size)
         device = batch.tokens.device
         return MicroBatchInner(
             batch, objective, sample_index, counts, {k: [t.detach().clone() for t in v] for k, v in initial.items()},
@@ -267,17 +262,17 @@ class FocusftForwardStep:
             if not self._prepared:
                 raise RuntimeError("the adapted layers span several pipeline stages: call prepare(model, "
                                    "micro_batches) before the schedule, once per optimizer step "
-                                   "(training.sft.train_step does)")
+                                   "(engine.train_step.train_step does)")
             state = self._prepared.popleft()
             bottom, top = _layer_ranges(gpt, self.config)
-            out = outer_stage_forward(gpt, state, bottom, top)
+            out = outer_stage_forward(gpt, state, bottom, top, ParallelContext.of(gpt))
             if not gpt.post_process:
                 return out, sft_loss  # Megatron calls no loss function before the last stage
             output = FocusftOutput(out, state.result(), state.loss_after, state.update_norm)
             return out, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
         if not gpt.post_process:
             return pipeline_stage_forward(gpt, batch, self.config), sft_loss
-        output = focusft_forward(gpt, batch, self.config, self.fast_weights_for(batch))
+        output = focusft_forward(gpt, batch, self.config, self.fast_weights_for(batch), ParallelContext.of(gpt))
         return output.per_token_loss, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
 
 

@@ -21,7 +21,10 @@ from megatron_focusft.masks.layout import SegmentMask
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def flex_block_mask(mask: SegmentMask, block_size: int = 128) -> BlockMask:
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default tile: the one tile size every flex path uses
+
+
+def flex_block_mask(mask: SegmentMask, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
     """The BlockMask of `mask` for sequences of length s, B = block_size; cached per mask.
 
     Shape [b, 1, nt, nt] (one head row: every head shares the mask). Empty tiles are skipped,
@@ -119,7 +122,7 @@ def tile_classes(mask: SegmentMask, block_size: int) -> tuple[torch.Tensor, torc
     return partial, full
 
 
-def _ordered_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[b, nt, nt] bool -> (num_blocks [b, 1, nt], indices [b, 1, nt, nt]), int32, BlockMask's layout.
 
     indices lists each query tile's selected key tiles first, ascending, then the rest.
@@ -133,8 +136,8 @@ def _ordered_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _build_block_mask(mask: SegmentMask, block_size: int) -> BlockMask:
     s = mask.shape[1]
     partial, full = tile_classes(mask, block_size)
-    kv_num_blocks, kv_indices = _ordered_tiles(partial)
-    full_kv_num_blocks, full_kv_indices = _ordered_tiles(full)
+    kv_num_blocks, kv_indices = ordered_tiles(partial)
+    full_kv_num_blocks, full_kv_indices = ordered_tiles(full)
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices,

@@ -8,14 +8,16 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 
-from megatron_focusft.attention.spec import get_segment_attention_block_spec
+from megatron_focusft.fastweights import FastWeightConfig
 from megatron_focusft.models.presets import ModelPreset
+from megatron_focusft.models.spec import get_decoder_block_spec
 
 
 def build_gpt_model(
     config: TransformerConfig,
     preset: ModelPreset,
     layer_spec: ModuleSpec | TransformerBlockSubmodules,
+    fast_weights: FastWeightConfig | None = None,
     *,
     pre_process: bool = True,
     post_process: bool = True,
@@ -26,7 +28,7 @@ def build_gpt_model(
     that the final norm matches the layers' norms instead of Megatron's module default.
     """
     if isinstance(layer_spec, ModuleSpec) and issubclass(layer_spec.module, BaseTransformerLayer):
-        layer_spec = get_segment_attention_block_spec(layer_spec, config)
+        layer_spec = get_decoder_block_spec(layer_spec, config, fast_weights)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -34,49 +34,44 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset: ModelPr
     return grouped.reshape(-1, hidden)
 
 
+# Tensors that map one to one: (HF name, Megatron name); per-layer names follow the layer prefix.
+_GLOBAL_NAMES = (("embed_tokens.weight", "embedding.word_embeddings.weight"),
+                 ("norm.weight", "decoder.final_layernorm.weight"),
+                 ("lm_head.weight", "output_layer.weight"))
+_LAYER_NAMES = (("input_layernorm.weight", "input_layernorm.weight"),
+                ("self_attn.o_proj.weight", "self_attention.linear_proj.weight"),
+                ("post_attention_layernorm.weight", "pre_mlp_layernorm.weight"),
+                ("mlp.down_proj.weight", "mlp.linear_fc2.weight"))
+
+
+def _renamed(num_layers: int) -> list[tuple[str, str]]:
+    pairs = list(_GLOBAL_NAMES)
+    for i in range(num_layers):
+        pairs += [(f"layers.{i}.{hf}", f"decoder.layers.{i}.{megatron}") for hf, megatron in _LAYER_NAMES]
+    return pairs
+
+
 def megatron_to_hf(state_dict: dict[str, torch.Tensor], preset: ModelPreset) -> dict[str, torch.Tensor]:
     """HF Llama state dict (model.-less names, e.g. `layers.0.mlp.gate_proj.weight`) from Megatron's."""
-    out = {
-        "embed_tokens.weight": state_dict["embedding.word_embeddings.weight"],
-        "norm.weight": state_dict["decoder.final_layernorm.weight"],
-        "lm_head.weight": state_dict["output_layer.weight"],
-    }
+    out = {hf: state_dict[megatron] for hf, megatron in _renamed(preset.num_layers)}
     for i in range(preset.num_layers):
         src, dst = f"decoder.layers.{i}.", f"layers.{i}."
         q, k, v = _split_qkv(state_dict[src + "self_attention.linear_qkv.weight"], preset)
         gate, up = state_dict[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update({
-            dst + "input_layernorm.weight": state_dict[src + "input_layernorm.weight"],
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v,
-            dst + "self_attn.o_proj.weight": state_dict[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": state_dict[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": state_dict[src + "mlp.linear_fc2.weight"],
-        })
+        out.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
+                    dst + "self_attn.v_proj.weight": v, dst + "mlp.gate_proj.weight": gate,
+                    dst + "mlp.up_proj.weight": up})
     return {name: tensor.clone() for name, tensor in out.items()}
 
 
 def hf_to_megatron(weights: dict[str, torch.Tensor], preset: ModelPreset) -> dict[str, torch.Tensor]:
     """Inverse of `megatron_to_hf`: Megatron parameter names and fused layouts."""
-    out = {
-        "embedding.word_embeddings.weight": weights["embed_tokens.weight"],
-        "decoder.final_layernorm.weight": weights["norm.weight"],
-        "output_layer.weight": weights["lm_head.weight"],
-    }
+    out = {megatron: weights[hf] for hf, megatron in _renamed(preset.num_layers)}
     for i in range(preset.num_layers):
         src, dst = f"layers.{i}.", f"decoder.layers.{i}."
-        out.update({
-            dst + "input_layernorm.weight": weights[src + "input_layernorm.weight"],
-            dst + "self_attention.linear_qkv.weight": _fuse_qkv(
-                weights[src + "self_attn.q_proj.weight"], weights[src + "self_attn.k_proj.weight"],
-                weights[src + "self_attn.v_proj.weight"], preset),
-            dst + "self_attention.linear_proj.weight": weights[src + "self_attn.o_proj.weight"],
-            dst + "pre_mlp_layernorm.weight": weights[src + "post_attention_layernorm.weight"],
-            dst + "mlp.linear_fc1.weight": torch.cat(
-                [weights[src + "mlp.gate_proj.weight"], weights[src + "mlp.up_proj.weight"]], dim=0),
-            dst + "mlp.linear_fc2.weight": weights[src + "mlp.down_proj.weight"],
-        })
+        out[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(
+            weights[src + "self_attn.q_proj.weight"], weights[src + "self_attn.k_proj.weight"],
+            weights[src + "self_attn.v_proj.weight"], preset)
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [weights[src + "mlp.gate_proj.weight"], weights[src + "mlp.up_proj.weight"]], dim=0)
     return {name: tensor.clone() for name, tensor in out.items()}

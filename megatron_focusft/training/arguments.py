@@ -2,8 +2,8 @@
 
 Model shape: `--model-preset` (megatron_focusft.models.presets) with Megatron's shape flags as
 overrides. Parallelism, batch, optimizer, schedule, checkpoint and logging flags are Megatron's.
-The method's own flags are `--focusft-*`; `--training-mode sft` with `--sft-mask` gives the
-plain-SFT baselines.
+`--training-mode` picks a training method (training/methods.py); each method adds its own
+flags (`--focusft-*` for FocuSFT, `--sft-mask` for the plain-SFT baselines).
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from megatron_focusft.attention.backends import ATTENTION_BACKENDS
-from megatron_focusft.focusft.config import INNER_OBJECTIVES
+from megatron_focusft.attention.backends import attention_backend, attention_backend_names
+from megatron_focusft.engine.setup import OptimizerSetup
 from megatron_focusft.models.presets import PRESETS
+from megatron_focusft.training.methods import METHODS
+
+_OPT = OptimizerSetup()  # the optimizer flags' defaults
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,7 +26,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                  "--num-query-groups", "--max-position-embeddings", "--vocab-size"):
         model.add_argument(flag, type=int, default=None, help="overrides the preset")
     model.add_argument("--rotary-base", type=float, default=None, help="overrides the preset")
-    model.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",
+    model.add_argument("--attention-backend", choices=attention_backend_names(), default="sdpa",
                        help="segment-mask attention backend")
     model.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (fp32 grads)")
     model.add_argument("--recompute-granularity", choices=("full",), default=None,
@@ -63,30 +66,22 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--train-iters", type=int, required=True)
-    opt.add_argument("--lr", type=float, default=1e-5)
-    opt.add_argument("--min-lr", type=float, default=0.0)
+    opt.add_argument("--lr", type=float, default=_OPT.lr)
+    opt.add_argument("--min-lr", type=float, default=_OPT.min_lr)
     opt.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
     opt.add_argument("--lr-warmup-fraction", type=float, default=None)
     opt.add_argument("--lr-warmup-iters", type=int, default=0)
-    opt.add_argument("--weight-decay", type=float, default=0.01)
-    opt.add_argument("--clip-grad", type=float, default=1.0)
-    opt.add_argument("--adam-beta1", type=float, default=0.9)
-    opt.add_argument("--adam-beta2", type=float, default=0.95)
+    opt.add_argument("--weight-decay", type=float, default=_OPT.weight_decay)
+    opt.add_argument("--clip-grad", type=float, default=_OPT.clip_grad)
+    opt.add_argument("--adam-beta1", type=float, default=_OPT.adam_beta1)
+    opt.add_argument("--adam-beta2", type=float, default=_OPT.adam_beta2)
     opt.add_argument("--seed", type=int, default=1234)
 
     method = parser.add_argument_group("method")
-    method.add_argument("--training-mode", choices=("focusft", "sft"), default="focusft",
-                        help="FocuSFT bilevel step, or plain SFT (baseline)")
-    method.add_argument("--sft-mask", choices=("focusft", "causal"), default="focusft",
-                        help="attention mask of --training-mode sft (FocuSFT always uses its own)")
-    method.add_argument("--focusft-inner-steps", type=int, default=2)
-    method.add_argument("--focusft-inner-lr", type=float, default=1.0)
-    method.add_argument("--focusft-inner-grad-clip", type=float, default=1.0)
-    method.add_argument("--focusft-inner-objective", choices=INNER_OBJECTIVES, default="response")
-    method.add_argument("--focusft-rank", type=int, default=32)
-    method.add_argument("--focusft-alpha", type=float, default=64.0)
-    method.add_argument("--focusft-layer-fraction", type=float, default=0.35)
-    method.add_argument("--focusft-targets", nargs="+", default=["fc1", "fc2"], choices=("qkv", "proj", "fc1", "fc2"))
+    method.add_argument("--training-mode", choices=list(METHODS), default="focusft",
+                        help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
+    for training_method in METHODS.values():
+        training_method.add_arguments(parser.add_argument_group(f"method {training_method.name}"))
 
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--save", default=None, help="checkpoint directory")
@@ -129,9 +124,10 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if args.sequence_parallel and args.context_parallel_size == 1 and args.seq_length % args.tensor_model_parallel_size:
         raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} must be a multiple of "
                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
-    if args.context_parallel_size > 1 and args.attention_backend == "te":
-        raise ValueError("--context-parallel-size > 1 needs --attention-backend sdpa or flex (TE has no CP path "
-                         "for segment masks)")
+    if args.context_parallel_size > 1 and attention_backend(args.attention_backend).cp_path is None:
+        capable = [n for n in attention_backend_names() if attention_backend(n).cp_path is not None]
+        raise ValueError(f"--context-parallel-size > 1 needs --attention-backend {' or '.join(capable)} "
+                         f"({args.attention_backend} has no CP path for segment masks)")
     if args.context_parallel_size > 1 and args.attention_metrics_interval:
         raise ValueError("--attention-metrics-interval is not supported with --context-parallel-size > 1 yet")
     if args.recompute_granularity == "full" and (args.recompute_method is None or not args.recompute_num_layers):

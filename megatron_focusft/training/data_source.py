@@ -14,10 +14,7 @@ from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
 
 
 def _to(batch: SegmentBatch, device: torch.device) -> SegmentBatch:
-    if device.type == "cpu":
-        return batch
-    tensors = (batch.tokens, batch.labels, batch.loss_mask, batch.response, batch.doc_ids, batch.position_ids)
-    return SegmentBatch(*(t.to(device) for t in tensors), batch.attention.to(device))
+    return batch if device.type == "cpu" else batch.to(device)
 
 
 class ChatDataSource:

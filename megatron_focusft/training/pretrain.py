@@ -3,7 +3,7 @@
 One iteration = `global_batch_size / (micro_batch_size * DP)` micro-batches through Megatron's
 schedule with the FocuSFT forward step (or the plain SFT one), an optimizer step and an LR
 scheduler step. Console progress every `--log-interval`, TensorBoard every iteration; under
-pipeline parallelism also each stage's busy time (parallel/pipeline.py).
+pipeline parallelism also each stage's busy time (engine/pipeline.py).
 """
 
 from __future__ import annotations
@@ -61,30 +61,10 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
     return ChatDataSource(samples, packing, dp_rank, dp_size, device)
 
 
-def _forward_step(args: argparse.Namespace, model_config, fast):
-    """(forward_step, fast-weight source or None); the source's draw count is part of a checkpoint."""
-    from megatron_focusft.training.sft import sft_forward_step
-
-    if fast is None:
-        return sft_forward_step, None
-    from megatron_focusft.fastweights.linear import fast_weight_layout
-    from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
-    from megatron.core import parallel_state
-
-    config = FocusftConfig(inner_steps=args.focusft_inner_steps, inner_lr=args.focusft_inner_lr,
-                           inner_grad_clip=args.focusft_inner_grad_clip,
-                           inner_objective=args.focusft_inner_objective, fast_weights=fast)
-    # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.
-    seed = args.seed * 1000 + parallel_state.get_data_parallel_rank()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, seed, dtype=dtype)
-    return make_focusft_forward_step(config, source), source
-
-
 # Settings a resumed run must share with the run that saved the checkpoint.
-_RESUME_KEYS = ("training_mode", "sft_mask", "seq_length", "micro_batch_size", "global_batch_size", "mock_data",
-                "data_path", "seed", "focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective",
-                "focusft_rank", "focusft_alpha", "focusft_layer_fraction", "focusft_targets", "train_iters")
+# (and the method's own: TrainingMethod.resume_keys).
+_RESUME_KEYS = ("training_mode", "seq_length", "micro_batch_size", "global_batch_size", "mock_data", "data_path",
+                "seed", "train_iters")
 
 
 def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
@@ -144,11 +124,12 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_focusft.analysis.attention_metrics import attention_metrics
-    from megatron_focusft.fastweights.config import FastWeightConfig
-    from megatron_focusft.parallel.cp_batch import split_batch_for_cp
-    from megatron_focusft.parallel.pipeline import collect_stage_times, format_stage_times, schedule_timers
-    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
-    from megatron_focusft.training.sft import train_step
+    from megatron_focusft.attention.backends import attention_backend
+    from megatron_focusft.data.cp_split import split_batch_for_cp
+    from megatron_focusft.engine.pipeline import collect_stage_times, format_stage_times, schedule_timers
+    from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.engine.train_step import train_step
+    from megatron_focusft.training.methods import METHODS
 
     with megatron_session(args.tensor_model_parallel_size, args.seed, args.context_parallel_size,
                           args.pipeline_model_parallel_size) as device:
@@ -161,10 +142,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
                              f"{args.micro_batch_size} x data-parallel size {dp_size}")
         num_micro_batches = global_batch // (args.micro_batch_size * dp_size)
         preset = resolve_preset(args)
-        focusft = args.training_mode == "focusft"
-        fast = FastWeightConfig(rank=args.focusft_rank, alpha=args.focusft_alpha,
-                                layer_fraction=args.focusft_layer_fraction,
-                                targets=tuple(args.focusft_targets)) if focusft else None
+        method = METHODS[args.training_mode]
+        needs = method.model(args)
         model, model_config = build_model(ModelSetup(
             preset=preset, attention_backend=args.attention_backend,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -173,7 +152,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
             context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
             recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-            recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=fast))
+            recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=needs.fast_weights))
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()
@@ -186,14 +165,14 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             lr_warmup_steps=warmup, lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
             start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
             wd_incr_style="constant")
-        mask_kind = "focusft" if focusft else args.sft_mask
+        mask_kind = needs.mask_kind
         data = _build_data(args, preset, mask_kind, dp_rank, dp_size, device, log)
         probe = _build_data(args, preset, mask_kind, 0, 1, device, log, seed_offset=7919).next_micro_batch()
-        forward_step, fast_weight_source = _forward_step(args, model_config, fast)
-        run_config = {key: getattr(args, key) for key in _RESUME_KEYS}
+        run = method.run(args, model_config, dp_rank)
+        run_config = {key: getattr(args, key) for key in (*_RESUME_KEYS, *method.resume_keys)}
         cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
         # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
-        chunk_multiple = math.lcm(128 if args.attention_backend == "flex" else 1,
+        chunk_multiple = math.lcm(attention_backend(args.attention_backend).chunk_multiple,
                                   args.tensor_model_parallel_size if args.sequence_parallel else 1)
 
         def next_micro_batch():
@@ -218,7 +197,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")
 
-        from megatron_focusft.training.checkpoint import load_checkpoint, save_checkpoint
+        from megatron_focusft.engine.checkpoint import load_checkpoint, save_checkpoint
 
         def resume_state() -> dict[str, Any]:
             return {"data": data.state_dict()}
@@ -231,9 +210,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             else:
                 start_iteration, extra = loaded
                 data.load_state_dict(extra["data"])
-                if fast_weight_source is not None:
-                    # One draw per micro-batch (on the last pipeline stage, which alone draws).
-                    fast_weight_source.micro_batches_seen = start_iteration * num_micro_batches
+                run.resume(start_iteration * num_micro_batches)
                 log(f"resumed from {args.load} at iteration {start_iteration}")
         losses: list[float] = []
         history: list[dict[str, float]] = []
@@ -242,7 +219,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             stats = _dp_mean(train_step(model, optimizer, [next_micro_batch() for _ in range(num_micro_batches)],
-                                        forward_step))
+                                        run.forward_step))
             scheduler.step(increment=1)
             if device.type == "cuda":
                 torch.cuda.synchronize()

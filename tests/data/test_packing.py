@@ -11,13 +11,13 @@ import torch
 from megatron_focusft.data.chat import ChatDataConfig, ChatSamples, load_chat_samples
 from megatron_focusft.data.packing import (
     PackingConfig,
-    epoch_micro_batches,
     first_fit,
     micro_batches,
     pack_chats,
 )
 from megatron_focusft.data.tokenizer import ByteChatTokenizer
 from tests.data.conftest import chat, write_jsonl
+from tests.helpers.packing import epoch_micro_batches
 
 PAD = 0
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_focusft.fastweights.segmented import TokenGroups, segmented_lora
+from megatron_focusft.fastweights.segmented import TokenGroups
+from tests.helpers.fast_weights import segmented_lora
 
 
 def naive_lora(x: torch.Tensor, sample_of_token: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_focusft.engine.split_model import recompute_groups
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
-from megatron_focusft.focusft.split_model import recompute_groups
 from tests.helpers.batches import random_batch
 from tests.helpers.model import fast_weights_with_random_b
 
@@ -42,8 +42,8 @@ def _step(recompute: dict, focusft: dict | None) -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_focusft.training.setup import ModelSetup, build_model
-    from megatron_focusft.training.sft import sft_forward_step
+    from megatron_focusft.engine.setup import ModelSetup, build_model
+    from megatron_focusft.sft import sft_forward_step
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from megatron_focusft.data.batch import sample_index_from_doc_ids
+from megatron_focusft.engine.loss import masked_token_loss
+from megatron_focusft.engine.split_model import embed, forward_layers, lm_head_loss
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
-from megatron_focusft.fastweights.spec import get_fast_weight_block_spec
+from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights
 from megatron_focusft.focusft import FocusftConfig, focusft_forward
-from megatron_focusft.focusft.split_model import embed, forward_layers, lm_head_loss
-from megatron_focusft.training.loss import masked_token_loss
+from megatron_focusft.models.spec import get_decoder_block_spec
+from megatron_focusft.parallel.context import ParallelContext
 from tests.helpers.batches import random_batch
 from tests.helpers.model import build_tiny_model
 
@@ -19,16 +21,16 @@ FAST = FastWeightConfig(rank=8, alpha=16.0)
 def _model(seed: int = 5):
     from megatron.core import parallel_state
 
-    from megatron_focusft.attention.spec import get_segment_attention_layer_spec
     from megatron_focusft.models.gpt import build_gpt_model
     from megatron_focusft.models.presets import get_preset, transformer_config
+    from megatron_focusft.models.spec import get_segment_attention_layer_spec
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
     torch.manual_seed(seed)
     preset = get_preset("tiny")
     config = transformer_config(preset)
-    spec = get_fast_weight_block_spec(get_segment_attention_layer_spec("sdpa"), config, FAST)
+    spec = get_decoder_block_spec(get_segment_attention_layer_spec("sdpa"), config, FAST)
     return build_gpt_model(config, preset, spec)
 
 
@@ -54,7 +56,7 @@ def test_split_forward_is_gptmodel_forward(single_rank):
 def test_zero_inner_steps_is_plain_sft_under_the_same_mask(single_rank):
     model = _model()
     batch = random_batch(2, 32, 512, seed=4)
-    out = focusft_forward(model, batch, FocusftConfig(inner_steps=0, fast_weights=FAST), _initial(model, batch))
+    out = focusft_forward(model, batch, FocusftConfig(inner_steps=0, fast_weights=FAST), _initial(model, batch), ParallelContext.of(model))
     sft = model(batch.tokens, batch.position_ids, batch.attention, labels=batch.labels)
     scored = batch.loss_mask.bool()
     # The step runs the LM head on scored positions only: equal there up to matmul blocking.
@@ -71,7 +73,7 @@ def test_inner_loop_changes_the_loss_and_only_through_fast_weights(single_rank):
     model = _model()
     batch = random_batch(2, 32, 512, seed=6)
     before = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    out = focusft_forward(model, batch, FocusftConfig(fast_weights=FAST), _initial(model, batch))
+    out = focusft_forward(model, batch, FocusftConfig(fast_weights=FAST), _initial(model, batch), ParallelContext.of(model))
     sft = model(batch.tokens, batch.position_ids, batch.attention, labels=batch.labels)
     assert not torch.equal(out.per_token_loss, sft)
     assert float(out.update_norm) > 0
@@ -89,9 +91,9 @@ def test_non_finite_inner_steps_are_skipped_and_counted(single_rank):
     adapted_samples = int((sample_index_from_doc_ids(batch.doc_ids)[batch.loss_mask.bool()]).unique().numel())
     # An absurd inner lr overflows fp32 activations after the first update: later steps are NaN/Inf.
     huge = FocusftConfig(inner_steps=3, inner_lr=1e30, fast_weights=FAST)
-    out = focusft_forward(model, batch, huge, initial)
+    out = focusft_forward(model, batch, huge, initial, ParallelContext.of(model))
     assert int(out.inner.skipped.sum()) == 2 * adapted_samples
-    one_step = focusft_forward(model, batch, FocusftConfig(inner_steps=1, inner_lr=1e30, fast_weights=FAST), initial)
+    one_step = focusft_forward(model, batch, FocusftConfig(inner_steps=1, inner_lr=1e30, fast_weights=FAST), initial, ParallelContext.of(model))
     for key, (a, b) in out.inner.adapted.items():
         assert torch.equal(a, one_step.inner.adapted[key][0]) and torch.equal(b, one_step.inner.adapted[key][1])
     assert int(one_step.inner.skipped.sum()) == 0

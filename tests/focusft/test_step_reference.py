@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_focusft.data.batch import sample_index_from_doc_ids
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
+from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights
 from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
 from megatron_focusft.models.hf_layout import hf_to_megatron, megatron_to_hf
 from megatron_focusft.models.presets import get_preset
@@ -39,7 +40,7 @@ def _megatron_step(tp: int, objective: str, random_b: bool, inner_lr: float = 1.
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_focusft.training.setup import ModelSetup, build_model
+    from megatron_focusft.engine.setup import ModelSetup, build_model
 
     init_model_parallel(tp=tp, seed=21)
     model, config = build_model(ModelSetup(tensor_model_parallel_size=tp, fast_weights=FAST))
@@ -102,6 +103,10 @@ def test_packed_step_matches_reference_at_tp1_and_tp2(worker_pool, objective, ra
         assert abs(loss_sum / tokens - expected["loss"]) < 2e-5, label
         for name, ref_grad in expected["grads"].items():
             got = _full_grad(ranks, name)
+            # fp32 Megatron against the float64 reference: the inner SGD at lr 1 amplifies fp32
+            # rounding (a one-ulp weight change moves this step's gradients by up to ~5e-5 in
+            # norm, tests/helpers/noise_band.py); single entries whose sums cancel drift more,
+            # hence 2e-3 per entry plus 2e-6 absolute.
             torch.testing.assert_close(got.double(), ref_grad, rtol=2e-3, atol=2e-6,
                                        msg=lambda m, n=name: f"{label} {n}: {m}")
         # Inner losses, as the reference logs them: mean over adapted samples, before and after.

@@ -6,9 +6,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_focusft.attention.spec import get_segment_attention_layer_spec
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import get_preset, transformer_config
+from megatron_focusft.models.spec import get_segment_attention_layer_spec
 
 
 def build_tiny_model(seed: int, backend: str = "sdpa", preset: str = "tiny", **overrides) -> GPTModel:
@@ -33,7 +33,8 @@ def reference_config(name: str = "tiny"):
 def fast_weights_with_random_b(model_config, fast, batch) -> dict:
     """Initial fast weights of a micro-batch's samples (per-sample seeds 100, 101, ...), unsharded,
     with a random B: B = 0 is the method's init; a random B also gives A a first-step gradient."""
-    from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights, sample_index_from_doc_ids
+    from megatron_focusft.data.batch import sample_index_from_doc_ids
+    from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights
 
     n = int(sample_index_from_doc_ids(batch.doc_ids).max()) + 1
     weights = init_fast_weights(fast_weight_layout(model_config, fast), list(range(100, 100 + n)), fast.rank)

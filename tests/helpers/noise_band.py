@@ -68,3 +68,48 @@ def measured_band(run: Callable[[int | None], Sequence[float]]) -> tuple[list[fl
     weights perturbed with that seed."""
     reference = list(run(None))
     return reference, noise_band(reference, [run(seed) for seed in PERTURBATION_SEEDS])
+
+
+# --- one step (no optimizer): per-tensor relative error against the reference's own band --------
+
+# A single forward/backward with reordered fp32 sums: tensors agree to a few eps in norm (SFT);
+# the FocuSFT inner loop (SGD at lr 1 on the fast weights) amplifies that, which the band measures.
+STEP_FLOOR = 32 * FP32_EPS
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """||got - reference|| / ||reference|| in float64 (0 when both are zero)."""
+    diff = float(torch.linalg.vector_norm((got.double() - reference.double()).flatten()))
+    size = float(torch.linalg.vector_norm(reference.double().flatten()))
+    return diff / size if size > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def _step_values(result: dict) -> dict[str, torch.Tensor]:
+    """A single-step result {"logs": [per micro-batch {key: [sum, count]}], "grads": {name: (g, dim,
+    stride)}} as flat tensors: "{key}/{micro-batch}" (the sums) and "grad/{name}"."""
+    values = {f"{key}/{mb}": value[0] for mb, logs in enumerate(result["logs"]) for key, value in logs.items()}
+    values.update({f"grad/{name}": grad for name, (grad, _, _) in result["grads"].items()})
+    return values
+
+
+def step_band(reference: dict, perturbed: Sequence[dict]) -> dict[str, float]:
+    """Per log and per gradient: BAND_FACTOR x the largest relative error of the perturbed runs, at
+    least STEP_FLOOR (keys as in _step_values)."""
+    ref = _step_values(reference)
+    runs = [_step_values(run) for run in perturbed]
+    return {key: max(STEP_FLOOR, BAND_FACTOR * max(relative_error(run[key], value) for run in runs))
+            for key, value in ref.items()}
+
+
+def with_step_band(run: Callable[[int | None], list[dict]]) -> list[dict]:
+    """`run(perturb_seed)` is a one-process single-step run on a worker pool (a result per rank);
+    returns its unperturbed results, each with the band as result["band"]."""
+    reference = run(None)
+    perturbed = [run(seed)[0] for seed in PERTURBATION_SEEDS]
+    band = step_band(reference[0], perturbed)
+    return [{**result, "band": band} for result in reference]
+
+
+def assert_in_band(got: torch.Tensor, reference: torch.Tensor, tolerance: float, what: str) -> None:
+    error = relative_error(got, reference)
+    assert error <= tolerance, f"{what}: relative error {error:.2e} > band {tolerance:.2e}"

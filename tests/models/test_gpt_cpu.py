@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
-from megatron_focusft.training.sft import train_step
+from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+from megatron_focusft.engine.train_step import train_step
+from megatron_focusft.sft import sft_forward_step
 from tests.helpers.batches import random_batch
 from tests.helpers.distributed import init_model_parallel
 from tests.helpers.noise_band import PERTURBATION_SEEDS, assert_curve_within, noise_band, perturb_by_one_ulp
@@ -24,7 +25,7 @@ def _train(tp: int, steps: int, perturb_seed: int | None = None) -> dict:
     micro_batches = [random_batch(2, 48, 512, seed=seed) for seed in (11, 12)]
     losses, grads = [], {}
     for step in range(steps):
-        losses.append(train_step(model, optimizer, micro_batches))
+        losses.append(train_step(model, optimizer, micro_batches, sft_forward_step))
         if step == 0:  # first-step gradients (same weights, no optimizer amplification) as this
             # rank holds them: main_grad buffers after reduction
             grads = {name: (param.main_grad.clone(), getattr(param, "partition_dim", -1),

@@ -13,18 +13,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.attention.flex_attention import create_mask
 
-from megatron_focusft.masks import dense_mask, segment_mask
-from megatron_focusft.parallel.context_parallel import (
+from megatron_focusft.attention.context_parallel import (
     attend_local_queries,
     cp_attention,
     cp_block_mask,
     cp_local_dense_mask,
+    reduce_scatter_dim0,
+)
+from megatron_focusft.masks import dense_mask, segment_mask
+from megatron_focusft.parallel.cp_layout import (
     cp_padded_length,
     cp_positions,
     merge_cp_parts,
     pad_mask_for_cp,
     pad_packed_for_cp,
-    reduce_scatter_dim0,
     split_for_cp,
 )
 from tests.helpers.distributed import init_model_parallel

@@ -97,7 +97,7 @@ def test_cp_rope_slice_is_our_load_balanced_layout(single_rank, cp_size):
     # same tokens split_batch_for_cp hands that rank, so RoPE angles stay global positions.
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from megatron_focusft.parallel.context_parallel import cp_positions
+    from megatron_focusft.parallel.cp_layout import cp_positions
 
     cpu.apply_cpu_patches()
     seq_len = 8 * cp_size

@@ -1,4 +1,4 @@
-"""Independent plain-PyTorch reference of FocuSFT (spec: /work/shared/specs/focusft.md).
+"""Independent plain-PyTorch reference of FocuSFT (the method of arXiv 2605.09932 as its public reference code runs it).
 
 This module stands alone on purpose: it imports nothing from ``megatron_focusft`` so that a
 bug shared with the project's Megatron-Core implementation cannot hide. It favours clarity

@@ -107,7 +107,7 @@ def test_focusft_train_cli_alias(tmp_path: Path):
 def _pretrain_history(argv: list[str], perturb_seed: int | None = None) -> list[dict[str, float]]:
     """On every rank of a worker pool, or in this process: a fresh parallel state sized by the
     flags, then pretrain; with `perturb_seed`, from weights moved by one ulp (the noise band)."""
-    import megatron_focusft.training.setup as setup
+    import megatron_focusft.engine.setup as setup
     from megatron_focusft.runtime import release_model_parallel
 
     release_model_parallel()

@@ -38,8 +38,8 @@ base parameter names and sharded state dict.
 Data position contract: the checkpoint does not know the data pipeline. The caller puts its
 position into `extra_state` (plain Python values or tensors; the same on every rank, so store
 the global position, not a rank's shard of it) and rebuilds the stream from it after loading:
-- `packing.epoch_micro_batches`: (epoch, micro-batches consumed in that epoch); restart with
-  `first_epoch=epoch` and skip that many micro-batches.
+- chat data (training/data_source.ChatDataSource): (epoch, micro-batches consumed in that
+  epoch); repack that epoch and skip that many micro-batches.
 - `synthetic.RetrievalPacker`: it cannot report its state, so store the number of
   `next_rows()` calls made; rebuild the packer with the same arguments and seed and call
   `next_rows()` that many times (deterministic, so the rows continue exactly).
@@ -60,12 +60,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint import CheckpointException
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint import CheckpointException
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MARKER_FILE = "focusft_complete.json"

@@ -1,4 +1,5 @@
-"""Megatron layer specs whose core attention evaluates segment masks."""
+"""The one place the decoder spec is assembled: Megatron's GPT layer spec with segment-mask core
+attention, and the block spec of a pipeline stage, with fast-weight linears in the top layers."""
 
 from __future__ import annotations
 
@@ -15,16 +16,17 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_focusft.attention.backends import ATTENTION_BACKENDS
+from megatron_focusft.attention.backends import attention_backend
 from megatron_focusft.attention.core_attention import SegmentCoreAttention
+from megatron_focusft.fastweights import FastWeightConfig, adapted_layer_numbers, with_fast_weights
 from megatron_focusft.models.norm import RMSNorm
 
 
 def with_segment_attention(layer_spec: ModuleSpec, backend: str) -> ModuleSpec:
     """A copy of a stock GPT layer spec with only the `core_attention` slot swapped."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+    attention_backend(backend)  # ValueError naming the registered backends
     spec = copy.deepcopy(layer_spec)
     spec.submodules.self_attention.submodules.core_attention = functools.partial(
         SegmentCoreAttention, backend=backend
@@ -57,14 +59,29 @@ def final_norm(layer_spec: ModuleSpec) -> LayerNormBuilder:
     return LayerNormImpl if norm is IdentityOp else norm
 
 
-def get_segment_attention_block_spec(
-    layer_spec: ModuleSpec, config: TransformerConfig, *, vp_stage: int | None = None, pp_rank: int | None = None
+def get_decoder_block_spec(
+    layer_spec: ModuleSpec,
+    config: TransformerConfig,
+    fast_weights: FastWeightConfig | None = None,
+    *,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
 ) -> TransformerBlockSubmodules:
-    """Decoder block spec of identical layers: this pipeline stage's layers and `final_norm`.
+    """Decoder block spec (GPTModel's `transformer_layer_spec`): this pipeline stage's layers and
+    `final_norm`. With `fast_weights`, layers adapted_layer_numbers(L, layer_fraction) get
+    fast-weight linears (`with_fast_weights`), the others `layer_spec` unchanged.
 
     What GPTModel builds from a bare layer spec, except that the final norm is chosen by
     `final_norm` instead of Megatron's module default (WrappedTorchNorm without TE or Apex, which
     refuses sequence parallelism).
     """
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * count, layer_norm=final_norm(layer_spec))
+    if fast_weights is None:
+        return TransformerBlockSubmodules(layer_specs=[layer_spec] * count, layer_norm=final_norm(layer_spec))
+    if config.pipeline_model_parallel_layout is not None:
+        raise NotImplementedError("a pipeline_model_parallel_layout is not supported with fast weights yet")
+    adapted = set(adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction))
+    specs = [with_fast_weights(layer_spec, fast_weights, number) if number in adapted else layer_spec
+             for number in range(1, config.num_layers + 1)]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=final_norm(layer_spec))

@@ -25,7 +25,6 @@ Queries are never communicated, so dQ stays local.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -33,123 +32,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
-from megatron_focusft.attention.flex import _flex_attention_for
+from megatron_focusft.attention.flex import flex_attention_for
 from megatron_focusft.masks import SegmentMask
-from megatron_focusft.masks.flex import _ordered_tiles, segment_mask_mod, tile_classes
+from megatron_focusft.masks.flex import FLEX_BLOCK_SIZE, ordered_tiles, segment_mask_mod, tile_classes
+from megatron_focusft.parallel.cp_layout import check_cp_layout, cp_positions, rank_major_positions
 
 CpBackend = Literal["dense", "flex"]
 CP_BACKENDS: tuple[str, ...] = ("dense", "flex")
-DEFAULT_BLOCK_SIZE = 128
 
 # torch 2.13 renamed the tensor collectives (the old names warn); 2.11 only has the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-# --- load-balanced chunking ----------------------------------------------------------------
-
-
-def cp_padded_length(seq_len: int, cp_size: int) -> int:
-    """Smallest length >= seq_len that 2*cp_size chunks divide."""
-    multiple = 2 * cp_size
-    return -(-seq_len // multiple) * multiple
-
-
-def _check_layout(seq_len: int, cp_size: int, cp_rank: int | None = None) -> None:
-    if cp_size < 1:
-        raise ValueError(f"cp_size must be >= 1, got {cp_size}")
-    if cp_rank is not None and not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank must be in [0, {cp_size}), got {cp_rank}")
-    if seq_len % (2 * cp_size):
-        raise ValueError(f"sequence length {seq_len} is not a multiple of 2 * cp = {2 * cp_size}; pad the "
-                         f"batch first (pad_packed_for_cp) to {cp_padded_length(seq_len, cp_size)}")
-
-
-def cp_positions(seq_len: int, cp_size: int, cp_rank: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Global positions of CP rank `cp_rank`'s tokens, in local order: LongTensor [S / cp].
-
-    Chunk cp_rank, then chunk 2*cp_size - 1 - cp_rank, each C = S / (2 cp) tokens.
-    """
-    _check_layout(seq_len, cp_size, cp_rank)
-    chunk = seq_len // (2 * cp_size)
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    second_start = (2 * cp_size - 1 - cp_rank) * chunk
-    return torch.cat([first, torch.arange(second_start, second_start + chunk, device=device)])
-
-
-def _rank_major_positions(seq_len: int, cp_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Global position of each row of the ranks' local parts concatenated in rank order: [S]."""
-    return torch.cat([cp_positions(seq_len, cp_size, rank, device) for rank in range(cp_size)])
-
-
-def split_for_cp(x: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
-    """Rank cp_rank's part of a full-sequence tensor: [b, S, ...] -> [b, S / cp, ...] (along seq_dim)."""
-    positions = cp_positions(x.shape[seq_dim], cp_size, cp_rank, x.device)
-    return x.index_select(seq_dim, positions)
-
-
-def merge_cp_parts(parts: Sequence[torch.Tensor], seq_dim: int = 1) -> torch.Tensor:
-    """Inverse of split_for_cp over all ranks: parts[r] is rank r's [b, S / cp, ...] -> [b, S, ...]."""
-    cp_size = len(parts)
-    if cp_size == 0:
-        raise ValueError("merge_cp_parts needs one part per CP rank, got none")
-    rank_major = torch.cat(list(parts), dim=seq_dim)
-    order = torch.argsort(_rank_major_positions(rank_major.shape[seq_dim], cp_size, rank_major.device))
-    return rank_major.index_select(seq_dim, order)
-
-
-def pad_packed_for_cp(
-    batch: Mapping[str, torch.Tensor],
-    cp_size: int,
-    *,
-    doc_ids_key: str = "doc_ids",
-    fill: Mapping[str, int | float] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Pad every per-token tensor [b, s, ...] of a packed batch along dim 1 to a multiple of 2*cp.
-
-    The new tokens go at the END of each row with doc id -1 (`doc_ids_key`); every other tensor
-    is filled with 0 unless `fill` names a value (e.g. {"labels": -100} for an ignore index).
-    Invariant: padding belongs to no document, so it sees no key and no query sees it, and its
-    loss weight is 0 (loss masks are filled with 0): the outputs, loss and gradients of the real
-    tokens are exactly those of the unpadded batch. Real tokens keep their positions (nothing is
-    inserted before them), so position ids and RoPE are unchanged. A row may end with more than
-    a chunk of padding, which can leave a CP rank with padding only: cp_attention returns zeros
-    there (no NaN), and the loss must count tokens, not average per rank (see cp_attention).
-    """
-    if doc_ids_key not in batch:
-        raise ValueError(f"the batch has no {doc_ids_key!r} tensor (doc ids, -1 = padding)")
-    fill = dict(fill or {})
-    unknown = fill.keys() - batch.keys()
-    if unknown:
-        raise ValueError(f"fill names tensors not in the batch: {sorted(unknown)}")
-    if doc_ids_key in fill and fill[doc_ids_key] != -1:
-        raise ValueError(f"padding must have doc id -1, not {fill[doc_ids_key]}")
-    fill[doc_ids_key] = -1
-    seq_len = batch[doc_ids_key].shape[1]
-    extra = cp_padded_length(seq_len, cp_size) - seq_len
-    padded = {}
-    for name, tensor in batch.items():
-        if tensor.dim() < 2 or tensor.shape[1] != seq_len:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; per-token tensors are [b, {seq_len}, ...]")
-        tail = tensor.new_full((tensor.shape[0], extra, *tensor.shape[2:]), fill.get(name, 0))
-        padded[name] = torch.cat([tensor, tail], dim=1)
-    return padded
-
-
-def pad_mask_for_cp(mask: SegmentMask, cp_size: int) -> SegmentMask:
-    """`mask` with padding appended to a multiple of 2*cp (same invariant as pad_packed_for_cp).
-
-    Equal, field by field, to the segment_mask of the padded inputs.
-    """
-    b, seq_len = mask.shape
-    extra = cp_padded_length(seq_len, cp_size) - seq_len
-
-    def pad(t: torch.Tensor, value: int | bool) -> torch.Tensor:
-        return torch.cat([t, t.new_full((b, extra), value)], dim=1)
-
-    return SegmentMask(doc_ids=pad(mask.doc_ids, -1), block_index=pad(mask.block_index, -1),
-                       causal=pad(mask.causal, False), sees_prefix=pad(mask.sees_prefix, False),
-                       private=pad(mask.private, False))
 
 
 # --- collectives ---------------------------------------------------------------------------
@@ -195,7 +88,7 @@ class _GatherSequence(torch.autograd.Function):
         cp_size = dist.get_world_size(group)
         rows = local.movedim(seq_dim, 0).contiguous()  # collectives concatenate along dim 0
         seq_len = cp_size * rows.shape[0]
-        rank_major = _rank_major_positions(seq_len, cp_size, local.device)
+        rank_major = rank_major_positions(seq_len, cp_size, local.device)
         gathered = rows.new_empty(seq_len, *rows.shape[1:])
         _all_gather_single(gathered, rows, group=group)
         ctx.group, ctx.seq_dim = group, seq_dim
@@ -228,7 +121,7 @@ def gather_sequence(local: torch.Tensor, group: dist.ProcessGroup | None, seq_di
 def _check_mask(mask: SegmentMask, cp_size: int, cp_rank: int) -> None:
     if not isinstance(mask, SegmentMask):
         raise TypeError(f"mask must be the global SegmentMask, got {type(mask).__name__}")
-    _check_layout(mask.shape[1], cp_size, cp_rank)
+    check_cp_layout(mask.shape[1], cp_size, cp_rank)
 
 
 def cp_local_dense_mask(mask: SegmentMask, cp_size: int, cp_rank: int) -> torch.Tensor:
@@ -261,7 +154,7 @@ def _rows_with_own_key_if_empty(mask: SegmentMask, cp_size: int, cp_rank: int) -
     return visible | (~visible.any(dim=-1, keepdim=True) & own_key)
 
 
-def cp_block_mask(mask: SegmentMask, cp_size: int, cp_rank: int, block_size: int = DEFAULT_BLOCK_SIZE) -> BlockMask:
+def cp_block_mask(mask: SegmentMask, cp_size: int, cp_rank: int, block_size: int = FLEX_BLOCK_SIZE) -> BlockMask:
     """FlexAttention BlockMask of rank cp_rank's queries against all keys: Q_LEN = s, KV_LEN = S.
 
     With C a multiple of block_size every local query tile is one global query tile, so its key
@@ -282,8 +175,8 @@ def _build_local_block_mask(mask: SegmentMask, cp_size: int, cp_rank: int, block
     positions = cp_positions(seq_len, cp_size, cp_rank, mask.device)
     partial, full = tile_classes(mask, block_size)  # [b, nt, nt], global query tiles
     query_tiles = positions[::block_size] // block_size
-    kv_num_blocks, kv_indices = _ordered_tiles(partial[:, query_tiles])
-    full_kv_num_blocks, full_kv_indices = _ordered_tiles(full[:, query_tiles])
+    kv_num_blocks, kv_indices = ordered_tiles(partial[:, query_tiles])
+    full_kv_num_blocks, full_kv_indices = ordered_tiles(full[:, query_tiles])
     global_mask_mod = segment_mask_mod(mask)
 
     def local_mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
@@ -304,7 +197,7 @@ def attend_local_queries(
     cp_rank: int,
     *,
     backend: CpBackend = "dense",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = FLEX_BLOCK_SIZE,
 ) -> torch.Tensor:
     """Attention of rank cp_rank's queries q_local [b, hq, s, d] against k/v_full [b, hkv, S, d].
 
@@ -325,7 +218,7 @@ def attend_local_queries(
                                              enable_gqa=gqa)
     elif backend == "flex":
         block_mask = cp_block_mask(mask, cp_size, cp_rank, block_size)
-        attend = _flex_attention_for(q_local.device)
+        attend = flex_attention_for(q_local.device)
         with warnings.catch_warnings():
             # Off CUDA flex runs eagerly (forward only, scores materialised) and says so once.
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile",
@@ -345,7 +238,7 @@ def cp_attention(
     cp_group: dist.ProcessGroup | None,
     *,
     backend: CpBackend = "dense",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = FLEX_BLOCK_SIZE,
 ) -> torch.Tensor:
     """Segment-masked attention under context parallelism, for this rank's tokens.
 

@@ -158,7 +158,7 @@ def _scored_loss_sequence_parallel(
     finalize_model_grads, as for the decoder's own norms).
     """
     group = model.output_layer.tp_group
-    rank, size = group.rank(), group.size()
+    rank = group.rank()
     scored_shards = scored.t().split(hidden.shape[0])  # P x [s/P, b]
     label_shards = labels.t().split(hidden.shape[0])
     counts = [int(shard.sum()) for shard in scored_shards]

@@ -11,8 +11,8 @@ import torch
 
 from megatron_focusft.data.batch import make_batch
 from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
-from megatron_focusft.training import checkpoint
-from megatron_focusft.training.checkpoint import (
+from megatron_focusft.engine import checkpoint
+from megatron_focusft.engine.checkpoint import (
     MARKER_FILE,
     TRACKER_FILE,
     CheckpointError,
@@ -46,7 +46,7 @@ def _setup(seed: int, tp: int = 1, fast_weights=None, preset: str = "tiny"):
     changes every step, so a scheduler that is not restored shows in the losses)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_focusft.training.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from tests.helpers.distributed import init_model_parallel
 
     init_model_parallel(tp=tp, seed=seed)
@@ -70,7 +70,8 @@ def _packer(rows_consumed: int = 0) -> RetrievalPacker:
 
 
 def _train(model, optimizer, scheduler, packer: RetrievalPacker, steps: int) -> list[float]:
-    from megatron_focusft.training.sft import train_step
+    from megatron_focusft.engine.train_step import train_step
+    from megatron_focusft.sft import sft_forward_step
 
     losses = []
     for _ in range(steps):
@@ -78,7 +79,7 @@ def _train(model, optimizer, scheduler, packer: RetrievalPacker, steps: int) -> 
         for _ in range(MICRO):
             rows = packer.next_rows()
             batches.append(make_batch(rows.tokens, rows.doc_ids, rows.response, mask_kind="focusft"))
-        losses.append(train_step(model, optimizer, batches)["loss"])
+        losses.append(train_step(model, optimizer, batches, sft_forward_step)["loss"])
         scheduler.step(1)
     return losses
 
@@ -277,6 +278,7 @@ def test_fast_weights_are_not_checkpointed(single_rank, tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    from megatron_focusft.data.batch import sample_index_from_doc_ids
     from megatron_focusft.fastweights import (
         FastWeightBinding,
         FastWeightConfig,
@@ -284,7 +286,6 @@ def test_fast_weights_are_not_checkpointed(single_rank, tmp_path):
         fast_weight_layout,
         fast_weight_modules,
         init_fast_weights,
-        sample_index_from_doc_ids,
     )
 
     config = FastWeightConfig(rank=4, layer_fraction=1.0, targets=("qkv", "proj", "fc1", "fc2"))

@@ -10,8 +10,8 @@ rank's global positions against the all-gathered keys. Everything derived per to
 neighbours (labels, loss mask) is computed on the unsplit batch first, so a document that
 straddles a chunk border keeps its targets.
 
-Per-document things stay global too: doc ids are not renumbered, so `sample_index_for_cp`
-numbers the samples of the micro-batch from the global mask's doc ids, identically on every CP
+Per-document facts stay global too: the sample index is numbered on the unsplit batch (doc ids
+are not renumbered), and `num_samples` counts the whole micro-batch, identically on every CP
 rank, whatever tokens a rank holds (a rank holding no token of a sample still knows it).
 """
 
@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from megatron_focusft.data.batch import SegmentBatch
-from megatron_focusft.fastweights.linear import sample_index_from_doc_ids
-from megatron_focusft.parallel.context_parallel import (
-    cp_padded_length, cp_positions, pad_mask_for_cp, pad_packed_for_cp, split_for_cp,
+from megatron_focusft.data.batch import SegmentBatch, next_in_same_document, sample_index_from_doc_ids
+from megatron_focusft.parallel.cp_layout import (
+    cp_padded_length,
+    cp_positions,
+    pad_mask_for_cp,
+    pad_packed_for_cp,
+    split_for_cp,
 )
 
 _PER_TOKEN = ("tokens", "labels", "loss_mask", "response", "doc_ids", "position_ids")
@@ -52,44 +55,8 @@ def split_batch_for_cp(batch: SegmentBatch, cp_size: int, cp_rank: int, *, chunk
     padded = pad_packed_for_cp({name: getattr(batch, name) for name in _PER_TOKEN}, pad_unit)
     full_len = cp_padded_length(seq_len, pad_unit)
     padded["position_ids"][:, seq_len:] = torch.arange(seq_len, full_len, device=batch.position_ids.device)
+    padded["sample_index"] = sample_index_from_doc_ids(padded["doc_ids"])
+    padded["next_in_document"] = next_in_same_document(padded["doc_ids"])
     local = {name: split_for_cp(tensor, cp_size, cp_rank) for name, tensor in padded.items()}
-    return SegmentBatch(**local, attention=pad_mask_for_cp(batch.attention, pad_unit))
-
-
-def local_positions(batch: SegmentBatch, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global positions of the batch's tokens, LongTensor [s]: arange for an unsplit batch.
-
-    Raises unless the batch is split for exactly this CP layout (tokens [b, S / cp], mask [b, S]).
-    """
-    local_len, full_len = batch.tokens.shape[1], batch.attention.shape[1]
-    if local_len * cp_size != full_len:
-        hint = "split it with split_batch_for_cp" if local_len == full_len else "it was split for another CP size"
-        raise ValueError(f"batch of {local_len} tokens per row with a [b, {full_len}] mask does not fit "
-                         f"context_parallel_size = {cp_size}: {hint}")
-    if cp_size == 1:
-        return torch.arange(local_len, device=batch.tokens.device)
-    return cp_positions(full_len, cp_size, cp_rank, batch.tokens.device)
-
-
-def sample_index_for_cp(batch: SegmentBatch, cp_size: int, cp_rank: int) -> tuple[torch.Tensor, int]:
-    """(sample index of the local tokens [b, s], number of samples n of the whole micro-batch).
-
-    Numbered as `sample_index_from_doc_ids` numbers the unsplit batch, from the global mask's
-    doc ids: the same numbers and the same n on every CP rank.
-    """
-    positions = local_positions(batch, cp_size, cp_rank)
-    global_index = sample_index_from_doc_ids(batch.attention.doc_ids)
-    num_samples = int(global_index.max()) + 1 if global_index.numel() else 0
-    if cp_size == 1:
-        return global_index, num_samples
-    return global_index.index_select(1, positions), num_samples
-
-
-def next_in_document(batch: SegmentBatch, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """[b, s] bool: the token's global successor is in the same document (from the global doc ids)."""
-    doc = batch.attention.doc_ids
-    following = torch.zeros_like(doc, dtype=torch.bool)
-    following[:, :-1] = (doc[:, 1:] == doc[:, :-1]) & (doc[:, :-1] >= 0)
-    if cp_size == 1:
-        return following
-    return following.index_select(1, local_positions(batch, cp_size, cp_rank))
+    return SegmentBatch(**local, attention=pad_mask_for_cp(batch.attention, pad_unit), num_samples=batch.num_samples,
+                        global_positions=cp_positions(full_len, cp_size, cp_rank, batch.tokens.device))

@@ -10,11 +10,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_focusft.attention.spec import get_segment_attention_layer_spec
 from megatron_focusft.fastweights.config import FastWeightConfig
-from megatron_focusft.fastweights.spec import get_fast_weight_block_spec
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
+from megatron_focusft.models.spec import get_segment_attention_layer_spec
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ModelSetup:
 
 @dataclass(frozen=True)
 class OptimizerSetup:
-    lr: float = 1e-4
+    lr: float = 1e-5
     min_lr: float = 0.0
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -82,9 +81,7 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
         calculate_per_token_loss=True,
     )
     layer_spec = get_segment_attention_layer_spec(setup.attention_backend)
-    if setup.fast_weights is not None:
-        layer_spec = get_fast_weight_block_spec(layer_spec, config, setup.fast_weights)
-    model = build_gpt_model(config, preset, layer_spec, pre_process=parallel_state.is_pipeline_first_stage(),
+    model = build_gpt_model(config, preset, layer_spec, setup.fast_weights, pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage())
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model

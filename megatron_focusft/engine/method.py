@@ -1,0 +1,51 @@
+"""What a training method declares to the entry point: its flags, its checkpoint keys and how it
+sets up a run. A method is one package plus one `TrainingMethod` record (training/methods.py
+lists them); the entry point has no per-method branches.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_focusft.engine.train_step import ForwardStep
+from megatron_focusft.fastweights import FastWeightConfig
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One run's forward step, and how to continue its own state in a resumed run.
+
+    resume(micro_batches_done): the method's per-micro-batch state (FocuSFT: how many initial
+    fast weights were drawn) after that many micro-batches; the same on every rank, so it needs
+    no checkpoint entry of its own.
+    """
+
+    forward_step: ForwardStep
+    resume: Callable[[int], None] = lambda micro_batches_done: None
+
+
+@dataclass(frozen=True)
+class MethodModel:
+    """What the model and data must be for a method under the parsed flags."""
+
+    mask_kind: str  # the attention mask the data is packed under
+    fast_weights: FastWeightConfig | None  # adapters the model is built with (None: none)
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    """name: the --training-mode value. add_arguments: adds the method's own flags to its group.
+    resume_keys: those flags a resumed run must share with the run that saved the checkpoint.
+    model(args) -> MethodModel; run(args, model_config, dp_rank) -> MethodRun, after the model is
+    built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds)."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse._ArgumentGroup], None]
+    resume_keys: tuple[str, ...]
+    model: Callable[[argparse.Namespace], MethodModel]
+    run: Callable[[argparse.Namespace, TransformerConfig, int], MethodRun]

@@ -1,0 +1,59 @@
+"""`--training-mode focusft`: the bilevel step, its `--focusft-*` flags (defaults from the configs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
+from megatron_focusft.fastweights import FastWeightConfig, fast_weight_layout
+from megatron_focusft.fastweights.config import TARGETS
+from megatron_focusft.focusft.config import INNER_OBJECTIVES, FocusftConfig
+from megatron_focusft.focusft.step import SeededFastWeights, make_focusft_forward_step
+
+_STEP, _FAST = FocusftConfig(), FastWeightConfig()
+
+
+def _add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--focusft-inner-steps", type=int, default=_STEP.inner_steps)
+    group.add_argument("--focusft-inner-lr", type=float, default=_STEP.inner_lr)
+    group.add_argument("--focusft-inner-grad-clip", type=float, default=_STEP.inner_grad_clip)
+    group.add_argument("--focusft-inner-objective", choices=INNER_OBJECTIVES, default=_STEP.inner_objective)
+    group.add_argument("--focusft-rank", type=int, default=_FAST.rank)
+    group.add_argument("--focusft-alpha", type=float, default=_FAST.alpha)
+    group.add_argument("--focusft-layer-fraction", type=float, default=_FAST.layer_fraction)
+    group.add_argument("--focusft-targets", nargs="+", default=list(_FAST.targets), choices=TARGETS)
+
+
+def _fast_weights(args: argparse.Namespace) -> FastWeightConfig:
+    return FastWeightConfig(rank=args.focusft_rank, alpha=args.focusft_alpha,
+                            layer_fraction=args.focusft_layer_fraction, targets=tuple(args.focusft_targets))
+
+
+def _model(args: argparse.Namespace) -> MethodModel:
+    return MethodModel(mask_kind="focusft", fast_weights=_fast_weights(args))
+
+
+def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int) -> MethodRun:
+    fast = _fast_weights(args)
+    config = FocusftConfig(inner_steps=args.focusft_inner_steps, inner_lr=args.focusft_inner_lr,
+                           inner_grad_clip=args.focusft_inner_grad_clip,
+                           inner_objective=args.focusft_inner_objective, fast_weights=fast)
+    # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.
+    dtype = model_config.params_dtype
+    source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, args.seed * 1000 + dp_rank,
+                               dtype=dtype)
+
+    def resume(micro_batches_done: int) -> None:
+        # One draw per micro-batch (on the stages holding adapted layers, which alone draw).
+        source.micro_batches_seen = micro_batches_done
+
+    return MethodRun(make_focusft_forward_step(config, source), resume)
+
+
+FOCUSFT = TrainingMethod(
+    "focusft", "FocuSFT bilevel step", _add_arguments,
+    ("focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective", "focusft_rank", "focusft_alpha",
+     "focusft_layer_fraction", "focusft_targets"),
+    _model, _run)

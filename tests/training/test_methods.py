@@ -1,0 +1,48 @@
+"""The training-methods registry: each method's flags, their one default, and its resume keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from megatron_focusft.engine.setup import OptimizerSetup
+from megatron_focusft.fastweights import FastWeightConfig
+from megatron_focusft.focusft import FocusftConfig
+from megatron_focusft.training.arguments import parse_training_args
+from megatron_focusft.training.methods import METHODS
+
+BASE = ["--train-iters", "1", "--mock-data"]
+
+
+def test_every_method_is_a_training_mode_and_declares_flags_that_exist():
+    args = parse_training_args(BASE)
+    assert set(METHODS) == {"focusft", "sft"}
+    for method in METHODS.values():
+        assert parse_training_args([*BASE, "--training-mode", method.name]).training_mode == method.name
+        for key in method.resume_keys:
+            assert hasattr(args, key), f"{method.name} resume key {key} is not a flag"
+
+
+def test_flag_defaults_are_the_configs_defaults():
+    args = parse_training_args(BASE)
+    step, fast, opt = FocusftConfig(), FastWeightConfig(), OptimizerSetup()
+    assert (args.focusft_inner_steps, args.focusft_inner_lr, args.focusft_inner_grad_clip,
+            args.focusft_inner_objective) == (step.inner_steps, step.inner_lr, step.inner_grad_clip,
+                                              step.inner_objective)
+    assert (args.focusft_rank, args.focusft_alpha, args.focusft_layer_fraction, tuple(args.focusft_targets)) == (
+        fast.rank, fast.alpha, fast.layer_fraction, fast.targets)
+    for field in dataclasses.fields(OptimizerSetup):
+        assert getattr(args, field.name) == getattr(opt, field.name), field.name
+
+
+@pytest.mark.parametrize("mode, mask_kind, adapted", [("focusft", "focusft", True), ("sft", "focusft", False)])
+def test_a_method_says_what_model_and_mask_it_needs(mode, mask_kind, adapted):
+    args = parse_training_args([*BASE, "--training-mode", mode, "--focusft-rank", "8"])
+    needs = METHODS[mode].model(args)
+    assert needs.mask_kind == mask_kind
+    assert (needs.fast_weights is not None) == adapted
+    if adapted:
+        assert needs.fast_weights.rank == 8
+    causal = METHODS["sft"].model(parse_training_args([*BASE, "--training-mode", "sft", "--sft-mask", "causal"]))
+    assert causal.mask_kind == "causal"
