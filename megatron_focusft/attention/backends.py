@@ -69,6 +69,11 @@ def attention_backend_names() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
+def context_parallel_backend_names() -> tuple[str, ...]:
+    """The backends with a context-parallel path."""
+    return tuple(name for name, backend in _BACKENDS.items() if backend.cp_path is not None)
+
+
 def get_attention_backend(name: str) -> AttentionFn:
     """The backend function called `name`; ImportError says what is missing for optional ones."""
     return attention_backend(name).load()

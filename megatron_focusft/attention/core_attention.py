@@ -13,7 +13,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_focusft.attention.backends import attention_backend, attention_backend_names
+from megatron_focusft.attention.backends import attention_backend, context_parallel_backend_names
 from megatron_focusft.attention.context_parallel import cp_attention
 from megatron_focusft.masks import SegmentMask, segment_mask
 
@@ -57,7 +57,7 @@ class SegmentCoreAttention(MegatronModule):
             if self.backend.cp_path is None:
                 raise ValueError(f"attention backend {backend!r} has no context-parallel path; with "
                                  f"context_parallel_size = {config.context_parallel_size} use one of "
-                                 f"{sorted(_cp_capable())}")
+                                 f"{sorted(context_parallel_backend_names())}")
             cp_group = getattr(pg_collection, "cp", None)
             if cp_group is None:
                 cp_group = parallel_state.get_context_parallel_group()
@@ -106,7 +106,3 @@ class SegmentCoreAttention(MegatronModule):
             out = cp_attention(q, k, v, mask, self.softmax_scale, self.cp_group,
                                backend=self.backend.cp_path)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
-
-
-def _cp_capable() -> list[str]:
-    return [name for name in attention_backend_names() if attention_backend(name).cp_path is not None]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from megatron_focusft.attention.backends import attention_backend, attention_backend_names
+from megatron_focusft.attention.backends import attention_backend, attention_backend_names, context_parallel_backend_names
 from megatron_focusft.engine.setup import OptimizerSetup
 from megatron_focusft.models.presets import PRESETS
 from megatron_focusft.training.methods import METHODS
@@ -125,8 +125,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} must be a multiple of "
                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
     if args.context_parallel_size > 1 and attention_backend(args.attention_backend).cp_path is None:
-        capable = [n for n in attention_backend_names() if attention_backend(n).cp_path is not None]
-        raise ValueError(f"--context-parallel-size > 1 needs --attention-backend {' or '.join(capable)} "
+        capable = " or ".join(context_parallel_backend_names())
+        raise ValueError(f"--context-parallel-size > 1 needs --attention-backend {capable} "
                          f"({args.attention_backend} has no CP path for segment masks)")
     if args.context_parallel_size > 1 and args.attention_metrics_interval:
         raise ValueError("--attention-metrics-interval is not supported with --context-parallel-size > 1 yet")
