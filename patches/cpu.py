@@ -67,6 +67,10 @@ PATCHED_MODULES: dict[str, tuple[str, str]] = {
     "megatron.core.timers": (
         "Timer.start/stop (the schedules' per-stage timers) call torch.cuda.synchronize()",
         "torch.cuda.synchronize()"),
+    "megatron.core.transformer.attention": (
+        "the static inference context's KV cache (Attention._allocate_memory) is allocated on "
+        "torch.cuda.current_device()",
+        "device=torch.cuda.current_device()"),
     "megatron.core.pipeline_parallel.p2p_communication": (
         "shape exchange buffers on torch.cuda.current_device() and torch.cuda.synchronize()",
         "device=torch.cuda.current_device()"),
@@ -147,6 +151,32 @@ def _set_cuda_rng_state_cpu(new_state: torch.Tensor, device: int = -1, graph_saf
         raise RuntimeError("a CUDA generator state reached the CPU shim: it cannot be restored without CUDA")
 
 
+_LANGUAGE_MODULE = "megatron.core.models.common.language_module.language_module"
+_SETUP_EMBEDDINGS = "LanguageModule.setup_embeddings_and_output_layer"
+
+
+def _setup_embeddings_and_output_layer_cpu(self: Any) -> None:
+    """LanguageModule.setup_embeddings_and_output_layer with its tied-embedding sync on the CPU.
+
+    Under pipeline parallelism with tied embeddings, megatron-core zeroes the last stage's copy
+    of the word embeddings and all-reduces it with the first stage's over the embedding group,
+    after moving the tensor with `.cuda()`. Here megatron-core's method runs with that block
+    switched off (its own `init_model_with_meta_device` guard), then the same all-reduce runs on
+    the CPU tensor.
+    """
+    config = self.config
+    meta_device = config.init_model_with_meta_device
+    config.init_model_with_meta_device = True
+    try:
+        _ORIGINALS[(_LANGUAGE_MODULE, _SETUP_EMBEDDINGS)](self)
+    finally:
+        config.init_model_with_meta_device = meta_device
+    synced = (self.share_embeddings_and_output_weights or getattr(config, "mtp_num_layers", 0)) \
+        and config.pipeline_model_parallel_size > 1
+    if synced and torch.distributed.is_initialized() and not meta_device and self._is_in_embd_group():
+        torch.distributed.all_reduce(self.shared_embedding_or_output_weight().data, group=self.embd_group)
+
+
 @dataclass(frozen=True)
 class FunctionPatch:
     used_in: str  # the module whose reference is replaced
@@ -190,6 +220,11 @@ PATCHED_FUNCTIONS: tuple[FunctionPatch, ...] = (
         _set_cuda_rng_state_cpu,
         "(new_state: 'torch.Tensor', device: 'int' = -1, graph_safe: 'bool' = False)",
         "activation checkpointing restores the CUDA generator's state before recomputing",
+    ),
+    FunctionPatch(
+        _LANGUAGE_MODULE, _LANGUAGE_MODULE, _SETUP_EMBEDDINGS, _setup_embeddings_and_output_layer_cpu,
+        "(self) -> None",
+        "a pipelined model with tied embeddings syncs the last stage's copy after weight.data.cuda()",
     ),
 )
 

@@ -15,6 +15,7 @@ from megatron.core.utils import divide
 
 from megatron_focusft.attention.backends import attention_backend, context_parallel_backend_names
 from megatron_focusft.attention.context_parallel import cp_attention
+from megatron_focusft.attention.sdpa import sdpa_last_queries_attention
 from megatron_focusft.masks import SegmentMask, segment_mask
 
 
@@ -30,6 +31,10 @@ class SegmentCoreAttention(MegatronModule):
     mask stays GLOBAL, [b, S]. K/V are all-gathered over the CP group (cp_attention), whatever
     `cp_comm_type` says: Megatron's ring/a2a paths take no custom mask. sdpa runs the dense
     path, flex the BlockMask path (each backend's record names its `cp_path`); te has none.
+
+    Incremental decoding (Megatron's static inference context hands the KV cache in): query
+    [q, b, hq/tp, d] holds the last q of the mask's S positions, key/value [S, b, hkv/tp, d]
+    all of them; every backend then runs attention.sdpa.sdpa_last_queries_attention.
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class SegmentCoreAttention(MegatronModule):
             raise ValueError("SegmentCoreAttention takes packing from the SegmentMask; "
                              "attention_bias and packed_seq_params must be None")
         seq, batch = query.shape[:2]
+        if key.shape[0] != seq:
+            return self._decode(query, key, value, attention_mask)
         cp_size = 1 if self.cp_group is None else self.config.context_parallel_size
         full_seq = seq * cp_size  # the mask is global: S = s * cp
         mask = attention_mask
@@ -105,4 +112,18 @@ class SegmentCoreAttention(MegatronModule):
         else:
             out = cp_attention(q, k, v, mask, self.softmax_scale, self.cp_group,
                                backend=self.backend.cp_path)
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
+
+    def _decode(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: SegmentMask | None) -> torch.Tensor:
+        """The last q = query.shape[0] positions of S = key.shape[0] (cached keys and values)."""
+        seq, batch = query.shape[:2]
+        if self.cp_group is not None:
+            raise ValueError("incremental decoding with context parallelism is not supported")
+        if not isinstance(mask, SegmentMask) or tuple(mask.shape) != (batch, key.shape[0]):
+            raise ValueError(f"decoding {seq} queries over {key.shape[0]} cached keys needs a SegmentMask of "
+                             f"shape [b={batch}, S={key.shape[0]}], got "
+                             f"{tuple(mask.shape) if isinstance(mask, SegmentMask) else type(mask).__name__}")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = sdpa_last_queries_attention(q, k, v, mask, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -28,3 +28,26 @@ def sdpa_attention(
         query, key, value, attn_mask=dense, scale=scale, enable_gqa=query.shape[1] != key.shape[1]
     )
     return out.masked_fill(empty_rows[:, None, :, None], 0.0)
+
+
+def sdpa_last_queries_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: SegmentMask, scale: float
+) -> torch.Tensor:
+    """Incremental decoding: query [b, hq, q, d] holds the LAST q of the mask's S positions,
+    key/value [b, hkv, S, d] all of them (a KV cache) -> [b, hq, q, d].
+
+    Only the q x S rows of the mask are evaluated (O(q * S) per call, no S x S tensor), so every
+    backend decodes through this one path; queries that see nothing (padding) output 0.
+    """
+    b, s = mask.shape
+    q_len = query.shape[2]
+    rows = torch.arange(s - q_len, s, device=query.device)
+    cols = torch.arange(s, device=query.device)
+    batch = torch.arange(b, device=query.device)[:, None, None]
+    visible = mask.visible(batch, rows[None, :, None], cols[None, None, :])  # [b, q, S]
+    empty_rows = ~visible.any(dim=-1)
+    visible = visible | empty_rows[..., None]  # NaN-free softmax on rows zeroed below
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=visible[:, None], scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.masked_fill(empty_rows[:, None, :, None], 0.0)

@@ -59,6 +59,15 @@ class ChatTokenizer(Protocol):
 
     def render_chat(self, messages: Sequence[Message], tools: Sequence[Any] | None = None) -> list[ChatSegment]: ...
 
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[Any] | None = None) -> list[ChatSegment]:
+        """`render_chat` of the conversation followed by the assistant header (context): the
+        prompt a model continues with its reply."""
+        ...
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw text prompt as the model saw text in pretraining (with BOS where the tokenizer adds one)."""
+        ...
+
 
 def segments_from_flags(ids: Sequence[int], flags: Sequence[bool | int]) -> list[ChatSegment]:
     """Group per-token ids and flags into maximal runs of equal flag."""
@@ -156,6 +165,12 @@ class ByteChatTokenizer:
             segments.append((context, False))
         return segments
 
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[Any] | None = None) -> list[ChatSegment]:
+        return [*self.render_chat(messages, tools), ([self.ROLE_IDS["assistant"]], False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.BOS_ID, *self.encode(text)]
+
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face tokenizer + chat template
@@ -188,11 +203,8 @@ class HFChatTokenizer:
     def __init__(self, path: str | os.PathLike[str], *, chat_template: str | None = None,
                  template_kwargs: Mapping[str, Any] | None = None,
                  assistant_mask: AssistantMaskMethod = "auto") -> None:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as error:
-            raise ImportError("HFChatTokenizer needs the `transformers` package; install the `convert` extra: "
-                              "pip install 'megatron-focusft[convert]'") from error
+        from transformers import AutoTokenizer
+
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (a local directory is required; "
@@ -258,6 +270,20 @@ class HFChatTokenizer:
             out = self._apply(messages, tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
             return segments_from_flags(list(out["input_ids"]), list(out["assistant_masks"]))
         return self._render_by_prefixes(messages, tools)
+
+    def render_prompt(self, messages: Sequence[Message], tools: Sequence[Any] | None = None) -> list[ChatSegment]:
+        tools = list(tools) if tools else None
+        prompt = list(self._apply(messages, tools, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+        segments = self.render_chat(messages, tools)
+        rendered = [i for ids, _ in segments for i in ids]
+        if prompt[:len(rendered)] != rendered:
+            raise ChatTemplateError("the chat template's generation prompt does not extend the rendered conversation "
+                                    "(add_generation_prompt rewrites earlier tokens)")
+        header = prompt[len(rendered):]
+        return [*segments, (header, False)] if header else segments
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self._tokenizer(text)["input_ids"])
 
     def _render_by_prefixes(self, messages: Sequence[Message], tools: list[Any] | None) -> list[ChatSegment]:
         full = self._apply(messages, tools, tokenize=False)

@@ -7,6 +7,9 @@ Layout of a checkpoint directory::
                                                its shards; `metadata.json` last)
     <dir>/iter_0000010/focusft_complete.json   completion marker, written after every rank is done
     <dir>/latest_checkpointed_iteration.txt    tracker: the committed iteration, written last
+    <dir>/model_assets/                        optional: files that travel with the model (the
+                                               source HF config.json, tokenizer files), copied
+                                               by `copy_model_assets`
 
 Save protocol (every rank calls `save_checkpoint`): clear a leftover directory of the same
 iteration, write the sharded state with `dist_checkpointing.save`, barrier, rank 0 writes the
@@ -27,7 +30,9 @@ What a checkpoint holds:
 - the model's `sharded_state_dict()` and the optimizer's `sharded_state_dict(model_sd)`, so it
   reloads at another tensor-parallel size (Megatron reshards);
 - common state (rank 0's copy; it must be the same on every rank): iteration, scheduler state,
-  the model's shape (checked on load), the parallel layout, the caller's `run_config` (checked
+  the model's shape (models.presets.ModelPreset: checked on load, and read by
+  `read_checkpoint_info` to build a model without a preset), its parameter dtype, the
+  parallel layout, the caller's `run_config` (checked
   on load when given there too) and the caller's `extra_state`;
 - each rank's RNG states (torch CPU, CUDA when present, Megatron's CUDA RNG tracker, python
   `random`, numpy), restored only when the parallel layout is unchanged.
@@ -54,6 +59,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +73,17 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import CheckpointException
 
+from megatron_focusft.models.gpt import model_shape
+from megatron_focusft.models.presets import ModelPreset
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MARKER_FILE = "focusft_complete.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ASSETS_DIR = "model_assets"
+# What model_assets may hold: the source HF config and the files a tokenizer and generation need.
+MODEL_ASSET_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                     "chat_template.json", "generation_config.json")
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _RNG_KEY = "focusft_rng_state"
 
@@ -135,7 +149,8 @@ def save_checkpoint(
         "focusft": {
             "format": FORMAT_VERSION,
             "iteration": iteration,
-            "model_shape": _model_shape(module),
+            "model_shape": model_shape(module).to_dict(),
+            "params_dtype": str(module.config.params_dtype),
             "layout": _parallel_layout(),
             "run_config": run_config,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -220,26 +235,22 @@ def load_checkpoint(
     *,
     run_config: Mapping[str, Any] | None = None,
     iteration: int | None = None,
+    restore_rng: bool = True,
 ) -> tuple[int, dict[str, Any]] | None:
     """Load the latest committed checkpoint of `load_dir` (module doc) into model, optimizer
     and scheduler, and restore the RNG states; collective.
 
     Returns (iteration, extra_state), or None when `load_dir` holds no checkpoint. `iteration`
     asks for that one (it must be complete). `run_config`, when given, must equal the saved one.
+    optimizer = scheduler = None and restore_rng = False load the model weights only (fine-tuning
+    from it; the saved parameters are cast to the model's dtype).
     Raises CheckpointError naming the path and the problem for a corrupt or mismatched one.
     """
     chosen = _agree_on_iteration(Path(load_dir), iteration)
     if chosen is None:
         return None
     path = iteration_dir(load_dir, chosen)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read its common state: {e!r}") from e
-    if "focusft" not in common:
-        raise CheckpointError(f"checkpoint {path} was not written by megatron_focusft (no 'focusft' common state)")
-    meta = common["focusft"]
+    meta = _read_meta(path)
     module = _unwrap(model)
     _check_compatible(path, meta, module, optimizer, scheduler, run_config)
 
@@ -248,9 +259,9 @@ def load_checkpoint(
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     same_layout = meta["layout"] == _parallel_layout()
-    if same_layout:
+    if same_layout and restore_rng:
         request[_RNG_KEY] = _rng_sharded_object(_rng_state())
-    elif dist.get_rank() == 0:
+    elif restore_rng and dist.get_rank() == 0:
         print(f"checkpoint {path}: saved with parallel layout {meta['layout']}, now {_parallel_layout()}: "
               f"model and optimizer are resharded, RNG states are not restored", flush=True)
     try:
@@ -263,9 +274,66 @@ def load_checkpoint(
             scheduler.load_state_dict(meta["scheduler"])
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"checkpoint {path}: loading the saved state failed: {e!r}") from e
-    if same_layout:
+    if same_layout and restore_rng:
         _set_rng_state(state[_RNG_KEY])
     return chosen, meta["extra_state"]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint says about itself, read without building a model."""
+
+    path: Path
+    iteration: int
+    shape: ModelPreset
+    run_config: dict[str, Any] | None  # the saving run's settings (None: not a training run's)
+
+
+def read_checkpoint_info(load_dir: str | os.PathLike, iteration: int | None = None) -> CheckpointInfo | None:
+    """The checkpoint `load_checkpoint` would take (or `iteration`), None when there is none;
+    read from this process's view of the filesystem, no collective."""
+    if iteration is None:
+        iteration, _ = latest_checkpoint(load_dir)
+        if iteration is None:
+            return None
+    path = iteration_dir(load_dir, iteration)
+    if not _is_complete(path, iteration):
+        raise CheckpointError(f"checkpoint {path} is missing or incomplete (no valid {MARKER_FILE})")
+    meta = _read_meta(path)
+    return CheckpointInfo(path, iteration, ModelPreset.from_dict(meta["model_shape"]), meta["run_config"])
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+    # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read its common state: {e!r}") from e
+    if "focusft" not in common:
+        raise CheckpointError(f"checkpoint {path} was not written by megatron_focusft (no 'focusft' common state)")
+    meta = common["focusft"]
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format {meta.get('format')}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def copy_model_assets(source: str | os.PathLike, save_dir: str | os.PathLike) -> None:
+    """Copy MODEL_ASSET_FILES into `save_dir`/model_assets (once: an existing folder is kept).
+    `source` is a checkpoint directory (its model_assets folder is copied, if it has one) or
+    a folder holding such files (e.g. a tokenizer directory). Rank 0 only."""
+    source, target = Path(source), Path(save_dir) / ASSETS_DIR
+    if target.exists():
+        return
+    folder = source / ASSETS_DIR if (source / ASSETS_DIR).is_dir() else source
+    files = [folder / name for name in MODEL_ASSET_FILES if (folder / name).is_file()]
+    if not files:
+        return
+    stage = target.with_name(f".{ASSETS_DIR}.partial{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, stage / f.name)
+    os.replace(stage, target)
 
 
 def latest_checkpoint(load_dir: str | os.PathLike) -> tuple[int | None, list[str]]:
@@ -337,9 +405,15 @@ def _agree_on_iteration(load_dir: Path, iteration: int | None) -> int | None:
 
 def _check_compatible(path: Path, meta: dict, module: torch.nn.Module, optimizer: MegatronOptimizer | None,
                       scheduler: OptimizerParamScheduler | None, run_config: Mapping[str, Any] | None) -> None:
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path}: format {meta.get('format')}, this code reads {FORMAT_VERSION}")
-    problems = _diff(meta["model_shape"], _model_shape(module), "model.")
+    saved_shape = ModelPreset.from_dict(meta["model_shape"])
+    if optimizer is None and scheduler is None:
+        # Weights only: the weights must fit; RoPE, norm epsilon and the position limit may change.
+        problems = _diff(saved_shape.weight_shape(), model_shape(module).weight_shape(), "model.")
+    else:
+        problems = _diff(meta["model_shape"], model_shape(module).to_dict(), "model.")
+    if optimizer is not None and meta["params_dtype"] != str(module.config.params_dtype):
+        problems.append(f"params_dtype: saved {meta['params_dtype']}, now {module.config.params_dtype} (resuming "
+                        f"needs the same dtype; load the weights only to change it)")
     if run_config is not None and meta["run_config"] is not None:
         problems += _diff(meta["run_config"], dict(run_config), "run_config.")
     if problems:
@@ -405,24 +479,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP: its state-dict keys are the model's own (no `module.` prefix),
     as in Megatron's checkpoints."""
     return unwrap_model(model)
-
-
-def _model_shape(module: torch.nn.Module) -> dict[str, Any]:
-    """What must match for the weights to fit: the architecture, not its parallelisation."""
-    config = module.config
-    return {
-        "num_layers": config.num_layers,
-        "hidden_size": config.hidden_size,
-        "ffn_hidden_size": config.ffn_hidden_size,
-        "num_attention_heads": config.num_attention_heads,
-        "num_query_groups": config.num_query_groups,
-        "kv_channels": config.kv_channels,
-        "gated_linear_unit": config.gated_linear_unit,
-        "normalization": config.normalization,
-        "add_bias_linear": config.add_bias_linear,
-        "params_dtype": str(config.params_dtype),
-        "vocab_size": getattr(module, "vocab_size", None),
-    }
 
 
 def _parallel_layout() -> dict[str, int]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -48,18 +49,35 @@ class OptimizerSetup:
     clip_grad: float = 1.0
 
 
-def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, TransformerConfig]:
-    """GPTModel with segment-mask attention wrapped in Megatron's DDP (per-token loss averaging).
+def check_parallel_fit(shape: ModelPreset, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
+    """A ValueError naming the sizes when the model cannot be split this way (before Megatron's asserts)."""
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    for what, count in (("attention heads", shape.num_attention_heads), ("query groups", shape.num_query_groups),
+                        ("vocabulary entries", shape.vocab_size), ("FFN hidden units", shape.ffn_hidden_size)):
+        if count % tp:
+            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the model's {count} {what}")
+    if shape.num_layers < pp:
+        raise ValueError(f"--pipeline-model-parallel-size {pp} exceeds the model's {shape.num_layers} layers")
 
-    Parallel state must be initialised. Weights are initialised from the global torch seed
-    as one master tensor split across TP ranks, so any TP size starts from the same model; a
-    pipeline stage builds (and draws the initial values of) its own layers only.
+
+def resolve_shape(setup: ModelSetup) -> ModelPreset:
+    return setup.preset if isinstance(setup.preset, ModelPreset) else get_preset(setup.preset)
+
+
+def build_gpt(setup: ModelSetup) -> tuple[GPTModel, TransformerConfig]:
+    """This pipeline stage's GPTModel with segment-mask attention, not wrapped (conversion,
+    generation). Parallel state must be initialised.
+
+    Weights are initialised from the global torch seed as one master tensor split across TP
+    ranks, so any TP size starts from the same model; a pipeline stage builds (and draws the
+    initial values of) its own layers only.
     """
     if setup.recompute_granularity not in (None, "full"):
         raise ValueError(f"recompute_granularity {setup.recompute_granularity!r} is not supported: Megatron's "
                          "selective recomputation checkpoints core attention with save_for_backward, which "
                          "cannot hold a SegmentMask; use 'full'")
-    preset = setup.preset if isinstance(setup.preset, ModelPreset) else get_preset(setup.preset)
+    preset = resolve_shape(setup)
+    check_parallel_fit(preset, setup.tensor_model_parallel_size, setup.pipeline_model_parallel_size)
     config = transformer_config(
         preset,
         tensor_model_parallel_size=setup.tensor_model_parallel_size,
@@ -83,6 +101,12 @@ def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, Transformer
     layer_spec = get_segment_attention_layer_spec(setup.attention_backend)
     model = build_gpt_model(config, preset, layer_spec, setup.fast_weights, pre_process=parallel_state.is_pipeline_first_stage(),
                             post_process=parallel_state.is_pipeline_last_stage())
+    return model, config
+
+
+def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, TransformerConfig]:
+    """`build_gpt` wrapped in Megatron's DDP (per-token loss averaging), for training."""
+    model, config = build_gpt(setup)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model
     )

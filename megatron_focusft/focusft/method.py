@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -15,7 +17,7 @@ from megatron_focusft.focusft.step import SeededFastWeights, make_focusft_forwar
 _STEP, _FAST = FocusftConfig(), FastWeightConfig()
 
 
-def _add_arguments(group: argparse._ArgumentGroup) -> None:
+def add_focusft_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--focusft-inner-steps", type=int, default=_STEP.inner_steps)
     group.add_argument("--focusft-inner-lr", type=float, default=_STEP.inner_lr)
     group.add_argument("--focusft-inner-grad-clip", type=float, default=_STEP.inner_grad_clip)
@@ -26,20 +28,28 @@ def _add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--focusft-targets", nargs="+", default=list(_FAST.targets), choices=TARGETS)
 
 
-def _fast_weights(args: argparse.Namespace) -> FastWeightConfig:
-    return FastWeightConfig(rank=args.focusft_rank, alpha=args.focusft_alpha,
-                            layer_fraction=args.focusft_layer_fraction, targets=tuple(args.focusft_targets))
+def focusft_config(flags: Mapping[str, Any]) -> FocusftConfig:
+    """The FocusftConfig of `--focusft-*` flag values (keys as argparse names them: parsed
+    arguments, or a checkpoint's run_config); the config's defaults fill missing ones."""
+    def get(name: str, default: Any) -> Any:
+        value = flags.get(f"focusft_{name}")
+        return default if value is None else value
+
+    fast = FastWeightConfig(rank=get("rank", _FAST.rank), alpha=get("alpha", _FAST.alpha),
+                            layer_fraction=get("layer_fraction", _FAST.layer_fraction),
+                            targets=tuple(get("targets", _FAST.targets)))
+    return FocusftConfig(inner_steps=get("inner_steps", _STEP.inner_steps), inner_lr=get("inner_lr", _STEP.inner_lr),
+                         inner_grad_clip=get("inner_grad_clip", _STEP.inner_grad_clip),
+                         inner_objective=get("inner_objective", _STEP.inner_objective), fast_weights=fast)
 
 
 def _model(args: argparse.Namespace) -> MethodModel:
-    return MethodModel(mask_kind="focusft", fast_weights=_fast_weights(args))
+    return MethodModel(mask_kind="focusft", fast_weights=focusft_config(vars(args)).fast_weights)
 
 
 def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int) -> MethodRun:
-    fast = _fast_weights(args)
-    config = FocusftConfig(inner_steps=args.focusft_inner_steps, inner_lr=args.focusft_inner_lr,
-                           inner_grad_clip=args.focusft_inner_grad_clip,
-                           inner_objective=args.focusft_inner_objective, fast_weights=fast)
+    config = focusft_config(vars(args))
+    fast = config.fast_weights
     # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.
     dtype = model_config.params_dtype
     source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, args.seed * 1000 + dp_rank,
@@ -53,7 +63,7 @@ def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int
 
 
 FOCUSFT = TrainingMethod(
-    "focusft", "FocuSFT bilevel step", _add_arguments,
+    "focusft", "FocuSFT bilevel step", add_focusft_arguments,
     ("focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective", "focusft_rank", "focusft_alpha",
      "focusft_layer_fraction", "focusft_targets"),
     _model, _run)

@@ -166,6 +166,30 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     return FocusftOutput(per_token_loss, inner, after, update_sq_norm(local, inner.adapted, parallel).sqrt())
 
 
+def adapt_to_context(model: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights,
+                     parallel: ParallelContext) -> InnerLoopResult:
+    """Test-time adaptation: the inner loop alone, with the `context` objective, on prompts.
+
+    batch: the prompts as a SegmentBatch (all context, no response tokens); initial: unsharded
+    fast weights of its samples, as for focusft_forward. The same computation as the training
+    inner loop of a sample whose context is the prompt: its context targets and causal hidden
+    states do not depend on the tokens after the context. Returns this rank's adapted shards.
+    """
+    if config.inner_objective != "context":
+        raise ValueError("test-time adaptation runs the `context` inner objective (next-token prediction on the "
+                         f"prompt); the config has {config.inner_objective!r}")
+    if not (model.pre_process and model.post_process):
+        raise ValueError("test-time adaptation needs the whole model on this rank (pipeline size 1)")
+    bottom, top = _layer_ranges(model, config)
+    objective = inner_targets(batch, "context")
+    hidden, rotary = stage_input(model, batch.tokens, batch.position_ids)
+    with torch.no_grad():
+        h_inner = forward_layers(model, hidden, objective.mask, rotary, bottom)
+    local = shard_fast_weights(initial, parallel.tp_rank, parallel.tp_size)
+    return run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, batch.sample_index, local, config,
+                          parallel)
+
+
 def focusft_loss_func(
     per_token_loss: torch.Tensor, *, loss_mask: torch.Tensor, output: FocusftOutput
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

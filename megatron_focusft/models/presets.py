@@ -10,8 +10,26 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 @dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (HF `rope_type: llama3`): wavelengths above
+    original_max_position_embeddings / low_freq_factor are divided by `factor`, those below
+    .../high_freq_factor kept, the band between interpolated."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
 class ModelPreset:
-    """A Llama-like decoder: RoPE, SwiGLU, RMSNorm, GQA, no biases, untied output layer."""
+    """The shape of a Llama-like decoder: RoPE, SwiGLU, RMSNorm, GQA, no linear biases.
+
+    Also what a checkpoint records about its model (engine/checkpoint.py), so a checkpoint
+    is loaded without a preset. kv_channels None: hidden_size / num_attention_heads.
+    add_qkv_bias: biases on q/k/v only (Qwen2). share_embeddings_and_output_weights: the
+    output layer is the input embedding (tied; Qwen2's small sizes).
+    """
 
     num_layers: int
     hidden_size: int
@@ -22,6 +40,38 @@ class ModelPreset:
     max_position_embeddings: int
     rotary_base: float = 10000.0
     norm_epsilon: float = 1e-5
+    kv_channels: int | None = None
+    add_qkv_bias: bool = False
+    share_embeddings_and_output_weights: bool = False
+    rope_scaling: Llama3RopeScaling | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def weight_shape(self) -> dict:
+        """The fields that decide which weights the model has and their sizes (the others
+        change only the arithmetic: RoPE, norm epsilon, the position limit)."""
+        return {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_hidden_size,
+                "num_attention_heads": self.num_attention_heads, "num_query_groups": self.num_query_groups,
+                "vocab_size": self.vocab_size, "kv_channels": self.head_dim, "add_qkv_bias": self.add_qkv_bias,
+                "share_embeddings_and_output_weights": self.share_embeddings_and_output_weights}
+
+    def to_dict(self) -> dict:
+        """Plain values (checkpoint common state, JSON)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelPreset:
+        """Inverse of to_dict; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model shape field(s) {unknown}; expected a subset of {sorted(known)}")
+        fields = dict(values)
+        if fields.get("rope_scaling") is not None:
+            fields["rope_scaling"] = Llama3RopeScaling(**fields["rope_scaling"])
+        return cls(**fields)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -56,13 +106,13 @@ def transformer_config(preset: ModelPreset, **overrides: object) -> TransformerC
         ffn_hidden_size=preset.ffn_hidden_size,
         num_attention_heads=preset.num_attention_heads,
         num_query_groups=preset.num_query_groups,
-        kv_channels=preset.hidden_size // preset.num_attention_heads,
+        kv_channels=preset.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=preset.norm_epsilon,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=preset.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,

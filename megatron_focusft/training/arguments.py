@@ -21,11 +21,21 @@ _OPT = OptimizerSetup()  # the optimizer flags' defaults
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
-    model.add_argument("--model-preset", default="tiny", choices=sorted(PRESETS), help="model shape preset")
+    model.add_argument("--model-preset", default=None, choices=sorted(PRESETS),
+                       help="model shape preset (default: the loaded checkpoint's shape, else tiny)")
     for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-                 "--num-query-groups", "--max-position-embeddings", "--vocab-size"):
+                 "--num-query-groups", "--max-position-embeddings", "--vocab-size", "--kv-channels"):
         model.add_argument(flag, type=int, default=None, help="overrides the preset")
-    model.add_argument("--rotary-base", type=float, default=None, help="overrides the preset")
+    model.add_argument("--rotary-base", type=float, default=None, help="RoPE theta (overrides the preset)")
+    model.add_argument("--norm-epsilon", type=float, default=None, help="RMSNorm epsilon (overrides the preset)")
+    model.add_argument("--add-qkv-bias", action="store_const", const=True, default=None,
+                       help="biases on the q/k/v projections (Qwen2)")
+    model.add_argument("--untie-embeddings-and-output-weights", dest="share_embeddings_and_output_weights",
+                       action="store_const", const=False, default=None,
+                       help="a separate output layer (the presets have one; a tied checkpoint keeps its tying)")
+    model.add_argument("--use-rope-scaling", action="store_const", const=True, default=None,
+                       help="Llama 3.1 RoPE scaling (low/high frequency factors 1 / 4, original length 8192)")
+    model.add_argument("--rope-scaling-factor", type=float, default=None, help="with --use-rope-scaling (default 8)")
     model.add_argument("--attention-backend", choices=attention_backend_names(), default="sdpa",
                        help="segment-mask attention backend")
     model.add_argument("--bf16", action="store_true", help="bf16 parameters and activations (fp32 grads)")
@@ -86,6 +96,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--save", default=None, help="checkpoint directory")
     ckpt.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
+    ckpt.add_argument("--pretrained-checkpoint", default=None,
+                      help="start from this checkpoint's model weights (e.g. one made by `focusft convert "
+                           "import-hf`) when --load holds no checkpoint: fresh optimizer and schedule, iteration "
+                           "0, any TP / PP / CP; the model's shape comes from it")
+    ckpt.add_argument("--finetune", action="store_true",
+                      help="load model weights only (from --pretrained-checkpoint, else from --load) and start "
+                           "at iteration 0")
     ckpt.add_argument("--save-interval", type=int, default=None)
     ckpt.add_argument("--exit-interval", type=int, default=None,
                       help="stop after an iteration that is a multiple of this (saving first when --save is set)")
@@ -142,5 +159,9 @@ def validate_training_args(args: argparse.Namespace) -> None:
     for name in ("train_iters", "seq_length", "micro_batch_size", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.finetune and not (args.pretrained_checkpoint or args.load):
+        raise ValueError("--finetune needs --pretrained-checkpoint DIR (or --load DIR) to take the weights from")
+    if args.rope_scaling_factor is not None and not args.use_rope_scaling:
+        raise ValueError("--rope-scaling-factor needs --use-rope-scaling")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save DIR")

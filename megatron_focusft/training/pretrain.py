@@ -9,7 +9,6 @@ pipeline parallelism also each stage's busy time (engine/pipeline.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -18,22 +17,12 @@ from typing import Any
 
 import torch
 
-from megatron_focusft.models.presets import ModelPreset, get_preset
+from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.runtime import megatron_session
 from megatron_focusft.training.arguments import parse_training_args
 
 # bf16 dense peak FLOP/s by device name fragment, for MFU (others: MFU not reported).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-_SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
-                "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
-                "max_position_embeddings": "max_position_embeddings", "vocab_size": "vocab_size",
-                "rotary_base": "rotary_base"}
-
-
-def resolve_preset(args: argparse.Namespace) -> ModelPreset:
-    """The preset with Megatron's shape flags applied on top."""
-    overrides = {field: getattr(args, flag) for flag, field in _SHAPE_FLAGS.items() if getattr(args, flag) is not None}
-    return dataclasses.replace(get_preset(args.model_preset), **overrides)
 
 
 def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, dp_rank: int, dp_size: int,
@@ -130,6 +119,7 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
     from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from megatron_focusft.engine.train_step import train_step
     from megatron_focusft.training.methods import METHODS
+    from megatron_focusft.training.starting_point import starting_point
 
     with megatron_session(args.tensor_model_parallel_size, args.seed, args.context_parallel_size,
                           args.pipeline_model_parallel_size) as device:
@@ -141,7 +131,10 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
                              f"{args.micro_batch_size} x data-parallel size {dp_size}")
         num_micro_batches = global_batch // (args.micro_batch_size * dp_size)
-        preset = resolve_preset(args)
+        start = starting_point(args)
+        for note in start.notes:
+            log(f"model shape: {note}")
+        preset = start.shape
         method = METHODS[args.training_mode]
         needs = method.model(args)
         model, model_config = build_model(ModelSetup(
@@ -197,21 +190,26 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")
 
-        from megatron_focusft.engine.checkpoint import load_checkpoint, save_checkpoint
+        from megatron_focusft.engine.checkpoint import copy_model_assets, load_checkpoint, save_checkpoint
 
         def resume_state() -> dict[str, Any]:
             return {"data": data.state_dict()}
 
         start_iteration = 0
-        if args.load:
-            loaded = load_checkpoint(args.load, model, optimizer, scheduler, run_config=run_config)
-            if loaded is None:
-                log(f"no checkpoint in {args.load}: starting from scratch")
-            else:
-                start_iteration, extra = loaded
-                data.load_state_dict(extra["data"])
-                run.resume(start_iteration * num_micro_batches)
-                log(f"resumed from {args.load} at iteration {start_iteration}")
+        if start.resume_from:
+            start_iteration, extra = load_checkpoint(start.resume_from, model, optimizer, scheduler,
+                                                     run_config=run_config)
+            data.load_state_dict(extra["data"])
+            run.resume(start_iteration * num_micro_batches)
+            log(f"resumed from {start.resume_from} at iteration {start_iteration}")
+        elif start.weights_from:
+            loaded_iteration, _ = load_checkpoint(start.weights_from, model, None, None, restore_rng=False)
+            log(f"fine-tuning from the model weights of {start.weights_from} (its iteration {loaded_iteration}): "
+                f"fresh optimizer and schedule, iteration 0")
+        elif args.load:
+            log(f"no checkpoint in {args.load}: starting from scratch")
+        # Files that travel with the model (tokenizer, source HF config) go with its checkpoints.
+        asset_source = args.tokenizer_model or start.weights_from or start.resume_from
         losses: list[float] = []
         history: list[dict[str, float]] = []
         t_start = time.perf_counter()
@@ -255,6 +253,8 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             last = iteration == args.train_iters
             if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or last):
                 save_checkpoint(args.save, iteration, model, optimizer, scheduler, resume_state(), run_config=run_config)
+                if rank == 0 and asset_source:
+                    copy_model_assets(asset_source, args.save)
                 log(f"saved checkpoint of iteration {iteration} to {args.save}")
             if exiting and not last:
                 log(f"exit interval reached at iteration {iteration}")

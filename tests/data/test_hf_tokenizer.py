@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers", reason="transformers is not installed (the `convert` extra)")
-
-from megatron_focusft.data.chat import ChatDataConfig, load_chat_samples  # noqa: E402
-from megatron_focusft.data.tokenizer import (  # noqa: E402
+from megatron_focusft.data.chat import ChatDataConfig, load_chat_samples
+from megatron_focusft.data.tokenizer import (
     ChatTemplateError,
     ChatTokenizer,
     HFChatTokenizer,
     flatten_segments,
 )
-from tests.data.conftest import chat, write_jsonl  # noqa: E402
+from tests.data.conftest import chat, write_jsonl
 
 WORDS = "system user assistant tool be brief hello world good day the weather is sunny in Paris call get"
 SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]

@@ -21,6 +21,7 @@ from megatron_focusft.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from tests.helpers.distributed import allow_child_processes
 from tests.helpers.noise_band import assert_curve_within, measured_band, perturb_by_one_ulp
 
 SEQ = 64
@@ -29,16 +30,6 @@ MICRO = 2  # micro-batches per optimizer step
 STEPS = 6
 DATA_SEED = 11
 LR = 1e-3
-
-
-def _allow_child_processes() -> None:
-    """Megatron's checkpoint writer starts one multiprocessing Manager per process (its
-    write-results queue), and multiprocessing forbids daemonic processes, such as the pool's
-    workers, to start children. The pool's close() lets a worker exit normally, which shuts the
-    Manager down."""
-    import multiprocessing
-
-    multiprocessing.current_process().daemon = False
 
 
 def _setup(seed: int, tp: int = 1, fast_weights=None, preset: str = "tiny"):
@@ -105,7 +96,7 @@ def _resume_vs_uninterrupted(save_dir: str, tp: int) -> dict:
     """On every rank. Uninterrupted: 6 steps, with a save after step 3 that is checked to leave
     every state untouched (so the curve is that of a run without it). Resumed: a model from
     another seed, RNGs scrambled, load, steps 4-6."""
-    _allow_child_processes()
+    allow_child_processes()
     model, optimizer, scheduler = _setup(seed=1, tp=tp)
     packer = _packer()
     full = _train(model, optimizer, scheduler, packer, STEPS // 2)

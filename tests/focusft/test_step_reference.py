@@ -16,12 +16,11 @@ from megatron_focusft.data.batch import sample_index_from_doc_ids
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.fastweights.linear import fast_weight_layout, init_fast_weights
 from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
-from megatron_focusft.models.hf_layout import hf_to_megatron, megatron_to_hf
 from megatron_focusft.models.presets import get_preset
 from megatron_focusft.parallel.tensor_parallel import unshard
 from tests.helpers.batches import random_batch
 from tests.helpers.distributed import init_model_parallel
-from tests.helpers.model import reference_config
+from tests.helpers.model import megatron_weights, reference_config, reference_weights
 from tests.reference import focusft_reference as ref
 
 FAST = FastWeightConfig(rank=8, alpha=16.0)
@@ -63,7 +62,7 @@ def _megatron_step(tp: int, objective: str, random_b: bool, inner_lr: float = 1.
 
 def _reference(run: dict, objective: str, inner_lr: float = 1.0) -> dict:
     """Reference on each unpacked sample; outer loss and grads combined as a token mean."""
-    weights = {k: v.double().requires_grad_() for k, v in megatron_to_hf(run["state"], get_preset("tiny")).items()}
+    weights = {k: v.double().requires_grad_() for k, v in reference_weights(run["state"], get_preset("tiny")).items()}
     batch, initial = run["batch"], run["initial"]
     sample_index = sample_index_from_doc_ids(batch.doc_ids)
     results, total, tokens = [], 0.0, 0
@@ -78,7 +77,8 @@ def _reference(run: dict, objective: str, inner_lr: float = 1.0) -> dict:
         tokens += result.num_outer_tokens
     loss = total / tokens
     grads = torch.autograd.grad(loss, list(weights.values()))
-    megatron_grads = hf_to_megatron(dict(zip(weights, grads)), get_preset("tiny"))
+    megatron_grads = megatron_weights(dict(zip(weights, grads)), get_preset("tiny"),
+                                      [k for k in run["state"] if not k.endswith("_extra_state")])
     return {"loss": float(loss), "tokens": tokens, "grads": megatron_grads, "samples": results}
 
 

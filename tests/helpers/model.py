@@ -40,3 +40,18 @@ def fast_weights_with_random_b(model_config, fast, batch) -> dict:
     weights = init_fast_weights(fast_weight_layout(model_config, fast), list(range(100, 100 + n)), fast.rank)
     g = torch.Generator().manual_seed(7)
     return {k: (a, 0.05 * torch.randn(b.shape, generator=g)) for k, (a, b) in weights.items()}
+
+
+def reference_weights(state: dict, shape) -> dict:
+    """A full Megatron state dict in the reference's names (HF Llama's without `model.`)."""
+    from megatron_focusft.convert.state_dict import hf_state_dict
+
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    return {name.removeprefix("model."): tensor for name, tensor in hf_state_dict(state, shape)}
+
+
+def megatron_weights(weights: dict, shape, names) -> dict:
+    """Inverse of reference_weights for the Megatron tensors `names`."""
+    from megatron_focusft.convert.state_dict import megatron_tensor
+
+    return {name: megatron_tensor(name, lambda hf: weights[hf.removeprefix("model.")], shape) for name in names}

@@ -9,10 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_focusft.models.hf_layout import hf_to_megatron, megatron_to_hf
 from megatron_focusft.models.presets import get_preset
 from tests.helpers.batches import random_batch
-from tests.helpers.model import build_tiny_model, reference_config
+from tests.helpers.model import build_tiny_model, megatron_weights, reference_config, reference_weights
 from tests.reference import focusft_reference as ref
 
 
@@ -22,7 +21,7 @@ def test_packed_logits_match_unpacked_reference(single_rank, kind):
     batch = random_batch(2, 40, 512, seed=5, kind=kind, max_doc=20)
     with torch.no_grad():
         logits = model(batch.tokens, batch.position_ids, batch.attention)
-    weights = {k: v.double() for k, v in megatron_to_hf(model.state_dict(), get_preset("tiny")).items()}
+    weights = {k: v.double() for k, v in reference_weights(model.state_dict(), get_preset("tiny")).items()}
     config = reference_config()
     dense = batch.attention.to_dense()
     compared = 0
@@ -47,7 +46,7 @@ def test_packed_logits_match_unpacked_reference(single_rank, kind):
 def test_hf_layout_round_trip(single_rank):
     model = build_tiny_model(seed=4)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    back = hf_to_megatron(megatron_to_hf(state, get_preset("tiny")), get_preset("tiny"))
+    back = megatron_weights(reference_weights(state, get_preset("tiny")), get_preset("tiny"), state)
     assert back.keys() == state.keys()
     for name, tensor in state.items():
         assert torch.equal(back[name], tensor), name

@@ -1,0 +1,92 @@
+"""Prompts in, generations out.
+
+Input JSONL, one prompt per row, one of:
+  {"messages": [...], "tools": [...]?}  a chat, rendered with the tokenizer's template plus the
+                                        assistant header (earlier assistant turns are response
+                                        blocks under the `focusft` prefill)
+  {"input_ids": [1, 2, ...]}            raw token ids
+  {"prompt": "text"}                    raw text (`--prompt` too)
+Output JSONL, one row per prompt, in input order: index, prompt_tokens, output_ids, text,
+finish_reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from megatron_focusft.data.tokenizer import ChatTemplateError, ChatTokenizer, flatten_segments
+from megatron_focusft.generation.decode import Generation, Prompt
+
+
+class PromptError(ValueError):
+    """A prompt row that cannot be used; the message names the file and line."""
+
+
+def prompt_of_row(row: Any, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> Prompt:
+    if not isinstance(row, dict):
+        raise PromptError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    kinds = [key for key in ("messages", "input_ids", "prompt") if key in row]
+    if len(kinds) != 1:
+        raise PromptError(f"{where}: a row needs exactly one of 'messages', 'input_ids' or 'prompt', got {sorted(row)}")
+    if kinds[0] == "messages":
+        if not isinstance(row["messages"], list) or not row["messages"]:
+            raise PromptError(f"{where}: 'messages' must be a non-empty list")
+        try:
+            ids, response = flatten_segments(tokenizer.render_prompt(row["messages"], row.get("tools")))
+        except ChatTemplateError as e:
+            raise PromptError(f"{where}: {e}") from None
+        prompt = Prompt(tuple(ids), tuple(response))
+    elif kinds[0] == "input_ids":
+        ids = row["input_ids"]
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise PromptError(f"{where}: 'input_ids' must be a non-empty list of integers")
+        prompt = Prompt.of_tokens(ids)
+    else:
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise PromptError(f"{where}: 'prompt' must be a non-empty string")
+        prompt = Prompt.of_tokens(tokenizer.encode_prompt(row["prompt"]))
+    bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise PromptError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    return prompt
+
+
+def read_prompts(path: str | os.PathLike, tokenizer: ChatTokenizer, vocab_size: int) -> list[Prompt]:
+    """Every row of a JSONL file as a Prompt (blank lines skipped); PromptError names the line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise PromptError(f"{where}: not valid JSON ({e})") from None
+            prompts.append(prompt_of_row(row, tokenizer, vocab_size, where))
+    if not prompts:
+        raise PromptError(f"{path}: no prompts")
+    return prompts
+
+
+def write_generations(out: IO[str], prompts: Sequence[Prompt], results: Sequence[Generation],
+                      tokenizer: ChatTokenizer, first_index: int = 0) -> None:
+    for offset, (prompt, result) in enumerate(zip(prompts, results)):
+        out.write(json.dumps({"index": first_index + offset, "prompt_tokens": len(prompt.token_ids),
+                              "output_ids": result.token_ids, "text": tokenizer.decode(result.token_ids),
+                              "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
+    out.flush()
+
+
+def stop_token_ids(tokenizer: ChatTokenizer, assets: Path) -> tuple[int, ...]:
+    """The tokenizer's end-of-sequence id, plus those of generation_config.json when the model has one."""
+    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    config = assets / "generation_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return tuple(sorted(ids))

@@ -1,0 +1,95 @@
+"""Where a training run starts: resumed from `--load`, from a pretrained checkpoint's weights
+(`--pretrained-checkpoint`, `--finetune`), or from scratch; and the model's shape for it.
+
+Resume: `--load` holds a checkpoint (and `--finetune` does not ask for its weights alone).
+Fine-tune: otherwise `--pretrained-checkpoint`'s weights, or with `--finetune` those of
+`--load`; iteration 0, fresh optimizer and schedule. So one command starts a fine-tuning run
+and, re-run after a stop, resumes it. A checkpoint's recorded shape is the model's shape: a
+shape flag that disagrees with it is an error naming both values; RoPE, norm-epsilon and
+position-limit flags override it (they change the arithmetic, not the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from megatron_focusft.engine.checkpoint import CheckpointError, read_checkpoint_info
+from megatron_focusft.models.presets import Llama3RopeScaling, ModelPreset, get_preset
+
+# flag dest -> ModelPreset field
+WEIGHT_SHAPE_FLAGS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+                      "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+                      "vocab_size": "vocab_size", "kv_channels": "kv_channels", "add_qkv_bias": "add_qkv_bias",
+                      "share_embeddings_and_output_weights": "share_embeddings_and_output_weights"}
+ARITHMETIC_FLAGS = {"rotary_base": "rotary_base", "norm_epsilon": "norm_epsilon",
+                    "max_position_embeddings": "max_position_embeddings"}
+DEFAULT_PRESET = "tiny"
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    shape: ModelPreset
+    resume_from: str | None = None  # a --load directory to resume (full state)
+    weights_from: str | None = None  # a checkpoint to take the model weights from
+    notes: tuple[str, ...] = ()
+
+
+def _flag(dest: str) -> str:
+    return "--" + {"share_embeddings_and_output_weights": "untie-embeddings-and-output-weights"}.get(
+        dest, dest.replace("_", "-"))
+
+
+def _rope_scaling(args: argparse.Namespace) -> Llama3RopeScaling | None:
+    if not args.use_rope_scaling:
+        return None
+    return Llama3RopeScaling(factor=args.rope_scaling_factor if args.rope_scaling_factor is not None else 8.0)
+
+
+def _with_flags(base: ModelPreset, args: argparse.Namespace) -> ModelPreset:
+    overrides = {field: getattr(args, dest) for dest, field in {**WEIGHT_SHAPE_FLAGS, **ARITHMETIC_FLAGS}.items()
+                 if getattr(args, dest) is not None}
+    if overrides.get("kv_channels") == base.head_dim:
+        del overrides["kv_channels"]  # the default head size, however the base spells it
+    if args.use_rope_scaling:
+        overrides["rope_scaling"] = _rope_scaling(args)
+    return dataclasses.replace(base, **overrides)
+
+
+def _checkpoint_shape(args: argparse.Namespace, path: str, shape: ModelPreset) -> tuple[ModelPreset, list[str]]:
+    """The checkpoint's shape with the arithmetic flags applied; disagreeing shape flags raise."""
+    if args.model_preset is not None:
+        raise ValueError(f"--model-preset {args.model_preset} and a checkpoint to start from ({path}): the "
+                         f"checkpoint decides the model's shape; drop --model-preset")
+    problems = []
+    for dest, field in WEIGHT_SHAPE_FLAGS.items():
+        value = getattr(args, dest)
+        saved = shape.head_dim if field == "kv_channels" else getattr(shape, field)
+        if value is not None and value != saved:
+            problems.append(f"{_flag(dest)} {value} but the checkpoint has {field} = {saved}")
+    if problems:
+        raise ValueError(f"flags disagree with the model in {path}: " + "; ".join(problems))
+    notes = [f"{_flag(dest)} {getattr(args, dest)} replaces the checkpoint's {getattr(shape, field)}"
+             for dest, field in ARITHMETIC_FLAGS.items()
+             if getattr(args, dest) is not None and getattr(args, dest) != getattr(shape, field)]
+    if args.use_rope_scaling and _rope_scaling(args) != shape.rope_scaling:
+        notes.append(f"--use-rope-scaling replaces the checkpoint's rope scaling {shape.rope_scaling}")
+    return _with_flags(shape, args), notes
+
+
+def starting_point(args: argparse.Namespace) -> StartingPoint:
+    """Read-only (no collective): every rank computes the same answer from the same files."""
+    resumable = read_checkpoint_info(args.load) if args.load else None
+    if resumable is not None and not (args.finetune and not args.pretrained_checkpoint):
+        shape, notes = _checkpoint_shape(args, args.load, resumable.shape)
+        return StartingPoint(shape, resume_from=args.load, notes=tuple(notes))
+    source = args.pretrained_checkpoint or (args.load if args.finetune else None)
+    if source is None:
+        return StartingPoint(_with_flags(get_preset(args.model_preset or DEFAULT_PRESET), args))
+    info = read_checkpoint_info(source)
+    if info is None:
+        raise CheckpointError(f"--pretrained-checkpoint {source} holds no complete checkpoint"
+                              if source == args.pretrained_checkpoint else f"--load {source} holds no checkpoint")
+    shape, notes = _checkpoint_shape(args, source, info.shape)
+    return StartingPoint(shape, weights_from=source, notes=tuple(notes))
