@@ -14,7 +14,7 @@ CHATML = ("{%- for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }
           "{%- if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 VOCAB = 128  # model vocabulary: the tokenizer's ids and unused ones (divisible by TP = 2)
 
-# Llama 3.1-style (rope scaling llama3, GQA, untied) and Qwen2-style (QKV bias, tied, GQA).
+# Llama 3.1-style (rope scaling llama3, GQA, untied), Qwen2-style (QKV bias, tied, GQA), Mistral.
 # initializer_range 0.1 (not 0.02) spreads the logits, so greedy choices are far from ties.
 CONFIGS = {
     "llama": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -27,6 +27,11 @@ CONFIGS = {
                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, rms_norm_eps=1e-6,
                   initializer_range=0.1, tie_word_embeddings=True,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Mistral without a sliding window (the only kind converted).
+    "mistral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, rms_norm_eps=1e-5,
+                    initializer_range=0.1, tie_word_embeddings=False, sliding_window=None,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 
