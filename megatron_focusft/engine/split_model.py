@@ -121,6 +121,14 @@ def _run_layers(
     return hidden
 
 
+def output_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on normed hidden [s, b, h] -> logits [s, b, vocab/tp]; a tied model
+    multiplies by the word embeddings (the last stage's copy under PP), as GPTModel does."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(hidden, weight=weight)
+    return logits
+
+
 def lm_head_loss(
     model: GPTModel, hidden: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -132,14 +140,14 @@ def lm_head_loss(
     and the loss is still the whole sequence's, the same on every TP rank.
     """
     if scored is None or not bool(scored.any()):
-        logits, _ = model.output_layer(model.decoder.final_layernorm(hidden))
+        logits = output_logits(model, model.decoder.final_layernorm(hidden))
         loss = model.compute_language_model_loss(labels, logits)
         return loss if scored is None else loss * 0.0
     if model.output_layer.sequence_parallel:
         return _scored_loss_sequence_parallel(model, hidden, labels, scored)
     scored_sb = scored.t()
     picked = model.decoder.final_layernorm(hidden[scored_sb].unsqueeze(1))  # [T, 1, h]
-    logits, _ = model.output_layer(picked)
+    logits = output_logits(model, picked)
     picked_loss = model.compute_language_model_loss(labels.t()[scored_sb].unsqueeze(0), logits)  # [1, T]
     loss_sb = torch.zeros(scored_sb.shape, dtype=picked_loss.dtype, device=picked_loss.device)
     return loss_sb.masked_scatter(scored_sb, picked_loss.squeeze(0)).t()
@@ -165,7 +173,7 @@ def _scored_loss_sequence_parallel(
     width = max(counts)
     picked = model.decoder.final_layernorm(hidden[scored_shards[rank]])  # [count_p, h]
     picked = torch.cat([picked, picked.new_zeros(width - counts[rank], picked.shape[1])])
-    logits, _ = model.output_layer(picked.unsqueeze(1))  # [P * width, 1, vocab / P]
+    logits = output_logits(model, picked.unsqueeze(1))  # [P * width, 1, vocab / P]
     padded_labels = torch.cat([torch.cat([lab[shard], lab.new_zeros(width - count)])
                                for lab, shard, count in zip(label_shards, scored_shards, counts)])
     loss = model.compute_language_model_loss(padded_labels.unsqueeze(0), logits).squeeze(0)  # [P * width]
