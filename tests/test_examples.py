@@ -38,6 +38,8 @@ def _launched_args(tmp_path: Path, script: str, env: dict[str, str]) -> list[str
     ("pretrain_focusft.sh", {"TP": "2", "PP": "2", "CP": "2"},
      {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "context_parallel_size": 2,
       "attention_metrics_interval": 0}),
+    ("pretrain_focusft.sh", {"PRETRAINED": "ckpt/base"},
+     {"pretrained_checkpoint": "ckpt/base", "finetune": True, "model_preset": None, "load": "runs/focusft/checkpoints"}),
     ("llama3_8b_32k.sh", {}, {"model_preset": "llama3-8b", "tensor_model_parallel_size": 4,
                               "context_parallel_size": 2, "sequence_parallel": True, "seq_length": 32768,
                               "recompute_granularity": "full", "recompute_num_layers": 1}),

@@ -55,9 +55,13 @@ def test_sharded_directory_imports_with_the_same_logits(single_rank, llama_dir, 
     torch.testing.assert_close(megatron_logits(_load(str(tmp_path / "ckpt")), TOKENS), reference, atol=TOL, rtol=0)
 
 
-def test_mistral_without_sliding_window(single_rank, tmp_path):
-    model = save_tiny_hf_model("mistral", tmp_path / "mistral", tokenizer=False)
-    _import(str(tmp_path / "mistral"), str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("family, overrides", [
+    ("mistral", {}),
+    ("llama", {"num_key_value_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+], ids=["mistral-gqa", "llama2-mha"])
+def test_single_rank_import(single_rank, tmp_path, family, overrides):
+    model = save_tiny_hf_model(family, tmp_path / family, tokenizer=False, **overrides)
+    _import(str(tmp_path / family), str(tmp_path / "ckpt"))
     torch.testing.assert_close(megatron_logits(_load(str(tmp_path / "ckpt")), TOKENS), hf_logits(model, TOKENS),
                                atol=TOL, rtol=0)
 

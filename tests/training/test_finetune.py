@@ -85,9 +85,13 @@ def test_import_finetune_export_generate(single_rank, imported, tmp_path, capsys
     prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "what is the key of the city"}]}) + "\n")
     assert cli_main(["generate", "--hf-path", str(export), "--input", str(prompts), "--max-new-tokens", "4"]) == 0
     from_hf = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert cli_main(["generate", "--load", str(ft), "--input", str(prompts), "--max-new-tokens", "4"]) == 0
+    assert cli_main(["generate", "--load", str(ft), "--input", str(prompts), "--max-new-tokens", "4",
+                     "--output-logits", str(tmp_path / "logits.pt")]) == 0
     from_ckpt = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert from_hf["output_ids"] == from_ckpt["output_ids"] and from_hf["prompt_tokens"] > 5
+    (logits,) = torch.load(tmp_path / "logits.pt")
+    assert logits.shape == (len(from_ckpt["output_ids"]), 128)
+    assert logits[0].argmax().item() == from_ckpt["output_ids"][0]
     assert cli_main(["generate", "--load", str(ft), "--input", str(prompts), "--max-new-tokens", "4",
                      "--test-time-adaptation", "--prefill", "focusft"]) == 0
     adapted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -101,18 +105,39 @@ def _first_loss(argv: list[str]) -> float:
     return pretrain(parse_training_args(argv))["losses"][0]
 
 
+def _first_loss_saving(argv: list[str]) -> float:
+    from tests.helpers.distributed import allow_child_processes
+
+    allow_child_processes()
+    return _first_loss(argv)
+
+
 @pytest.mark.distributed
-def test_finetune_loads_the_weights_at_any_layout(single_rank, worker_pool, imported):
+def test_finetune_loads_the_weights_at_any_layout(single_rank, worker_pool, imported, tmp_path):
     # Iteration 1's loss is a forward of the loaded weights before any update: sharded runs
     # differ from the one-rank run only by fp32 rounding (relative ~1e-6 for this model).
+    # A checkpoint saved at TP = 2 or PP = 2 exports like any other: the export's logits equal
+    # those of the same checkpoint loaded on one rank.
+    import transformers
+
+    from megatron_focusft.convert.commands import export_hf
+    from tests.helpers.distributed import init_model_parallel
+
     hf, ckpt, data = imported
     argv = [*TRAIN, "--data-path", str(data), "--tokenizer-model", str(hf), "--pretrained-checkpoint", str(ckpt),
             "--finetune", "--train-iters", "1"]
     single = _first_loss(argv)
-    for layout in (["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"],
-                   ["--context-parallel-size", "2"]):
-        for loss in worker_pool(2).run(_first_loss, [*argv, *layout]):
+    for name, layout in (("tp2", ["--tensor-model-parallel-size", "2"]), ("pp2", ["--pipeline-model-parallel-size", "2"]),
+                         ("cp2", ["--context-parallel-size", "2"])):
+        saved = tmp_path / name
+        for loss in worker_pool(2).run(_first_loss_saving, [*argv, *layout, "--save", str(saved)]):
             assert loss == pytest.approx(single, rel=1e-5), layout
+        init_model_parallel()
+        export_hf(saved, tmp_path / f"{name}-hf", tokenizer_model=str(hf), log=lambda *a: None)
+        exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / f"{name}-hf")).eval()
+        torch.testing.assert_close(hf_logits(exported, TOKENS), megatron_logits(_load(str(saved)), TOKENS),
+                                   atol=TOL, rtol=0)
+        assert (tmp_path / f"{name}-hf" / "tokenizer.json").is_file()
 
 
 def test_restarted_finetune_run_resumes(single_rank, imported, tmp_path):
@@ -149,3 +174,15 @@ def test_finetune_needs_a_source(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         pretrain(parse_training_args([*TRAIN, "--mock-data", "--train-iters", "1", "--pretrained-checkpoint",
                                       str(tmp_path)]))
+
+
+def test_shape_flags_from_scratch():
+    from megatron_focusft.models.presets import Llama3RopeScaling
+    from megatron_focusft.training.starting_point import starting_point
+
+    args = parse_training_args([*TRAIN, "--mock-data", "--train-iters", "1", "--add-qkv-bias", "--use-rope-scaling",
+                                "--rope-scaling-factor", "4", "--norm-epsilon", "1e-6", "--rotary-base", "500000",
+                                "--kv-channels", "32"])
+    shape = starting_point(args).shape
+    assert shape.add_qkv_bias and shape.rope_scaling == Llama3RopeScaling(factor=4.0)
+    assert (shape.norm_epsilon, shape.rotary_base, shape.head_dim) == (1e-6, 500000.0, 32)
