@@ -5,6 +5,7 @@ train            the training entry point (``pretrain_focusft.py``), with its ow
 convert          ``import-hf`` / ``export-hf`` (``megatron_focusft.convert.cli``).
 generate         text generation (``megatron_focusft.generation.cli``).
 eval             long-context evaluation (``megatron_focusft.evaluation.cli``).
+analyze          attention sink mass and context engagement per layer and head (``megatron_focusft.analysis.cli``).
 demo             plain SFT vs FocuSFT on a synthetic long-context chat task, the ``tiny`` preset
                  trained twice on CPU (``megatron_focusft.demo``, its own flags; ``make demo``).
 bench attention  forward / forward+backward time of an attention backend on a representative
@@ -12,7 +13,7 @@ bench attention  forward / forward+backward time of an attention backend on a re
                  (``megatron_focusft.bench.attention``).
 bench step       a FocuSFT training step against a plain SFT step (``megatron_focusft.bench.step``).
 
-Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``demo`` and
+Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo`` and
 ``bench step``: ``bench attention`` needs torch and the masks alone.
 """
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_focusft.bench.attention import DTYPES, FLOP_CONVENTION, AttentionBenchConfig
 
     parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,convert,generate,eval,demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,convert,generate,eval,analyze,demo,bench}")
     commands.add_parser("train", help="FocuSFT / SFT training (same flags as pretrain_focusft.py; see train --help)",
                         add_help=False)
     commands.add_parser("convert", help="import-hf / export-hf: Hugging Face <-> Megatron checkpoints "
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("generate", help="text from an HF directory or a checkpoint: causal or focusft prefill, "
                         "test-time adaptation (see generate --help)", add_help=False)
     commands.add_parser("eval", help="RULER- and BABILong-style long-context tasks on a model (see eval --help)",
+                        add_help=False)
+    commands.add_parser("analyze", help="sink mass and context engagement per layer and head (see analyze --help)",
                         add_help=False)
     commands.add_parser("demo", help="plain SFT vs FocuSFT on a synthetic long-context task, tiny preset on CPU "
                         "(see demo --help)", add_help=False)
@@ -133,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from megatron_focusft.evaluation.cli import main as eval_main
 
         return eval_main(args_list[1:])
+    if args_list[:1] == ["analyze"]:
+        from megatron_focusft.analysis.cli import main as analyze_main
+
+        return analyze_main(args_list[1:])
     if args_list[:1] == ["demo"]:  # the demo parses its own flags too
         from megatron_focusft.demo import main as demo_main
 

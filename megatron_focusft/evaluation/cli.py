@@ -23,7 +23,7 @@ from megatron_focusft.generation.cli import add_model_arguments, check_model_arg
 DEFAULT_TASKS = ("niah_single_essay", "niah_multikey_essay", "vt", "cwe", "babilong_qa1")
 
 
-def _names(text: str) -> tuple[str, ...]:
+def task_names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in TASKS]
     if not names or unknown:
@@ -31,7 +31,7 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(n) for n in text.split(",") if n.strip())
     except ValueError:
@@ -46,8 +46,8 @@ def parse_eval_args(argv: Sequence[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     tasks = parser.add_argument_group("tasks")
-    tasks.add_argument("--tasks", type=_names, default=",".join(DEFAULT_TASKS), help="generated tasks, comma-separated")
-    tasks.add_argument("--lengths", type=_ints, default="4096", help="prompt lengths in tokens, comma-separated")
+    tasks.add_argument("--tasks", type=task_names, default=",".join(DEFAULT_TASKS), help="generated tasks, comma-separated")
+    tasks.add_argument("--lengths", type=positive_ints, default="4096", help="prompt lengths in tokens, comma-separated")
     tasks.add_argument("--samples", type=int, default=20, help="samples per task and length")
     tasks.add_argument("--ruler-file", action="append", default=[],
                        help="RULER validation.jsonl (task name: its folder; repeatable; replaces --tasks)")

@@ -31,8 +31,8 @@ from megatron_focusft.generation.sampling import SamplingConfig
 _GEN, _SAMPLING = GenerationConfig(), SamplingConfig()
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which model to run and how (shared by `focusft generate` and `focusft eval`)."""
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model to load (shared by `focusft generate`, `eval` and `analyze`)."""
     source = parser.add_argument_group("model")
     source.add_argument("--hf-path", default=None, help="a Hugging Face model directory")
     source.add_argument("--load", default=None, help="a checkpoint directory of this project")
@@ -44,6 +44,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--attention-backend", choices=attention_backend_names(), default="sdpa",
                         help="prefill attention backend (decoding steps always use the KV-cache path)")
     source.add_argument("--micro-batch-size", type=int, default=8, help="prompts per batch")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which model to run and how (shared by `focusft generate` and `focusft eval`)."""
+    add_model_source_arguments(parser)
     gen = parser.add_argument_group("generation")
     gen.add_argument("--prefill", choices=PREFILL_MODES, default=_GEN.prefill,
                      help="causal: the prompt under a causal mask; focusft: its context blocks bidirectional")
