@@ -13,6 +13,7 @@ SPECIALS = ["<unk>", "<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{%- for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
           "{%- if add_generation_prompt %}<|im_start|>assistant {% endif %}")
 VOCAB = 128  # model vocabulary: the tokenizer's ids and unused ones (divisible by TP = 2)
+TOKENIZER_SIZE = len(SPECIALS) + len(dict.fromkeys(WORDS))  # a model of this vocabulary only says known words
 
 # Llama 3.1-style (rope scaling llama3, GQA, untied), Qwen2-style (QKV bias, tied, GQA), Mistral.
 # initializer_range 0.1 (not 0.02) spreads the logits, so greedy choices are far from ties.
