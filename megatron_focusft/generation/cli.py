@@ -79,6 +79,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     io.add_argument("--input", default=None, help="JSONL of prompts (`messages`, `input_ids` or `prompt` per row)")
     io.add_argument("--output", default=None, help="JSONL of generations (default: stdout)")
     io.add_argument("--output-logits", default=None, help="save each prompt's per-step logits [steps, vocab] (torch.save)")
+    io.add_argument("--blocks", action="store_true",
+                    help="block attention with KV reuse: --input rows hold `blocks` and `global` (generation/prompts.py)")
+    io.add_argument("--max-blocks", type=int, default=None, help="with --blocks: local blocks beyond this join the global one")
     gen = parser.add_argument_group("sampling")
     gen.add_argument("--max-new-tokens", type=int, default=_GEN.max_new_tokens)
     gen.add_argument("--temperature", type=float, default=_SAMPLING.temperature, help="0: greedy")
@@ -129,6 +132,9 @@ def parse_generate_args(argv: Sequence[str]) -> argparse.Namespace:
             raise ValueError("give --prompt TEXT (repeatable) or --input FILE.jsonl")
         if args.input is not None and not Path(args.input).is_file():
             raise ValueError(f"--input {args.input} does not exist")
+        if args.blocks and (args.input is None or args.test_time_adaptation or args.prefill != "causal"):
+            raise ValueError("--blocks needs --input FILE.jsonl and runs the block mask (no --prefill focusft, "
+                             "no --test-time-adaptation)")
         args.generation = GenerationConfig(
             max_new_tokens=args.max_new_tokens, prefill=args.prefill,
             sampling=SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed),
@@ -150,6 +156,9 @@ def run_generate(args: argparse.Namespace) -> None:
     setup = load_for_inference(args)
     tokenizer, tta, model = setup.tokenizer, setup.test_time_adaptation, setup.loaded.model
     vocab = setup.loaded.shape.vocab_size
+    if args.blocks:
+        _run_blocks(args, setup, read_prompts(args.input, tokenizer, vocab, blocks=True))
+        return
     if args.input:
         prompts = read_prompts(args.input, tokenizer, vocab)
     else:
@@ -172,6 +181,34 @@ def run_generate(args: argparse.Namespace) -> None:
             if rank0:
                 write_generations(stream, chunk, results, tokenizer, first_index=start)
             logits += [r.logits for r in results]
+    if args.output_logits and rank0:
+        torch.save(logits, args.output_logits)
+
+
+def _run_blocks(args: argparse.Namespace, setup: LoadedForInference, prompts: list) -> None:
+    """One prompt at a time through one block KV cache shared by all of them."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from megatron_focusft.generation.blocks import BlockKVCache, generate_with_blocks
+    from megatron_focusft.generation.prompts import write_generations
+
+    rank0 = dist.get_rank() == 0
+    config = dataclasses.replace(args.generation, stop_token_ids=setup.stop_token_ids)
+    generator = torch.Generator().manual_seed(config.sampling.seed)
+    cache = BlockKVCache()
+    out = open(args.output, "w", encoding="utf-8") if args.output and rank0 else contextlib.nullcontext(sys.stdout)
+    logits = []
+    with out as stream:
+        for index, prompt in enumerate(tqdm(prompts, desc="generate", unit="prompt", disable=not rank0,
+                                            file=sys.stderr)):
+            prompt = prompt.folded(args.max_blocks)
+            result = generate_with_blocks(setup.loaded.model, prompt, config, cache, generator)
+            if rank0:
+                write_generations(stream, [prompt], [result], setup.tokenizer, first_index=index)
+            logits.append(result.logits)
+    if rank0:
+        print(f"block cache: {cache.hits} hits, {cache.misses} blocks encoded", file=sys.stderr)
     if args.output_logits and rank0:
         torch.save(logits, args.output_logits)
 

@@ -6,6 +6,10 @@ Input JSONL, one prompt per row, one of:
                                         blocks under the `focusft` prefill)
   {"input_ids": [1, 2, ...]}            raw token ids
   {"prompt": "text"}                    raw text (`--prompt` too)
+With --blocks (block attention with KV reuse) a row is
+  {"blocks": [text or ids, ...], "global": text or ids}
+local blocks (encoded alone, cached, reused at any offset) and the global block (the question and
+the assistant header: written as the model expects them). Texts are encoded as they are.
 Output JSONL, one row per prompt, in input order: index, prompt_tokens, output_ids, text,
 finish_reason.
 """
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from megatron_focusft.data.tokenizer import ChatTemplateError, ChatTokenizer, flatten_segments
+from megatron_focusft.generation.blocks import BlockPrompt
 from megatron_focusft.generation.decode import Generation, Prompt
 
 
@@ -55,8 +60,35 @@ def prompt_of_row(row: Any, tokenizer: ChatTokenizer, vocab_size: int, where: st
     return prompt
 
 
-def read_prompts(path: str | os.PathLike, tokenizer: ChatTokenizer, vocab_size: int) -> list[Prompt]:
-    """Every row of a JSONL file as a Prompt (blank lines skipped); PromptError names the line."""
+def _ids(value: Any, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> tuple[int, ...]:
+    if isinstance(value, str) and value:
+        ids = tokenizer.encode(value)
+    elif isinstance(value, list) and value and all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        ids = value
+    else:
+        raise PromptError(f"{where}: expected a non-empty text or list of token ids")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise PromptError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    return tuple(ids)
+
+
+def block_prompt_of_row(row: Any, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> BlockPrompt:
+    if not isinstance(row, dict) or "global" not in row:
+        raise PromptError(f"{where}: a block row needs 'global' (and 'blocks'), got "
+                          f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    blocks = row.get("blocks", [])
+    if not isinstance(blocks, list):
+        raise PromptError(f"{where}: 'blocks' must be a list")
+    return BlockPrompt(tuple(_ids(b, tokenizer, vocab_size, f"{where} block {i + 1}") for i, b in enumerate(blocks)),
+                       _ids(row["global"], tokenizer, vocab_size, f"{where} global block"))
+
+
+def read_prompts(path: str | os.PathLike, tokenizer: ChatTokenizer, vocab_size: int,
+                 blocks: bool = False) -> list[Prompt] | list[BlockPrompt]:
+    """Every row of a JSONL file as a Prompt, or with `blocks` as a BlockPrompt (blank lines
+    skipped); PromptError names the line."""
+    parse = block_prompt_of_row if blocks else prompt_of_row
     prompts = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -67,16 +99,17 @@ def read_prompts(path: str | os.PathLike, tokenizer: ChatTokenizer, vocab_size: 
                 row = json.loads(line)
             except ValueError as e:
                 raise PromptError(f"{where}: not valid JSON ({e})") from None
-            prompts.append(prompt_of_row(row, tokenizer, vocab_size, where))
+            prompts.append(parse(row, tokenizer, vocab_size, where))
     if not prompts:
         raise PromptError(f"{path}: no prompts")
     return prompts
 
 
-def write_generations(out: IO[str], prompts: Sequence[Prompt], results: Sequence[Generation],
+def write_generations(out: IO[str], prompts: Sequence[Prompt] | Sequence[BlockPrompt], results: Sequence[Generation],
                       tokenizer: ChatTokenizer, first_index: int = 0) -> None:
     for offset, (prompt, result) in enumerate(zip(prompts, results)):
-        out.write(json.dumps({"index": first_index + offset, "prompt_tokens": len(prompt.token_ids),
+        size = len(prompt.token_ids) if isinstance(prompt, Prompt) else len(prompt.tokens())
+        out.write(json.dumps({"index": first_index + offset, "prompt_tokens": size,
                               "output_ids": result.token_ids, "text": tokenizer.decode(result.token_ids),
                               "finish_reason": result.finish_reason}, ensure_ascii=False) + "\n")
     out.flush()
