@@ -1,5 +1,5 @@
-"""The ``focusft`` command line: ``train``, ``convert``, ``generate``, ``demo``, ``bench attention``
-and ``bench step``.
+"""The ``focusft`` command line: ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``
+and ``bench attention | step | ttft``.
 
 train            the training entry point (``pretrain_focusft.py``), with its own Megatron-style flags.
 convert          ``import-hf`` / ``export-hf`` (``megatron_focusft.convert.cli``).
@@ -12,9 +12,10 @@ bench attention  forward / forward+backward time of an attention backend on a re
                  layout of each mask kind, with TFLOP/s counted on the visible area of the mask
                  (``megatron_focusft.bench.attention``).
 bench step       a FocuSFT training step against a plain SFT step (``megatron_focusft.bench.step``).
+bench ttft       time to first token with cached blocks vs a full prefill (``megatron_focusft.bench.ttft``).
 
-Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo`` and
-``bench step``: ``bench attention`` needs torch and the masks alone.
+Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``,
+``bench step`` and ``bench ttft``: ``bench attention`` needs torch and the masks alone.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see demo --help)", add_help=False)
 
     bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention,step}")
+    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention,step,ttft}")
     bench_defaults = _defaults(AttentionBenchConfig)
     attn = bench_commands.add_parser(
         "attention", help="attention backend time and visible-area TFLOP/s per mask kind",
@@ -113,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--iters", type=int, default=step_defaults.iters, help="timed steps (median)")
     step.add_argument("--warmup", type=int, default=step_defaults.warmup, help="untimed steps first")
     step.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+    from megatron_focusft.bench.ttft import TtftBenchConfig
+
+    ttft_defaults = _defaults(TtftBenchConfig)
+    ttft = bench_commands.add_parser(
+        "ttft", help="time to first token: cached blocks (block attention KV reuse) vs a full prefill",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ttft.add_argument("--preset", default=ttft_defaults.preset, help="model preset")
+    ttft.add_argument("--seq-lengths", type=_int_list, default=",".join(map(str, ttft_defaults.seq_lengths)),
+                      help="comma-separated prompt lengths")
+    ttft.add_argument("--num-blocks", type=int, default=ttft_defaults.num_blocks, help="local blocks per prompt")
+    ttft.add_argument("--global-tokens", type=int, default=ttft_defaults.global_tokens, help="global block size")
+    ttft.add_argument("--attention-backend", choices=attention_backend_names(), default=ttft_defaults.attention_backend)
+    ttft.add_argument("--iters", type=int, default=ttft_defaults.iters, help="timed runs (median)")
+    ttft.add_argument("--warmup", type=int, default=ttft_defaults.warmup, help="untimed runs first")
+    ttft.add_argument("--json", action="store_true", help="one JSON object per length on stdout")
     return parser
 
 
@@ -148,7 +164,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     # Settings are validated here, before any work starts, so a bad flag is a usage error.
     try:
-        if args.bench == "step":
+        if args.bench == "ttft":
+            from megatron_focusft.bench.ttft import TtftBenchConfig
+
+            ttft_config = TtftBenchConfig(
+                preset=args.preset, seq_lengths=args.seq_lengths, num_blocks=args.num_blocks,
+                global_tokens=args.global_tokens, attention_backend=args.attention_backend, iters=args.iters,
+                warmup=args.warmup)
+        elif args.bench == "step":
             from megatron_focusft.bench.step import StepBenchConfig
 
             step_config = StepBenchConfig(
@@ -168,7 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             get_attention_backend(bench_config.backend)
     except (ValueError, ImportError) as exc:
         parser.error(str(exc))  # exits with status 2 and the usage line
-    if args.bench == "step":
+    if args.bench == "ttft":
+        from megatron_focusft.bench.ttft import run_bench_ttft
+
+        quiet_megatron_import_warnings()
+        with megatron_session(seed=ttft_config.seed):
+            run_bench_ttft(ttft_config, as_json=args.json)
+    elif args.bench == "step":
         from megatron_focusft.bench.step import run_bench_step
 
         quiet_megatron_import_warnings()
