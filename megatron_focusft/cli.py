@@ -1,4 +1,4 @@
-"""The ``focusft`` command line: ``train``, ``demo``, ``bench attention`` and ``bench step``.
+"""The ``focusft`` command line: ``train``, ``demo``, ``bench attention``, ``bench step`` and ``segment``.
 
 train            the training entry point (``pretrain_focusft.py``), with its own Megatron-style flags.
 demo             plain SFT vs FocuSFT on a synthetic long-context chat task, the ``tiny`` preset
@@ -7,9 +7,11 @@ bench attention  forward / forward+backward time of an attention backend on a re
                  layout of each mask kind, with TFLOP/s counted on the visible area of the mask
                  (``megatron_focusft.bench.attention``).
 bench step       a FocuSFT training step against a plain SFT step (``megatron_focusft.bench.step``).
+segment          automatic segmentation into blocks: apply, train, eval, bench, synthetic
+                 (``megatron_focusft.segment.cli``, which holds its flags).
 
 Megatron-Core is imported only by ``train``, ``demo`` and ``bench step``: ``bench attention``
-needs torch and the masks alone.
+needs torch and the masks alone, ``segment`` torch and the tokenizers.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_focusft.bench.attention import DTYPES, FLOP_CONVENTION, AttentionBenchConfig
 
     parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench,segment}")
     commands.add_parser("train", help="FocuSFT / SFT training (same flags as pretrain_focusft.py; see train --help)",
                         add_help=False)
     commands.add_parser("demo", help="plain SFT vs FocuSFT on a synthetic long-context task, tiny preset on CPU "
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--iters", type=int, default=step_defaults.iters, help="timed steps (median)")
     step.add_argument("--warmup", type=int, default=step_defaults.warmup, help="untimed steps first")
     step.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+
+    from megatron_focusft.segment.cli import add_segment_commands
+
+    add_segment_commands(commands)
     return parser
 
 
@@ -117,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.command == "segment":
+        from megatron_focusft.segment.cli import run_segment_command
+
+        try:
+            run_segment_command(args)
+        except (ValueError, OSError) as exc:  # bad settings, bad rows, missing files: usage errors
+            parser.error(str(exc))
+        return 0
     # Settings are validated here, before any work starts, so a bad flag is a usage error.
     try:
         if args.bench == "step":

@@ -174,8 +174,8 @@ class _Writer:
         columns = ["name", *self.v.attributes]
         lines = [f"| {' | '.join(c.capitalize() for c in columns)} |", "|" + " --- |" * len(columns)]
         for entity in self.pick(self.v.entities, self.rng.randint(2, 5)):
-            lines.append(f"| {entity} | {self.rng.randint(1, 999)} | {self.pick(self.v.adjs)[0]} | "
-                         f"{self.rng.randint(1, 99)} |")
+            lines.append(f"| {entity} | {self.rng.randint(1, 999)} | {self.pick(self.v.nouns)[0]} | "
+                         f"{self.pick(self.v.adjs)[0]} |")
         if self.rng.random() < 0.4:
             lines.insert(0, f"Table: {self.pick(self.v.adjs)[0]} {self.pick(self.v.nouns)[0]} data")
         return "\n".join(lines)
