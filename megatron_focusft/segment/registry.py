@@ -4,14 +4,13 @@
 text, its block boundaries as character offsets (strictly increasing, in (0, len(text))), and
 ``identity`` is a string that changes whenever the boundaries of any text could change (method,
 settings, tokenizer, model weights): a tokenised-data cache keyed by it never serves blocks of
-another segmenter. The CLI (`focusft segment apply --method M`) and a data path
-(`--block-segmenter M`) read the methods from here: a new method is one factory plus one
-`register_segmenter` call below.
+another segmenter. The CLI (`focusft segment apply --method M`) reads the methods from here, as
+the block-attention data path (`--block-segmenter M`, not built yet) is meant to: a new method
+is one factory plus one `register_segmenter` call below.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,12 +110,6 @@ def segmenter_names() -> tuple[str, ...]:
 
 def build_segmenter(name: str, settings: SegmenterSettings, tokenizer: ChatTokenizer) -> Segmenter:
     return segmenter_method(name).build(settings, tokenizer)
-
-
-def settings_identity(settings: SegmenterSettings, fields: Sequence[str]) -> str:
-    """``name=value`` of the given settings, for identities."""
-    values = dataclasses.asdict(settings)
-    return ",".join(f"{f}={values[f]}" for f in fields)
 
 
 register_segmenter(SegmenterMethod(
