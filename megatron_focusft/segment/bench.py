@@ -113,9 +113,10 @@ def format_table(rows: Sequence[BenchRow], tolerance: int) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         s = row.scores
+        blocks, gold = 1 + s.predicted_boundaries / s.documents, 1 + s.reference_boundaries / s.documents
         lines.append(f"| {LEVEL_NAMES.get(row.level, f'level {row.level}')} | {row.method} | {row.setting} | "
                      f"{s.f1:.3f} | {s.tolerant_f1:.3f} | {s.pk:.3f} | {s.windowdiff:.3f} | "
-                     f"{1 + s.predicted_boundaries / s.documents:.1f} (gold {1 + s.reference_boundaries / s.documents:.1f}) |")
+                     f"{blocks:.1f} (gold {gold:.1f}) |")
     return "\n".join(lines)
 
 

@@ -111,7 +111,12 @@ def run_apply(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from megatron_focusft.segment.learned import BoundaryModelConfig, TrainConfig, save_boundary_model, train_boundary_model
+    from megatron_focusft.segment.learned import (
+        BoundaryModelConfig,
+        TrainConfig,
+        save_boundary_model,
+        train_boundary_model,
+    )
 
     documents = read_documents(args.train)
     levels = max([1, *(lv for d in documents for lv in (d.levels or ()))])
@@ -127,7 +132,8 @@ def run_train(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from megatron_focusft.segment.evaluate import score_files
 
-    scores = score_files(args.gold, args.pred, load_chat_tokenizer(args.tokenizer), level=args.level, tolerance=args.tolerance)
+    scores = score_files(args.gold, args.pred, load_chat_tokenizer(args.tokenizer), level=args.level,
+                         tolerance=args.tolerance)
     if args.json:
         print(json.dumps(scores.as_dict()))
         return

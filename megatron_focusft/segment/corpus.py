@@ -24,6 +24,7 @@ a string naming them as ``<cut i>``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -73,7 +74,7 @@ def check_document(text: Any, boundaries: Any, levels: Any = None) -> str | None
     if outside:
         return (f"boundary {outside[0]} is outside the text: boundaries must lie in (0, {len(text)}) "
                 f"(0 is the implicit start of the first block)")
-    if any(b >= c for b, c in zip(boundaries, boundaries[1:])):
+    if any(b >= c for b, c in itertools.pairwise(boundaries)):
         return "boundaries must be strictly increasing"
     if levels is not None:
         if not isinstance(levels, (list, tuple)) or len(levels) != len(boundaries):

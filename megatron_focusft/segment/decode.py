@@ -10,6 +10,8 @@ character is never split (with byte tokens a block of one multi-byte character m
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -30,7 +32,7 @@ def split_to_budget(boundaries: list[int], cuts: np.ndarray, scores: np.ndarray,
     # The end edge only needs to lie past every candidate and every token start.
     edges = [0, *boundaries, max(int(cuts[-1]), int(starts[-1])) + 1]
     out: list[int] = []
-    stack = [(a, b) for a, b in zip(edges[:-1], edges[1:])][::-1]
+    stack = list(itertools.pairwise(edges))[::-1]
     while stack:
         a, b = stack.pop()
         first, last = (int(t) for t in np.searchsorted(starts, [a, b]))

@@ -43,7 +43,7 @@ def _check(boundaries: Sequence[int], n: int) -> np.ndarray:
 
 def default_window(reference: Sequence[int], n: int) -> int:
     """nltk's default k: half the mean block length of the reference, rounded half to even."""
-    return int(round(n / ((len(reference) + 1) * 2.0)))
+    return round(n / ((len(reference) + 1) * 2.0))
 
 
 def _window_counts(boundaries: np.ndarray, n: int, k: int) -> np.ndarray:

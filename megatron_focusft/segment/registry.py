@@ -12,9 +12,9 @@ is one factory plus one `register_segmenter` call below.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from megatron_focusft.data.tokenizer import ChatTokenizer
 

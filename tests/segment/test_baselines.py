@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -120,4 +121,4 @@ def test_budget_splitting_keeps_every_block_under_budget():
         out = split_to_budget([], cuts, scores, starts, budget)
         edges = [0, *out, len(text)]
         assert out == sorted(set(out)) and all(0 < b < len(text) for b in out)
-        assert max(b - a for a, b in zip(edges, edges[1:])) <= budget
+        assert max(b - a for a, b in itertools.pairwise(edges)) <= budget

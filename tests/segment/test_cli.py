@@ -96,5 +96,5 @@ def test_bench_prints_the_table(capsys: pytest.CaptureFixture[str]):
     assert main(["segment", "bench", "--train-documents", "8", "--test-documents", "4", "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| granularity | method | setting | F1 | F1 (w=16) | Pk | WindowDiff | blocks / text |")
-    lines = [line for line in out.splitlines() if line.startswith("| coarse") or line.startswith("| fine")]
+    lines = [line for line in out.splitlines() if line.startswith(("| coarse", "| fine"))]
     assert len(lines) == 10 and sum("| learned |" in line for line in lines) == 2

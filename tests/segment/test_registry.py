@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from megatron_focusft.data.tokenizer import ByteChatTokenizer
@@ -24,7 +26,7 @@ def test_every_method_is_registered_once_and_builds_by_name():
            for name in ("fixed", "texttiling")}
     assert out["fixed"] == [30, 60, 90]
     edges = [0, *out["texttiling"], len(TEXT)]
-    assert max(b - a for a, b in zip(edges, edges[1:])) <= 30
+    assert max(b - a for a, b in itertools.pairwise(edges)) <= 30
     assert build_segmenter("delimiter", SegmenterSettings(), BYTES).segment([TEXT]) == [[41]]
 
 
