@@ -10,6 +10,9 @@ learned     the boundary classifier: features, training, save/load, LearnedSegme
 registry    the methods by name: build_segmenter(name, settings, tokenizer)
 metrics     boundary P/R/F1 (exact, within w), Pk, WindowDiff (nltk's convention)
 evaluate    scoring predictions against gold files, in tokens
+bench       `focusft segment bench`: learned vs each baseline on held-out synthetic data
+cli         the flags of `focusft segment apply | train | eval | bench | synthetic`
+lexical     content words with their spans (TextTiling and the learned model's word features)
 """
 
 from megatron_focusft.segment.corpus import SegDocument, SegmentDataError
