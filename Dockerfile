@@ -16,7 +16,7 @@ COPY kernels /tmp/megatron-focusft/kernels
 COPY patches /tmp/megatron-focusft/patches
 RUN pip install --no-cache-dir --no-deps "megatron-core>=0.19,<0.20" \
  && pip install --no-cache-dir "numpy>=1.26" "packaging" "tensorboard>=2.15" "datasets>=3.0" "psutil" "matplotlib>=3.8" \
-    "transformers>=5.0" "safetensors>=0.4" \
+    "transformers>=5.0" "safetensors>=0.4" "tqdm>=4.66" \
  && pip wheel --no-cache-dir --no-deps -w /tmp/wheels /tmp/megatron-focusft \
  && pip install --no-cache-dir --no-deps /tmp/wheels/megatron_focusft-*.whl \
  && rm -rf /tmp/megatron-focusft /tmp/wheels

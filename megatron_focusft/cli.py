@@ -1,5 +1,5 @@
 """The ``focusft`` command line: ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``
-and ``bench attention | step | ttft``.
+``bench attention | step | ttft`` and ``segment``.
 
 train            the training entry point (``pretrain_focusft.py``), with its own Megatron-style flags.
 convert          ``import-hf`` / ``export-hf`` (``megatron_focusft.convert.cli``).
@@ -13,9 +13,12 @@ bench attention  forward / forward+backward time of an attention backend on a re
                  (``megatron_focusft.bench.attention``).
 bench step       a FocuSFT training step against a plain SFT step (``megatron_focusft.bench.step``).
 bench ttft       time to first token with cached blocks vs a full prefill (``megatron_focusft.bench.ttft``).
+segment          automatic segmentation into blocks: apply, train, eval, bench, synthetic
+                 (``megatron_focusft.segment.cli``, which holds its flags).
 
 Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``,
-``bench step`` and ``bench ttft``: ``bench attention`` needs torch and the masks alone.
+``bench step`` and ``bench ttft``: ``bench attention`` needs torch and the masks alone, ``segment``
+torch and the tokenizers.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_focusft.bench.attention import DTYPES, FLOP_CONVENTION, AttentionBenchConfig
 
     parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,convert,generate,eval,analyze,demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{train,convert,generate,eval,analyze,demo,bench,segment}")
     commands.add_parser("train", help="FocuSFT / SFT training (same flags as pretrain_focusft.py; see train --help)",
                         add_help=False)
     commands.add_parser("convert", help="import-hf / export-hf: Hugging Face <-> Megatron checkpoints "
@@ -129,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     ttft.add_argument("--iters", type=int, default=ttft_defaults.iters, help="timed runs (median)")
     ttft.add_argument("--warmup", type=int, default=ttft_defaults.warmup, help="untimed runs first")
     ttft.add_argument("--json", action="store_true", help="one JSON object per length on stdout")
+
+    from megatron_focusft.segment.cli import add_segment_commands
+
+    add_segment_commands(commands)
     return parser
 
 
@@ -162,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
+    if args.command == "segment":
+        from megatron_focusft.segment.cli import run_segment_command
+
+        try:
+            run_segment_command(args)
+        except (ValueError, OSError) as exc:  # bad settings, bad rows, missing files: usage errors
+            parser.error(str(exc))
+        return 0
     # Settings are validated here, before any work starts, so a bad flag is a usage error.
     try:
         if args.bench == "ttft":
