@@ -186,3 +186,20 @@ def test_shape_flags_from_scratch():
     shape = starting_point(args).shape
     assert shape.add_qkv_bias and shape.rope_scaling == Llama3RopeScaling(factor=4.0)
     assert (shape.norm_epsilon, shape.rotary_base, shape.head_dim) == (1e-6, 500000.0, 32)
+
+
+def test_sft_finetunes_from_the_pretrained_weights(single_rank, imported):
+    """SFT (causal mask) starts from the checkpoint too: its first loss is the pretrained model's,
+    not a fresh model's (a loaded model scores the same batch differently from a random one)."""
+    hf, ckpt, data = imported
+    sft = ["--training-mode", "sft", "--train-iters", "1"]
+    from_pretrained = _finetune(hf, ckpt, data, *sft)
+    assert from_pretrained["start_iteration"] == 0
+    from megatron_focusft.runtime import release_model_parallel
+
+    release_model_parallel()
+    scratch = pretrain(parse_training_args([*TRAIN, "--data-path", str(data), "--tokenizer-model", str(hf), *sft,
+                                            "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "96",
+                                            "--num-attention-heads", "4", "--num-query-groups", "2",
+                                            "--vocab-size", "128", "--add-qkv-bias"]))
+    assert abs(from_pretrained["losses"][0] - scratch["losses"][0]) > 0.1
