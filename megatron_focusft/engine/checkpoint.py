@@ -569,7 +569,10 @@ def _check_compatible(path: Path, meta: dict, module: torch.nn.Module, optimizer
         problems.append(f"params_dtype: saved {meta['params_dtype']}, now {module.config.params_dtype} (resuming "
                         f"needs the same dtype; load the weights only to change it)")
     if run_config is not None and meta["run_config"] is not None:
-        problems += _diff(meta["run_config"], dict(run_config), "run_config.")
+        # Saved keys the caller does not check (any more) are not compared: a resumed run may
+        # change them (e.g. extend train_iters).
+        saved = {key: value for key, value in meta["run_config"].items() if key in run_config}
+        problems += _diff(saved, dict(run_config), "run_config.")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
     if optimizer is not None and not meta["has_optimizer"]:
