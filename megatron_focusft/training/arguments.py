@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from megatron_focusft.attention.backends import attention_backend, attention_backend_names, context_parallel_backend_names
+from megatron_focusft.data.blend import DataBlend
+from megatron_focusft.data.chat import data_files
 from megatron_focusft.engine.setup import OptimizerSetup
 from megatron_focusft.models.presets import PRESETS, get_preset
 from megatron_focusft.training.lr_schedule import OVERRIDE_FLAG, USE_CHECKPOINT_FLAG, LrSchedule
@@ -141,7 +143,7 @@ def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     args = parser.parse_args(argv)
     try:
         validate_training_args(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a --data-path that does not exist
         parser.error(str(exc))
     return args
 
@@ -183,6 +185,9 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("give --data-path FILE [FILE ...] (chat JSONL/Parquet) or --mock-data")
     if args.mock_data and args.data_path:
         raise ValueError("--mock-data and --data-path are exclusive")
+    if args.data_path:
+        for path in DataBlend.parse(args.data_path).paths:
+            data_files(path)  # exists, and is a directory of data files or one with a known suffix
     for name in ("train_iters", "seq_length", "micro_batch_size", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

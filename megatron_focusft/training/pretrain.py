@@ -49,6 +49,7 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
         task = RetrievalTaskConfig.fitting(args.seq_length, vocab_size=preset.vocab_size)
         seed = (args.seed + seed_offset) * 1000 + dp_rank
         return MockDataSource(task, args.seq_length, args.micro_batch_size, seed, mask_kind, device)
+    from megatron_focusft.data.blend import DataBlend
     from megatron_focusft.data.chat import ChatDataConfig, load_chat_samples
     from megatron_focusft.data.packing import PackingConfig
     from megatron_focusft.data.tokenizer import load_chat_tokenizer
@@ -57,11 +58,12 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
     if tokenizer.vocab_size > preset.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{preset.vocab_size}: set --vocab-size >= {tokenizer.vocab_size}")
-    samples = load_chat_samples(ChatDataConfig(tuple(args.data_path), args.seq_length, args.bad_sample_policy,
+    blend = DataBlend.parse(args.data_path)
+    samples = load_chat_samples(ChatDataConfig(blend.paths, args.seq_length, args.bad_sample_policy,
                                                args.data_cache_dir), tokenizer, log=log if seed_offset == 0 else None)
     packing = PackingConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                             seed=args.seed + seed_offset, mask_kind=mask_kind)
-    return ChatDataSource(samples, packing, dp_rank, dp_size, device)
+    return ChatDataSource(samples, packing, dp_rank, dp_size, device, blend)
 
 
 # Settings a resumed run must share with the run that saved the checkpoint
