@@ -83,8 +83,9 @@ def out_of_space(error: BaseException, directory: str | os.PathLike, needed: int
 
     megatron-core's writer re-raises a worker's OSError as a RuntimeError naming only its class,
     and torch's zip writer reports a short write as "unexpected pos": the errno is often gone. So
-    besides ENOSPC / EDQUOT (or their text) anywhere in the chain, a disk left with less than
-    `needed` bytes free counts as full.
+    besides ENOSPC / EDQUOT (or their text) anywhere in the chain, a disk found (nearly) full
+    right after the failure counts: a write that hit ENOSPC leaves no space behind, so fewer free
+    bytes than 5% of the save's size plus 1 MiB.
     """
     for part in _chain(error):
         if isinstance(part, OSError) and part.errno in _OUT_OF_SPACE_ERRNOS:
@@ -92,6 +93,6 @@ def out_of_space(error: BaseException, directory: str | os.PathLike, needed: int
         if any(text in str(part).lower() for text in _OUT_OF_SPACE_TEXT):
             return True
     try:
-        return free_bytes(directory) < needed
+        return free_bytes(directory) < needed // 20 + 2**20
     except OSError:
         return False

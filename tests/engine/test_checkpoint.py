@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import os
 import random
 import re
@@ -316,11 +317,15 @@ def test_disk_full_during_a_save_is_one_readable_error_and_leaves_the_previous_c
     model, optimizer, scheduler = trained
     save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
     one_checkpoint = _bytes_under(tmp_path)
+    # The estimate the entry point checks --save against, before training.
+    estimate = disk_space.checkpoint_bytes(sum(p.numel() for p in model.parameters()), torch.float32)
+    assert one_checkpoint <= estimate <= 1.1 * one_checkpoint
     # A disk with room for half another checkpoint: a write past it fails with ENOSPC, as the
     # OS's would, and the free space is what the disk has left.
     capacity = one_checkpoint + one_checkpoint // 2
     write_item = filesystem_async._write_item
 
+    @functools.wraps(write_item)  # megatron-core reads its signature
     def write_until_full(*args, **kwargs):
         result = write_item(*args, **kwargs)
         stream = args[-4]  # (*transforms, stream, data, write_item, storage_key)
