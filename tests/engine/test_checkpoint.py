@@ -26,7 +26,6 @@ from megatron_focusft.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.helpers.distributed import allow_child_processes
 from tests.helpers.noise_band import assert_curve_within, measured_band, perturb_by_one_ulp
 
 SEQ = 64
@@ -101,7 +100,6 @@ def _resume_vs_uninterrupted(save_dir: str, tp: int) -> dict:
     """On every rank. Uninterrupted: 6 steps, with a save after step 3 that is checked to leave
     every state untouched (so the curve is that of a run without it). Resumed: a model from
     another seed, RNGs scrambled, load, steps 4-6."""
-    allow_child_processes()
     model, optimizer, scheduler = _setup(seed=1, tp=tp)
     packer = _packer()
     full = _train(model, optimizer, scheduler, packer, STEPS // 2)
