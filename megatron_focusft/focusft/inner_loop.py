@@ -169,7 +169,8 @@ def agree_on_samples(flags: torch.Tensor, parallel: ParallelContext, *, over_sta
     return agreed.bool()
 
 
-def reset_samples(tensors: FastWeights, initial: FastWeights, samples: torch.Tensor) -> dict[tuple[int, str], list[torch.Tensor]]:
+def reset_samples(tensors: FastWeights, initial: FastWeights,
+                  samples: torch.Tensor) -> dict[tuple[int, str], list[torch.Tensor]]:
     """The fast weights with those of `samples` [n] bool put back to their initial values."""
     def pick(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return torch.where(samples.view(-1, *([1] * (new.dim() - 1))), old.detach(), new).detach()
@@ -191,7 +192,8 @@ def guarded_sgd_step(
     """
     new = sgd_step(leaves, grads, active & ~failed, config, parallel)
     n = active.shape[0]
-    sq = sample_update_sq_norms(initial, new, parallel).to(active.device) if new else torch.zeros(n, device=active.device)
+    sq = (sample_update_sq_norms(initial, new, parallel).to(active.device) if new
+          else torch.zeros(n, device=active.device))
     if over_stages:
         sq = parallel.pp_all_reduce(sq)
     broken = non_finite_samples([t for pair in new.values() for t in pair], n).to(active.device)

@@ -175,7 +175,8 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     broken = agree_on_samples(torch.bincount(sample_index[non_finite], minlength=n) > 0, parallel) & inner.has_targets
     if bool(broken.any()):
         adapted = {key: tuple(pair) for key, pair in reset_samples(inner.adapted, local, broken).items()}
-        inner = dataclasses.replace(inner, adapted=adapted, skipped=torch.where(broken, config.inner_steps, inner.skipped))
+        inner = dataclasses.replace(inner, adapted=adapted,
+                                    skipped=torch.where(broken, config.inner_steps, inner.skipped))
         per_token_loss, after_tokens = outer(inner.adapted)
     after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n, parallel)
     return FocusftOutput(per_token_loss, inner, after, update_sq_norm(local, inner.adapted, parallel).sqrt())

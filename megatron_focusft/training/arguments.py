@@ -88,8 +88,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     opt.add_argument("--lr", type=float, default=_OPT.lr)
     opt.add_argument("--min-lr", type=float, default=_OPT.min_lr)
     opt.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
-    opt.add_argument("--lr-decay-iters", type=int, default=None, help="iterations to decay over (default: --train-iters)")
-    opt.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of the decay iterations")
+    opt.add_argument("--lr-decay-iters", type=int, default=None,
+                     help="iterations to decay over (default: --train-iters)")
+    opt.add_argument("--lr-warmup-fraction", type=float, default=None,
+                     help="warmup as a fraction of the decay iterations")
     opt.add_argument("--lr-warmup-iters", type=int, default=0)
     opt.add_argument(OVERRIDE_FLAG, dest="override_opt_param_scheduler", action="store_true",
                      help="on resume, follow the LR schedule flags from the checkpoint's iteration on")

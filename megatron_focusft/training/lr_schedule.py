@@ -95,7 +95,8 @@ class ResumedSchedule:
     note: str | None = None
 
 
-def resume_schedule(wanted: LrSchedule, saved: LrSchedule | None, override: bool, use_checkpoint: bool) -> ResumedSchedule:
+def resume_schedule(wanted: LrSchedule, saved: LrSchedule | None, override: bool,
+                    use_checkpoint: bool) -> ResumedSchedule:
     """Megatron's rules (module doc); ValueError naming the differing flags when neither flag is
     given. saved None: a checkpoint without a scheduler (the flags' schedule, from step 0)."""
     if saved is None:

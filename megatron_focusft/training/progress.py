@@ -25,7 +25,8 @@ def progress_line(iteration: int, train_iters: int, stats: Mapping[str, float], 
         inner = (f" | inner {stats['inner_loss_before']:.4f} -> {stats['inner_loss_after']:.4f}, "
                  f"{skipped} step{'' if skipped == 1 else 's'} skipped")
     return (f"[{100 * iteration / train_iters:5.1f}%] iteration {iteration:>6}/{train_iters} | "
-            f"lm loss {stats['loss']:.4f}{inner} | lr {stats['learning_rate']:.3e} | grad norm {stats['grad_norm']:.3f} | "
+            f"lm loss {stats['loss']:.4f}{inner} | lr {stats['learning_rate']:.3e} | "
+            f"grad norm {stats['grad_norm']:.3f} | "
             f"{stats['real_tokens_per_s']:,.0f} real / {stats['tokens_per_s']:,.0f} padded tok/s | "
             f"{stats['iteration_s']:.2f} s/it | ETA {eta_s:,.0f} s")
 

@@ -29,7 +29,8 @@ from megatron_focusft.training.pretrain import pretrain
 ARGV = ["--mock-data", "--train-iters", "5", "--seq-length", "64", "--micro-batch-size", "1",
         "--lr", "5e-4", "--lr-warmup-iters", "1"]
 TOKEN_VARIABLE = "FOCUSFT_TEST_TRAINER"
-PRELOAD = ["megatron_focusft.training.pretrain", "megatron_focusft.engine.train_step", "megatron_focusft.engine.pipeline",
+PRELOAD = ["megatron_focusft.training.pretrain", "megatron_focusft.engine.train_step",
+           "megatron_focusft.engine.pipeline",
            "megatron_focusft.training.starting_point", "megatron_focusft.training.data_source",
            "megatron_focusft.analysis.attention_metrics", "megatron_focusft.patches.cpu"]
 WAIT_S = 300  # a generous bound for a loaded CI machine; the runs take seconds when idle
