@@ -93,6 +93,7 @@ from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import CheckpointException
 
 from megatron_focusft.engine import disk_space
+from megatron_focusft.engine.errors import short_error, wrapped_interrupt
 from megatron_focusft.models.gpt import model_shape
 from megatron_focusft.models.presets import ModelPreset
 
@@ -204,9 +205,10 @@ def save_checkpoint(
                 _apply_retention(save_dir, iteration, keep_last)
         dist.barrier()
     except BaseException as error:
-        # Interrupts (KeyboardInterrupt, a signal raised as an exception) propagate unchanged
-        # after the cleanup; failures become one readable CheckpointSaveError.
-        failure = isinstance(error, (Exception, CheckpointException))
+        # Interrupts (KeyboardInterrupt, a signal raised as an exception; also when torch wrapped
+        # them) propagate unchanged after the cleanup; failures become one CheckpointSaveError.
+        interrupt = wrapped_interrupt(error)
+        failure = interrupt is None
         if failure:  # diagnosed before the partial files are removed, while the disk is still full
             needed = _bytes_to_write(state)
             reason = (f"no space left on device: it needs about {needed:,} bytes, "
@@ -214,8 +216,10 @@ def save_checkpoint(
                       if disk_space.out_of_space(error, save_dir, needed) else short_error(error))
         if rank == 0 and not committed and target.exists():
             _remove_checkpoint_dir(target)
-        if not failure:
+        if interrupt is error:
             raise
+        if interrupt is not None:
+            raise interrupt from None
         latest = _latest_or_none(save_dir)
         kept = (f"the checkpoint of iteration {latest} stays the latest" if latest is not None
                 else "no earlier checkpoint exists there")
@@ -245,24 +249,6 @@ def _latest_or_none(save_dir: Path) -> int | None:
         return latest_checkpoint(save_dir)[0]
     except CheckpointError:
         return None
-
-
-def short_error(error: BaseException) -> str:
-    """One line for an exception: the innermost cause (the first failing rank's, for torch's
-    CheckpointException, whose text is every rank's traceback), its type and first line."""
-    current = error
-    while True:
-        failures = getattr(current, "failures", None)
-        if isinstance(failures, dict) and failures:
-            pair = next(iter(failures.values()))
-            current = pair[0] if isinstance(pair, tuple) else pair
-        elif current.__cause__ is not None:
-            current = current.__cause__
-        else:
-            break
-    lines = str(current).strip().splitlines()
-    text = lines[0] if lines else ""
-    return f"{type(current).__name__}: {text[:400]}" if text else type(current).__name__
 
 
 def _write_marker(directory: Path, iteration: int) -> None:
@@ -382,6 +368,9 @@ def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer 
         state = dist_checkpointing.load(request, str(path))
     # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as error:
+        interrupt = wrapped_interrupt(error)
+        if interrupt is not None:  # a signal during the load, not a damaged checkpoint
+            raise interrupt from None
         damage = CheckpointDamaged(f"checkpoint {path} cannot be loaded: {short_error(error)}")
     _raise_if_damaged_anywhere(damage)
     try:
@@ -450,6 +439,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
         common = dist_checkpointing.load_common_state_dict(str(path))
     # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as e:
+        interrupt = wrapped_interrupt(e)
+        if interrupt is not None:
+            raise interrupt from None
         raise CheckpointDamaged(f"checkpoint {path} cannot be loaded: its common state is unreadable: "
                                 f"{short_error(e)}") from e
     if "focusft" not in common:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_focusft.engine.errors import exception_chain
+
 ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 MAIN_PARAM_BYTES = 4  # fp32 main copy of a 16-bit parameter
 HEADROOM = 1.05  # framing, metadata, common state
@@ -63,21 +65,6 @@ def check_save_dir(directory: str | os.PathLike, needed: int) -> None:
                            f"free space there or choose another --save")
 
 
-def _chain(error: BaseException):
-    """`error`, its causes and contexts, and the per-rank failures of torch's CheckpointException."""
-    seen, todo = set(), [error]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        todo += [current.__cause__, current.__context__]
-        failures = getattr(current, "failures", None)
-        if isinstance(failures, dict):
-            todo += [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]
-
-
 def out_of_space(error: BaseException, directory: str | os.PathLike, needed: int) -> bool:
     """Whether a failed write of `needed` bytes into `directory` ran out of space.
 
@@ -87,7 +74,7 @@ def out_of_space(error: BaseException, directory: str | os.PathLike, needed: int
     right after the failure counts: a write that hit ENOSPC leaves no space behind, so fewer free
     bytes than 5% of the save's size plus 1 MiB.
     """
-    for part in _chain(error):
+    for part in exception_chain(error):
         if isinstance(part, OSError) and part.errno in _OUT_OF_SPACE_ERRNOS:
             return True
         if any(text in str(part).lower() for text in _OUT_OF_SPACE_TEXT):

@@ -215,6 +215,27 @@ def test_crash_before_marker_leaves_previous_checkpoint(trained, tmp_path, monke
     assert f"no {TRACKER_FILE}" in capsys.readouterr().out
 
 
+def test_an_interrupt_torch_wraps_stays_an_interrupt(trained, tmp_path, monkeypatch):
+    # torch's DCP catches BaseException in its collectives and re-raises a CheckpointException:
+    # a signal raised as an exception during planning must still end the run as an interrupt,
+    # not as a failed save or a damaged checkpoint to fall back from.
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner, MCoreSavePlanner
+
+    model, optimizer, scheduler = trained
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
+    save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {"at": 4})
+    with monkeypatch.context() as m:
+        m.setattr(MCoreSavePlanner, "create_local_plan", _boom)
+        with pytest.raises(Killed):
+            save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"at": 6})
+    assert not iteration_dir(tmp_path, 6).exists()
+    with monkeypatch.context() as m:
+        m.setattr(MCoreLoadPlanner, "create_local_plan", _boom)
+        with pytest.raises(Killed):
+            load_checkpoint(tmp_path, model, optimizer, scheduler)
+    assert load_checkpoint(tmp_path, model, optimizer, scheduler) == (4, {"at": 4})
+
+
 def test_crash_before_tracker_keeps_committed_checkpoint(trained, tmp_path, monkeypatch, capsys):
     model, optimizer, scheduler = trained
     save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
