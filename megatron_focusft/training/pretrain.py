@@ -364,14 +364,16 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The entry point: flag errors exit 2 (argparse), the errors below one line and exit 1, an
-    interruption 128 + its signal (the line saying what was saved is printed already)."""
+    """The entry point: flag errors exit 2 (argparse); the errors a run reports to its user
+    (checkpoints, --save, data, flags against a checkpoint: ValueError, and a non-finite loss)
+    print one line and exit 1; an interruption exits 128 + its signal (the line saying what was
+    saved is printed already)."""
     args = parse_training_args(argv)
     try:
         summary = pretrain(args)
     except TrainingInterrupted as interrupt:
         return interrupt.exit_code
-    except (CheckpointError, CheckpointSaveError, SaveDirError) as error:
+    except (CheckpointError, CheckpointSaveError, SaveDirError, ValueError, FloatingPointError) as error:
         print(f"pretrain_focusft.py: error: {error}", file=sys.stderr, flush=True)
         return 1
     if args.tensorboard_dir:
