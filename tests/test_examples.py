@@ -1,16 +1,20 @@
 """examples/*.sh launch pretrain_focusft.py with flags it accepts.
 
 A stand-in `torchrun` on PATH records the command line each launcher builds; the arguments after
-the script name go through the entry point's own parser and validation (no training runs).
+the script name go through the entry point's own parser and validation (no training runs), as on
+the machines they are for: the data file exists, CUDA is present and torchrun's WORLD_SIZE is
+one data-parallel replica of the launcher's TP x PP x CP.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_focusft.training.arguments import parse_training_args
 
@@ -44,7 +48,14 @@ def _launched_args(tmp_path: Path, script: str, env: dict[str, str]) -> list[str
                               "context_parallel_size": 2, "sequence_parallel": True, "seq_length": 32768,
                               "recompute_granularity": "full", "recompute_num_layers": 1}),
 ])
-def test_launcher_flags_parse(tmp_path, script, env, expected):
-    args = parse_training_args(_launched_args(tmp_path, script, env))
+def test_launcher_flags_parse(tmp_path, script, env, expected, monkeypatch):
+    argv = _launched_args(tmp_path, script, env)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chats.jsonl").write_text("")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    sizes = [int(argv[argv.index(flag) + 1]) if flag in argv else 1 for flag in
+             ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--context-parallel-size")]
+    monkeypatch.setenv("WORLD_SIZE", str(math.prod(sizes)))
+    args = parse_training_args(argv)
     assert args.data_path == ["chats.jsonl"] and args.tokenizer_model == "tokenizer-dir"
     assert {key: getattr(args, key) for key in expected} == expected

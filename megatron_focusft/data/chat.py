@@ -5,15 +5,17 @@ assistant / tool, and optionally ``tools`` (tool definitions for the chat templa
 of a message (``tool_calls``, ``name``, ``tool_call_id``, ...) go to the chat template as they
 are; an assistant message with ``tool_calls`` may have no content.
 
-Both formats are read with ``datasets`` from local files, streaming (nothing is converted to
-Arrow on disk):
-- JSONL (``.jsonl``, ``.ndjson``, ``.json``): read as text, one JSON object per line, parsed
-  here. A row is its 1-based line number; blank lines are not rows. Parsing each line on its
-  own keeps values exactly as written: a joint Arrow schema over all rows would turn absent keys
-  into nulls and, once one row holds a non-string content, re-read string contents such as
+A path is a file or a directory (its files with one of the suffixes below, sorted by name, not
+recursive); the suffix gives the format, and a file without one is refused with the list.
+- JSONL (``.jsonl``, ``.ndjson``, ``.json``): read here line by line, one JSON object per line. A
+  row is its 1-based line number; blank lines are not rows. Each line is decoded on its own, so
+  bytes that are not UTF-8 make that row bad ("malformed"), not the file. Parsing each line on
+  its own keeps values exactly as written: a joint Arrow schema over all rows would turn absent
+  keys into nulls and, once one row holds a non-string content, re-read string contents such as
   "42" as JSON numbers.
-- Parquet (``.parquet``): a row is its 1-based record number. Arrow fills keys that a struct
-  lacks with null, so null-valued keys are dropped from messages and tools.
+- Parquet (``.parquet``): read with ``datasets``, streaming (nothing is converted to Arrow on
+  disk); a row is its 1-based record number. Arrow fills keys that a struct lacks with null, so
+  null-valued keys are dropped from messages and tools.
 
 Bad input never disappears silently. Each case has a reason:
 
@@ -60,6 +62,7 @@ REASONS: tuple[str, ...] = ("empty_file", "malformed", "unknown_role", "template
                             "no_assistant_tokens", "too_long")
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
+DATA_SUFFIXES: tuple[str, ...] = JSONL_SUFFIXES + PARQUET_SUFFIXES
 CACHE_VERSION = 1
 
 
@@ -84,7 +87,7 @@ class BadSample(Exception):
 class ChatDataConfig:
     """Where the chat data is and how bad rows are handled.
 
-    paths         JSONL / Parquet files, read in this order.
+    paths         JSONL / Parquet files or directories of them, read in this order.
     seq_length    tokens per packed row; a longer sample is a bad row ("too_long").
     policy        "error": raise on the first bad row; "skip": skip and count it.
     cache_dir     directory of the tokenised-set cache (None: no cache).
@@ -108,7 +111,8 @@ class ChatDataConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         for path in self.paths:
-            _file_format(path)
+            if not os.path.isdir(path):
+                _file_format(path)
 
 
 @dataclass
@@ -234,8 +238,26 @@ def _file_format(path: str) -> Literal["jsonl", "parquet"]:
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
-    raise ValueError(f"{path}: unknown data file type {suffix!r}; expected JSON Lines "
-                     f"({', '.join(JSONL_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)})")
+    supported = f"JSON Lines ({', '.join(JSONL_SUFFIXES)}) or Parquet ({', '.join(PARQUET_SUFFIXES)})"
+    if not suffix:
+        raise ValueError(f"{path}: a data file without a suffix; name it for its format, {supported}")
+    raise ValueError(f"{path}: unknown data file type {suffix!r}; expected {supported}")
+
+
+def data_files(path: str | os.PathLike) -> tuple[str, ...]:
+    """The chat data files `path` names: the file itself, or a directory's files with a suffix
+    of DATA_SUFFIXES, sorted by name (not recursive)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = tuple(sorted(str(child) for child in Path(path).iterdir()
+                             if child.is_file() and child.suffix.lower() in DATA_SUFFIXES))
+        if not files:
+            raise ValueError(f"directory {path} holds no chat data files ({', '.join(DATA_SUFFIXES)})")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"chat data file {path!r} does not exist")
+    _file_format(path)
+    return (path,)
 
 
 def _stream(builder: str, path: str, hf_cache_dir: str) -> Iterator[dict[str, Any]]:
@@ -257,24 +279,30 @@ def _stream(builder: str, path: str, hf_cache_dir: str) -> Iterator[dict[str, An
         yield row
 
 
-def _jsonl_rows(path: str, hf_cache_dir: str, summary: DataSummary) -> Iterator[tuple[int, Any]]:
+def _jsonl_rows(path: str, summary: DataSummary) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or BadSample) for every non-blank line of a JSONL file."""
-    for line_no, row in enumerate(_stream("text", path, hf_cache_dir), start=1):
-        text = row["text"]
-        if line_no == 1:
-            text = text.removeprefix("\ufeff")
-        if not text.strip():
-            summary.blank_lines += 1
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as error:
-            yield line_no, BadSample("malformed", f"not valid JSON: {error.msg} (column {error.colno})")
-            continue
-        if not isinstance(record, dict):
-            yield line_no, BadSample("malformed", f"a row must be a JSON object, got {_type_name(record)}")
-            continue
-        yield line_no, record
+    with open(path, "rb") as lines:
+        for line_no, raw in enumerate(lines, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield line_no, BadSample("malformed", f"not UTF-8 text: byte 0x{raw[error.start]:02x} at byte "
+                                                      f"{error.start + 1} of the line")
+                continue
+            if line_no == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                summary.blank_lines += 1
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                yield line_no, BadSample("malformed", f"not valid JSON: {error.msg} (column {error.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield line_no, BadSample("malformed", f"a row must be a JSON object, got {_type_name(record)}")
+                continue
+            yield line_no, record
 
 
 def _parquet_rows(path: str, hf_cache_dir: str, messages_key: str) -> Iterator[tuple[int, Any]]:
@@ -441,7 +469,7 @@ def _read_and_tokenize(config: ChatDataConfig, tokenizer: ChatTokenizer, hf_cach
             bad(path, None, "empty_file", "the file is empty (0 bytes)")
             continue
         rows = (_parquet_rows(path, hf_cache_dir, config.messages_key) if is_parquet
-                else _jsonl_rows(path, hf_cache_dir, summary))
+                else _jsonl_rows(path, summary))
         rows_before = summary.rows
         for row, record in rows:
             summary.rows += 1
@@ -477,10 +505,10 @@ def load_chat_samples(config: ChatDataConfig, tokenizer: ChatTokenizer, *,
     """Read, validate and tokenise the chat files of `config` (or load them from the cache).
 
     The DataSummary (rows, samples, skipped rows per reason) goes to `log` before returning.
+    Directories in config.paths stand for their files (`data_files`); the samples' `files` list
+    those, in that order.
     """
-    for path in config.paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"chat data file {path!r} does not exist")
+    config = dataclasses.replace(config, paths=tuple(file for path in config.paths for file in data_files(path)))
     cache = _cache_path(config, tokenizer)
     samples = None
     if cache is not None and cache.is_file():

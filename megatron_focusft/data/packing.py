@@ -110,7 +110,8 @@ class PackedChats:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.samples.lengths.sum())
+        lengths = self.samples.lengths
+        return sum(int(lengths[index]) for row in self.rows for index in row)
 
     @property
     def efficiency(self) -> float:
@@ -118,7 +119,7 @@ class PackedChats:
         return self.num_tokens / (self.num_rows * self.seq_length) if self.rows else 0.0
 
     def describe(self) -> str:
-        return (f"packed {len(self.samples)} samples into {self.num_rows} rows of {self.seq_length} tokens "
+        return (f"packed {sum(map(len, self.rows))} samples into {self.num_rows} rows of {self.seq_length} tokens "
                 f"(epoch {self.epoch}, seed {self.seed}): efficiency {100 * self.efficiency:.1f}%")
 
     def row_tensors(self, rows: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,12 +143,15 @@ class PackedChats:
         return tokens, doc_ids, response
 
 
-def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0) -> PackedChats:
-    """Shuffle and pack all samples for `epoch` (deterministic in config.seed and epoch)."""
-    lengths = samples.lengths.numpy()
+def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0,
+               indices: np.ndarray | None = None) -> PackedChats:
+    """Shuffle and pack the samples for `epoch` (deterministic in config.seed and epoch): all of
+    them once, or those `indices` lists (repeats allowed: a data blend's draw, data/blend.py)."""
+    indices = np.arange(len(samples)) if indices is None else np.asarray(indices, dtype=np.int64)
+    lengths = samples.lengths.numpy()[indices]
     too_long = np.nonzero(lengths > config.seq_length)[0]
     if too_long.size:
-        file, row = samples.source(int(too_long[0]))
+        file, row = samples.source(int(indices[too_long[0]]))
         raise ValueError(f"{too_long.size} sample(s) are longer than seq_length {config.seq_length}, e.g. "
                          f"{file}, row {row} ({int(lengths[too_long[0]])} tokens); tokenise with this seq_length")
     if epoch < 0 or config.seed < 0:
@@ -157,7 +161,7 @@ def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0) -> P
     if config.algorithm == "first_fit_decreasing":
         order = order[np.argsort(-lengths[order], kind="stable")]
     rows = first_fit(lengths, config.seq_length, order.tolist())
-    rows = [rows[i] for i in rng.permutation(len(rows))]
+    rows = [[int(indices[j]) for j in rows[i]] for i in rng.permutation(len(rows))]
     return PackedChats(samples, rows, config.seq_length, config.seed, epoch)
 
 

@@ -17,6 +17,18 @@ marker, barrier, rank 0 replaces the tracker, barrier. Both files are written to
 name, fsynced and renamed with `os.replace`, so each is either the old or the new file. A run
 killed at any point leaves the tracker on the previous complete checkpoint.
 
+The writer: megatron-core's synchronous torch_dist save writes from this process (its threads)
+but collects the results through a queue of a `multiprocessing` Manager, a spawned server
+process that re-imports `__main__` (seconds, most of a GB) and is not tied to this one: a
+trainer killed with any signal left it running under PID 1. `save_checkpoint` hands megatron-core
+a plain in-process queue instead (`_write_results_in_this_process`), so a save starts no process.
+
+A save that fails or is interrupted (any exception, KeyboardInterrupt, a signal raised as an
+exception) before its commit removes its partial directory on rank 0, so the previous
+checkpoint stays in charge; a failure is re-raised as CheckpointSaveError naming the directory
+and the reason, "no space left on device" with the bytes needed and free when the disk is full
+(engine/disk_space.py).
+
 Which checkpoint `load_checkpoint` takes: the tracker's iteration if its directory carries the
 marker. Otherwise, with a printed reason, the newest marked directory below it (the tracker named
 a directory that is missing or incomplete), or the newest marked directory when there is no
@@ -24,7 +36,11 @@ tracker. Marked directories above the tracker are saves that finished writing bu
 committed (killed between marker and tracker); they are skipped, with a message, and the next
 save of that iteration replaces them. A tracker that is not an integer is an error: it is only
 ever written atomically, so a bad one means something else is wrong. No directory, or one
-without a tracker and without marked iterations: no checkpoint (None).
+without a tracker and without marked iterations: no checkpoint (None). A marked checkpoint that
+fails to load (a truncated or missing `.distcp`, `.metadata` or common state) is skipped with a
+warning naming it and why, and the next older marked one is tried (`checkpoint_candidates`);
+every rank agrees on each outcome, so all ranks load the same iteration. A checkpoint asked for
+by `iteration=` never falls back.
 
 What a checkpoint holds:
 - the model's `sharded_state_dict()` and the optimizer's `sharded_state_dict(model_sd)`, so it
@@ -55,6 +71,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import random
 import re
 import shutil
@@ -67,12 +84,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import CheckpointException
 
+from megatron_focusft.engine import disk_space
+from megatron_focusft.engine.errors import short_error, wrapped_interrupt
 from megatron_focusft.models.gpt import model_shape
 from megatron_focusft.models.presets import ModelPreset
 
@@ -90,6 +111,14 @@ _RNG_KEY = "focusft_rng_state"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded: the message names the path and the problem."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A marked checkpoint whose files cannot be read (truncated, missing): loading falls back."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed: the message names the directory, the reason and what stays latest."""
 
 
 def iteration_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
@@ -133,15 +162,6 @@ def save_checkpoint(
     rank = dist.get_rank()
     save_dir = Path(save_dir)
     target = iteration_dir(save_dir, iteration)
-    if rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            # A leftover of an earlier (maybe crashed) save of this iteration: unmark it first so
-            # that a crash during the removal cannot leave a marked, partial directory.
-            _remove_checkpoint_dir(target)
-        target.mkdir()
-    dist.barrier()
-
     module = _unwrap(model)
     model_sd = module.sharded_state_dict()
     state: dict[str, Any] = {
@@ -161,19 +181,74 @@ def save_checkpoint(
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd)
-    # Synchronous torch_dist save; returns after every rank's files and metadata.json are
-    # written and a barrier.
-    dist_checkpointing.save(state, str(target))
-
-    if rank == 0:
-        _write_marker(target, iteration)
-    dist.barrier()
-    if rank == 0:
-        _write_tracker(save_dir, iteration)
-        if keep_last is not None:
-            _apply_retention(save_dir, iteration, keep_last)
-    dist.barrier()
+    committed = False
+    try:
+        if rank == 0:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                # A leftover of an earlier (maybe crashed) save of this iteration: unmark it first so
+                # that a crash during the removal cannot leave a marked, partial directory.
+                _remove_checkpoint_dir(target)
+            target.mkdir()
+        dist.barrier()
+        _write_results_in_this_process()
+        # Synchronous torch_dist save; returns after every rank's files and metadata.json are
+        # written and a barrier.
+        dist_checkpointing.save(state, str(target))
+        if rank == 0:
+            _write_marker(target, iteration)
+        dist.barrier()
+        if rank == 0:
+            _write_tracker(save_dir, iteration)
+            committed = True
+            if keep_last is not None:
+                _apply_retention(save_dir, iteration, keep_last)
+        dist.barrier()
+    except BaseException as error:
+        # Interrupts (KeyboardInterrupt, a signal raised as an exception; also when torch wrapped
+        # them) propagate unchanged after the cleanup; failures become one CheckpointSaveError.
+        interrupt = wrapped_interrupt(error)
+        failure = interrupt is None
+        if failure:  # diagnosed before the partial files are removed, while the disk is still full
+            needed = _bytes_to_write(state)
+            reason = (f"no space left on device: it needs about {needed:,} bytes, "
+                      f"{disk_space.free_bytes(save_dir):,} bytes were free"
+                      if disk_space.out_of_space(error, save_dir, needed) else short_error(error))
+        if rank == 0 and not committed and target.exists():
+            _remove_checkpoint_dir(target)
+        if interrupt is error:
+            raise
+        if interrupt is not None:
+            raise interrupt from None
+        latest = _latest_or_none(save_dir)
+        kept = (f"the checkpoint of iteration {latest} stays the latest" if latest is not None
+                else "no earlier checkpoint exists there")
+        raise CheckpointSaveError(f"saving the checkpoint of iteration {iteration} to {target} failed: {reason}; "
+                                  f"its partial directory was removed and {kept}") from error
     return target
+
+
+def _write_results_in_this_process() -> None:
+    """Give megatron-core's writer an in-process results queue (module doc: the writer).
+
+    The synchronous save puts and gets its results in this process, so a `queue.Queue` serves it;
+    megatron-core creates its Manager only while the module's queue is still None.
+    """
+    if not isinstance(filesystem_async._results_queue, queue.Queue):
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _bytes_to_write(state: Mapping[str, Any]) -> int:
+    """Bytes of the tensors this rank writes (main replicas of its shards)."""
+    return sum(value.data.numel() * value.data.element_size() for value in nested_values(state)
+               if isinstance(value, ShardedTensor) and value.data is not None and is_main_replica(value.replica_id))
+
+
+def _latest_or_none(save_dir: Path) -> int | None:
+    try:
+        return latest_checkpoint(save_dir)[0]
+    except CheckpointError:
+        return None
 
 
 def _write_marker(directory: Path, iteration: int) -> None:
@@ -189,11 +264,15 @@ def _write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file, fsync, rename over `path`, fsync the directory: readers see the
     old or the new content, never a partial one, also after a power loss."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -240,18 +319,39 @@ def load_checkpoint(
     """Load the latest committed checkpoint of `load_dir` (module doc) into model, optimizer
     and scheduler, and restore the RNG states; collective.
 
-    Returns (iteration, extra_state), or None when `load_dir` holds no checkpoint. `iteration`
-    asks for that one (it must be complete). `run_config`, when given, must equal the saved one.
-    optimizer = scheduler = None and restore_rng = False load the model weights only (fine-tuning
-    from it; the saved parameters are cast to the model's dtype).
+    Returns (iteration, extra_state), or None when `load_dir` holds no checkpoint. A checkpoint
+    whose files fail to load is skipped, with a warning, for the next older complete one; one
+    asked for by `iteration` must be complete and load. `run_config`, when given, must equal the
+    saved one. optimizer = scheduler = None and restore_rng = False load the model weights only
+    (fine-tuning from it; the saved parameters are cast to the model's dtype).
     Raises CheckpointError naming the path and the problem for a corrupt or mismatched one.
     """
-    chosen = _agree_on_iteration(Path(load_dir), iteration)
-    if chosen is None:
-        return None
-    path = iteration_dir(load_dir, chosen)
-    meta = _read_meta(path)
+    candidates = _agree_on_candidates(Path(load_dir), iteration)
     module = _unwrap(model)
+    for index, chosen in enumerate(candidates):
+        try:
+            extra = _load_one(iteration_dir(load_dir, chosen), module, optimizer, scheduler, run_config, restore_rng)
+        except CheckpointDamaged as damage:
+            if index + 1 == len(candidates):
+                older = " (no older complete checkpoint to fall back to)" if iteration is None else ""
+                raise CheckpointDamaged(f"{damage}{older}") from damage
+            if dist.get_rank() == 0:
+                print(f"checkpoint: WARNING: {damage}; falling back to iteration {candidates[index + 1]}", flush=True)
+            continue
+        return chosen, extra
+    return None
+
+
+def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer | None,
+              scheduler: OptimizerParamScheduler | None, run_config: Mapping[str, Any] | None,
+              restore_rng: bool) -> dict[str, Any]:
+    """Load one checkpoint directory; CheckpointDamaged (on every rank) when its files fail to read."""
+    damage = None
+    try:
+        meta = _read_meta(path)
+    except CheckpointDamaged as error:
+        damage = error
+    _raise_if_damaged_anywhere(damage)
     _check_compatible(path, meta, module, optimizer, scheduler, run_config)
 
     model_sd = module.sharded_state_dict()
@@ -266,17 +366,37 @@ def load_checkpoint(
               f"model and optimizer are resharded, RNG states are not restored", flush=True)
     try:
         state = dist_checkpointing.load(request, str(path))
+    # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as error:
+        interrupt = wrapped_interrupt(error)
+        if interrupt is not None:  # a signal during the load, not a damaged checkpoint
+            raise interrupt from None
+        damage = CheckpointDamaged(f"checkpoint {path} cannot be loaded: {short_error(error)}")
+    _raise_if_damaged_anywhere(damage)
+    try:
         module.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             # After the optimizer: the scheduler writes the restored lr and wd into its param groups.
             scheduler.load_state_dict(meta["scheduler"])
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path}: loading the saved state failed: {e!r}") from e
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path}: applying the saved state failed: {short_error(error)}") from error
     if same_layout and restore_rng:
         _set_rng_state(state[_RNG_KEY])
-    return chosen, meta["extra_state"]
+    return meta["extra_state"]
+
+
+def _raise_if_damaged_anywhere(damage: CheckpointDamaged | None) -> None:
+    """Every rank learns whether any rank found the checkpoint damaged (the first such rank's
+    message), so that all ranks fall back together instead of some entering a collective load."""
+    if dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, None if damage is None else str(damage))
+        first = next((message for message in gathered if message is not None), None)
+        damage = None if first is None else CheckpointDamaged(first)
+    if damage is not None:
+        raise damage
 
 
 @dataclass(frozen=True)
@@ -287,20 +407,31 @@ class CheckpointInfo:
     iteration: int
     shape: ModelPreset
     run_config: dict[str, Any] | None  # the saving run's settings (None: not a training run's)
+    scheduler: dict[str, Any] | None  # the LR scheduler's state (None: saved without one)
 
 
 def read_checkpoint_info(load_dir: str | os.PathLike, iteration: int | None = None) -> CheckpointInfo | None:
     """The checkpoint `load_checkpoint` would take (or `iteration`), None when there is none;
-    read from this process's view of the filesystem, no collective."""
-    if iteration is None:
-        iteration, _ = latest_checkpoint(load_dir)
-        if iteration is None:
-            return None
-    path = iteration_dir(load_dir, iteration)
-    if not _is_complete(path, iteration):
-        raise CheckpointError(f"checkpoint {path} is missing or incomplete (no valid {MARKER_FILE})")
-    meta = _read_meta(path)
-    return CheckpointInfo(path, iteration, ModelPreset.from_dict(meta["model_shape"]), meta["run_config"])
+    read from this process's view of the filesystem, no collective. Without `iteration`, one
+    whose common state is unreadable is passed over as load_checkpoint passes over it."""
+    if iteration is not None:
+        path = iteration_dir(load_dir, iteration)
+        if not _is_complete(path, iteration):
+            raise CheckpointError(f"checkpoint {path} is missing or incomplete (no valid {MARKER_FILE})")
+        candidates = [iteration]
+    else:
+        candidates, _ = checkpoint_candidates(load_dir)
+    for index, chosen in enumerate(candidates):
+        path = iteration_dir(load_dir, chosen)
+        try:
+            meta = _read_meta(path)
+        except CheckpointDamaged:
+            if index + 1 == len(candidates):
+                raise
+            continue
+        return CheckpointInfo(path, chosen, ModelPreset.from_dict(meta["model_shape"]), meta["run_config"],
+                              meta["scheduler"])
+    return None
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -308,7 +439,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
         common = dist_checkpointing.load_common_state_dict(str(path))
     # torch's CheckpointException (damaged files) derives from BaseException, not Exception.
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read its common state: {e!r}") from e
+        interrupt = wrapped_interrupt(e)
+        if interrupt is not None:
+            raise interrupt from None
+        raise CheckpointDamaged(f"checkpoint {path} cannot be loaded: its common state is unreadable: "
+                                f"{short_error(e)}") from e
     if "focusft" not in common:
         raise CheckpointError(f"checkpoint {path} was not written by megatron_focusft (no 'focusft' common state)")
     meta = common["focusft"]
@@ -378,22 +513,33 @@ def latest_checkpoint(load_dir: str | os.PathLike) -> tuple[int | None, list[str
     return older[-1], notes
 
 
-def _agree_on_iteration(load_dir: Path, iteration: int | None) -> int | None:
-    """Rank 0 picks the checkpoint and every rank takes its answer (or its error), so that ranks
-    never load different iterations."""
+def checkpoint_candidates(load_dir: str | os.PathLike) -> tuple[list[int], list[str]]:
+    """The iterations to try, newest first: latest_checkpoint's choice, then every older
+    complete one (the fallbacks past a damaged checkpoint); with latest_checkpoint's notes."""
+    chosen, notes = latest_checkpoint(load_dir)
+    if chosen is None:
+        return [], notes
+    dirs = _iteration_dirs(Path(load_dir))
+    older = sorted((i for i, p in dirs.items() if i < chosen and _is_complete(p, i)), reverse=True)
+    return [chosen, *older], notes
+
+
+def _agree_on_candidates(load_dir: Path, iteration: int | None) -> list[int]:
+    """Rank 0 lists the checkpoints to try and every rank takes its answer (or its error), so
+    that ranks never load different iterations."""
     answer: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             if iteration is None:
-                chosen, notes = latest_checkpoint(load_dir)
+                candidates, notes = checkpoint_candidates(load_dir)
                 for note in notes:
                     print(f"checkpoint: {note}", flush=True)
             else:
                 path = iteration_dir(load_dir, iteration)
                 if not _is_complete(path, iteration):
                     raise CheckpointError(f"checkpoint {path} is missing or incomplete (no valid {MARKER_FILE})")
-                chosen = iteration
-            answer = [("ok", chosen)]
+                candidates = [iteration]
+            answer = [("ok", candidates)]
         except CheckpointError as e:
             answer = [("error", str(e))]
     dist.broadcast_object_list(answer, src=0)
@@ -415,7 +561,10 @@ def _check_compatible(path: Path, meta: dict, module: torch.nn.Module, optimizer
         problems.append(f"params_dtype: saved {meta['params_dtype']}, now {module.config.params_dtype} (resuming "
                         f"needs the same dtype; load the weights only to change it)")
     if run_config is not None and meta["run_config"] is not None:
-        problems += _diff(meta["run_config"], dict(run_config), "run_config.")
+        # Saved keys the caller does not check (any more) are not compared: a resumed run may
+        # change them (e.g. extend train_iters).
+        saved = {key: value for key, value in meta["run_config"].items() if key in run_config}
+        problems += _diff(saved, dict(run_config), "run_config.")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
     if optimizer is not None and not meta["has_optimizer"]:

@@ -41,7 +41,9 @@ class TrainingMethod:
     """name: the --training-mode value. add_arguments: adds the method's own flags to its group.
     resume_keys: those flags a resumed run must share with the run that saved the checkpoint.
     model(args) -> MethodModel; run(args, model_config, dp_rank) -> MethodRun, after the model is
-    built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds)."""
+    built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds). validate(args):
+    ValueError naming the flag for values of the method's flags it cannot run, called with the
+    other flag checks before anything starts."""
 
     name: str
     help: str
@@ -49,3 +51,4 @@ class TrainingMethod:
     resume_keys: tuple[str, ...]
     model: Callable[[argparse.Namespace], MethodModel]
     run: Callable[[argparse.Namespace, TransformerConfig, int], MethodRun]
+    validate: Callable[[argparse.Namespace], None] = lambda args: None

@@ -17,16 +17,27 @@ class FocusftConfig:
                      reference code); "context": next-token CE on context targets under a causal
                      mask (the paper's abstract; the bidirectional mask would make it trivial).
     inner_grad_clip  per-tensor, per-sample norm clip of each A / B gradient (<= 0: off).
+    max_update_norm  the guard's bound on a sample's fast-weight change: the L2 norm, over all its
+                     adapted tensors (TP-global), of adapted - initial. An inner step that would take
+                     it past the bound is caught like a non-finite one (inner_loop.py). The defaults
+                     (lr 1, clip 1, 2 steps, fc1 + fc2 of 2 layers: 12 tensors) keep a sample's
+                     change below 2 * sqrt(12) ~ 7; 100 leaves room for larger settings and
+                     catches the blow-ups of an inner lr in the thousands and beyond.
+    inner_steps 0 (the plain SFT step under the same mask) is allowed here, for tests; the
+    training flag asks for >= 1.
     """
 
     inner_steps: int = 2
     inner_lr: float = 1.0
     inner_grad_clip: float = 1.0
     inner_objective: str = "response"
+    max_update_norm: float = 100.0
     fast_weights: FastWeightConfig = field(default_factory=FastWeightConfig)
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if not self.max_update_norm > 0:
+            raise ValueError(f"max_update_norm must be > 0 (inf: no bound), got {self.max_update_norm}")
         if self.inner_objective not in INNER_OBJECTIVES:
             raise ValueError(f"inner_objective must be one of {INNER_OBJECTIVES}, got {self.inner_objective!r}")

@@ -12,6 +12,15 @@ CP before any division; each rank differentiates its tokens' share of every samp
 loss (the K/V gather's backward already brings the other ranks' queries' share into its keys),
 and the fast-weight gradients are summed over CP before clipping; so every CP rank takes the
 same step as one process holding the whole sequence.
+
+The guard: an inner step of a sample is caught when its loss or a gradient is not finite, when
+the fast weights it produces are not finite, or when it would move the sample's fast weights
+further than `max_update_norm` from their initial values (an inner lr so large that the adapted
+layers saturate gives finite but meaningless losses: this is what catches it). A caught sample
+goes back to its initial fast weights (B = 0: the adapter adds exactly nothing) and takes no
+further step; the step it was caught at and every later one count as skipped. Every TP, CP (and
+PP) rank takes the same decision (MAX all-reduce), since fast weights are replicated over CP and
+their shards must stay consistent over TP.
 """
 
 from __future__ import annotations
@@ -41,9 +50,11 @@ class InnerTargets:
 
 @dataclass
 class InnerLoopResult:
-    """adapted: this rank's fast-weight shards after the loop (detached).
-    losses: [steps, n] per-sample inner loss before each step's update (0 where no target).
-    skipped: [n] steps skipped because the loss or a gradient was not finite.
+    """adapted: this rank's fast-weight shards after the loop (detached); a sample the guard
+    caught holds its initial ones.
+    losses: [steps, n] per-sample inner loss before each step's update (0 where no target, and
+    after a sample was caught).
+    skipped: [n] steps whose update the outer pass does not use (the guard's, module doc).
     has_targets: [n] samples with at least one inner target (the others skip the loop).
     """
 
@@ -121,22 +132,75 @@ def frozen_slow_weights(model: GPTModel) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def update_sq_norm(initial: FastWeights, adapted: FastWeights, parallel: ParallelContext) -> torch.Tensor:
-    """Squared L2 norm (fp32 scalar on the CPU), over all samples and of this rank's tensors, of
-    adapted - initial fast weights; a TP-sharded tensor counts whole."""
-    total = torch.zeros((), dtype=torch.float32)
+def sample_update_sq_norms(initial: FastWeights, adapted: FastWeights, parallel: ParallelContext) -> torch.Tensor:
+    """[n] fp32: each sample's squared L2 norm of adapted - initial over this rank's tensors (a
+    TP-sharded tensor counts whole; under PP, this stage's layers only)."""
+    total = None
     for key, pair in adapted.items():
         for new, old, shard in zip(pair, initial[key], is_sharded(key)):
-            total = total + per_sample_sq_norms(new - old.detach(), shard, parallel).sum().cpu()
+            sq = per_sample_sq_norms(new - old.detach(), shard, parallel)
+            total = sq if total is None else total + sq
     return total
 
 
-def non_finite_gradients(grads: list[torch.Tensor], num_samples: int) -> torch.Tensor:
-    """[n] bool: samples with a non-finite entry in any of their gradients (each [n, ...])."""
+def update_sq_norm(initial: FastWeights, adapted: FastWeights, parallel: ParallelContext) -> torch.Tensor:
+    """Squared L2 norm (fp32 scalar on the CPU), over all samples and of this rank's tensors, of
+    adapted - initial fast weights; a TP-sharded tensor counts whole."""
+    if not adapted:
+        return torch.zeros((), dtype=torch.float32)
+    return sample_update_sq_norms(initial, adapted, parallel).sum().cpu()
+
+
+def non_finite_samples(tensors: list[torch.Tensor], num_samples: int) -> torch.Tensor:
+    """[n] bool: samples with a non-finite entry in any of their tensors (gradients or fast
+    weights, each [n, ...])."""
     bad = torch.zeros(num_samples, dtype=torch.bool)
-    for g in grads:
-        bad = bad.to(g.device) | ~torch.isfinite(g).flatten(1).all(dim=1)
+    for t in tensors:
+        bad = bad.to(t.device) | ~torch.isfinite(t).flatten(1).all(dim=1)
     return bad
+
+
+def agree_on_samples(flags: torch.Tensor, parallel: ParallelContext, *, over_stages: bool = False) -> torch.Tensor:
+    """[n] bool flags -> True where any TP or CP rank (and, over_stages, any PP stage) set them."""
+    agreed = flags.to(torch.int32)
+    reducers = (parallel.tp_all_reduce, parallel.cp_all_reduce, *((parallel.pp_all_reduce,) if over_stages else ()))
+    for all_reduce in reducers:
+        agreed = all_reduce(agreed, dist.ReduceOp.MAX)
+    return agreed.bool()
+
+
+def reset_samples(tensors: FastWeights, initial: FastWeights,
+                  samples: torch.Tensor) -> dict[tuple[int, str], list[torch.Tensor]]:
+    """The fast weights with those of `samples` [n] bool put back to their initial values."""
+    def pick(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return torch.where(samples.view(-1, *([1] * (new.dim() - 1))), old.detach(), new).detach()
+
+    return {key: [pick(new, old) for new, old in zip(pair, initial[key])] for key, pair in tensors.items()}
+
+
+def guarded_sgd_step(
+    leaves: dict[tuple[int, str], list[torch.Tensor]], grads: list[torch.Tensor], failed: torch.Tensor,
+    initial: FastWeights, active: torch.Tensor, config: FocusftConfig, parallel: ParallelContext,
+    *, over_stages: bool = False,
+) -> tuple[dict[tuple[int, str], list[torch.Tensor]], torch.Tensor]:
+    """One inner step under the guard (module doc) -> (new fast weights, samples caught now [n]).
+
+    failed [n]: samples whose loss or gradients were not finite, already agreed on by every rank.
+    active [n]: samples still adapting. A caught sample gets its initial fast weights back.
+    over_stages: the fast weights of a sample are spread over the PP stages (pipelined_inner.py),
+    so its update norm is summed and its flags agreed over them too.
+    """
+    new = sgd_step(leaves, grads, active & ~failed, config, parallel)
+    n = active.shape[0]
+    sq = (sample_update_sq_norms(initial, new, parallel).to(active.device) if new
+          else torch.zeros(n, device=active.device))
+    if over_stages:
+        sq = parallel.pp_all_reduce(sq)
+    broken = non_finite_samples([t for pair in new.values() for t in pair], n).to(active.device)
+    # `~(sq <= bound^2)` is also true for a NaN norm.
+    caught = agree_on_samples(broken | ~(sq <= config.max_update_norm ** 2), parallel, over_stages=over_stages)
+    caught = active & (caught | failed)
+    return (reset_samples(new, initial, caught) if bool(caught.any()) else new), caught
 
 
 def sgd_step(
@@ -192,9 +256,10 @@ def run_inner_loop(
     tensors = {key: [t.detach().clone() for t in initial[key]] for key in keys}
     losses = torch.zeros(config.inner_steps, n, device=device)
     skipped = torch.zeros(n, dtype=torch.long, device=device)
-    if not bool(has_targets.any()):
-        return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)
+    active = has_targets.clone()
     for step in range(config.inner_steps):
+        if not bool(active.any()):  # agreed by every rank: nothing left to adapt
+            break
         leaves = {key: [t.requires_grad_(True) for t in pair] for key, pair in tensors.items()}
         binding = FastWeightBinding(sample_index, {k: tuple(v) for k, v in leaves.items()})
         # The backward stays inside the `with`: activation recomputation re-runs the forward
@@ -207,18 +272,14 @@ def run_inner_loop(
             local_loss = sums / counts.clamp(min=1)
             loss = parallel.cp_all_reduce(sums.detach().clone()) / counts.clamp(min=1)
             finite_loss = torch.isfinite(loss)
-            total = torch.where(finite_loss & has_targets, local_loss, torch.zeros_like(local_loss)).sum()
+            total = torch.where(finite_loss & active, local_loss, torch.zeros_like(local_loss)).sum()
             flat = [t for key in keys for t in leaves[key]]
             # Every CP rank must run this backward: it holds the K/V gather's reduce-scatter.
             grads = torch.autograd.grad(total, flat, allow_unused=True)
         grads = cp_sum_gradients([torch.zeros_like(t) if g is None else g for t, g in zip(flat, grads)], parallel)
-        # A sample whose loss or gradient is not finite skips this step, on every TP and CP rank
-        # alike (fast weights are replicated over CP and must stay identical).
-        bad = ~finite_loss | non_finite_gradients(grads, n)
-        bad = parallel.tp_all_reduce(bad.to(torch.int32), dist.ReduceOp.MAX)
-        bad = parallel.cp_all_reduce(bad, dist.ReduceOp.MAX).bool()
-        update = has_targets & ~bad
-        skipped += (has_targets & bad).long()
-        losses[step] = torch.where(has_targets, loss.detach(), torch.zeros_like(loss))
-        tensors = sgd_step(leaves, grads, update, config, parallel)
+        failed = agree_on_samples(~finite_loss | non_finite_samples(grads, n), parallel)
+        losses[step] = torch.where(active, loss.detach(), torch.zeros_like(loss))
+        tensors, caught = guarded_sgd_step(leaves, grads, failed, initial, active, config, parallel)
+        skipped += caught.long() * (config.inner_steps - step)
+        active &= ~caught
     return InnerLoopResult({k: (a, b) for k, (a, b) in tensors.items()}, losses, skipped, has_targets)

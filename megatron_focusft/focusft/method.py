@@ -18,9 +18,13 @@ _STEP, _FAST = FocusftConfig(), FastWeightConfig()
 
 
 def add_focusft_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--focusft-inner-steps", type=int, default=_STEP.inner_steps)
-    group.add_argument("--focusft-inner-lr", type=float, default=_STEP.inner_lr)
-    group.add_argument("--focusft-inner-grad-clip", type=float, default=_STEP.inner_grad_clip)
+    group.add_argument("--focusft-inner-steps", type=int, default=_STEP.inner_steps, help="inner SGD steps (>= 1)")
+    group.add_argument("--focusft-inner-lr", type=float, default=_STEP.inner_lr, help="inner SGD step size (> 0)")
+    group.add_argument("--focusft-inner-grad-clip", type=float, default=_STEP.inner_grad_clip,
+                       help="per-sample, per-tensor clip of the inner gradients (<= 0: off)")
+    group.add_argument("--focusft-max-update-norm", type=float, default=_STEP.max_update_norm,
+                       help="a sample's inner steps stop, and it keeps its initial fast weights, once an update "
+                            "would move them further than this (L2 over the sample's tensors; inf: no bound)")
     group.add_argument("--focusft-inner-objective", choices=INNER_OBJECTIVES, default=_STEP.inner_objective)
     group.add_argument("--focusft-rank", type=int, default=_FAST.rank)
     group.add_argument("--focusft-alpha", type=float, default=_FAST.alpha)
@@ -40,7 +44,25 @@ def focusft_config(flags: Mapping[str, Any]) -> FocusftConfig:
                             targets=tuple(get("targets", _FAST.targets)))
     return FocusftConfig(inner_steps=get("inner_steps", _STEP.inner_steps), inner_lr=get("inner_lr", _STEP.inner_lr),
                          inner_grad_clip=get("inner_grad_clip", _STEP.inner_grad_clip),
-                         inner_objective=get("inner_objective", _STEP.inner_objective), fast_weights=fast)
+                         inner_objective=get("inner_objective", _STEP.inner_objective),
+                         max_update_norm=get("max_update_norm", _STEP.max_update_norm), fast_weights=fast)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """The `--focusft-*` values the bilevel step cannot run, by flag name."""
+    if args.focusft_inner_steps < 1:
+        raise ValueError(f"--focusft-inner-steps must be >= 1, got {args.focusft_inner_steps} (the plain SFT step "
+                         f"under the FocuSFT mask is --training-mode sft --sft-mask focusft)")
+    if not args.focusft_inner_lr > 0:
+        raise ValueError(f"--focusft-inner-lr must be > 0, got {args.focusft_inner_lr}")
+    if not args.focusft_max_update_norm > 0:
+        raise ValueError(f"--focusft-max-update-norm must be > 0 (inf: no bound), got {args.focusft_max_update_norm}")
+    if args.focusft_rank < 1:
+        raise ValueError(f"--focusft-rank must be >= 1, got {args.focusft_rank}")
+    if not 0 < args.focusft_layer_fraction <= 1:
+        raise ValueError(f"--focusft-layer-fraction must be in (0, 1], got {args.focusft_layer_fraction}")
+    if len(set(args.focusft_targets)) != len(args.focusft_targets):
+        raise ValueError(f"--focusft-targets names a slot twice: {' '.join(args.focusft_targets)}")
 
 
 def _model(args: argparse.Namespace) -> MethodModel:
@@ -66,4 +88,4 @@ FOCUSFT = TrainingMethod(
     "focusft", "FocuSFT bilevel step", add_focusft_arguments,
     ("focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective", "focusft_rank", "focusft_alpha",
      "focusft_layer_fraction", "focusft_targets"),
-    _model, _run)
+    _model, _run, _validate)

@@ -13,8 +13,10 @@ micro-batches of the iteration (1F1B across them), before the outer call:
 - the adapted layers run with the slow weights frozen and the micro-batch's fast weights as
   leaves; the last stage scores the objective's targets and returns the sum of per-sample
   token-mean losses, and the schedule's backward leaves each stage's fast-weight gradients;
-- after each call, every rank agrees on the samples that skip (MAX all-reduce of non-finite
-  losses and gradients over TP, CP and PP) and takes the per-sample SGD step of its fast weights.
+- after each call, every rank agrees on the samples whose loss or gradients are not finite (MAX
+  all-reduce over TP, CP and PP) and takes the guarded per-sample SGD step of its fast weights
+  (inner_loop.guarded_sgd_step: a sample's update norm is summed over the stages holding its
+  fast weights; a caught sample returns to its initial fast weights on every stage).
 With the `context` objective a forward-only call gives the inner loss after adaptation. The outer
 call then runs every stage's layers with grad and the adapted fast weights bound as constants.
 """
@@ -25,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -36,12 +37,13 @@ from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
     InnerLoopResult,
     InnerTargets,
+    agree_on_samples,
     cp_sum_gradients,
     frozen_slow_weights,
-    non_finite_gradients,
+    guarded_sgd_step,
+    non_finite_samples,
     per_sample_loss,
     per_sample_sums,
-    sgd_step,
     update_sq_norm,
 )
 from megatron_focusft.parallel.context import ParallelContext
@@ -76,6 +78,7 @@ class MicroBatchInner:
     initial: FastWeights
     losses: torch.Tensor
     skipped: torch.Tensor
+    active: torch.Tensor | None = None  # [n] samples still adapting (the guard's, inner_loop.py)
     cache: torch.Tensor | None = None
     leaves: dict[tuple[int, str], list[torch.Tensor]] = field(default_factory=dict)
     grads: list[torch.Tensor] = field(default_factory=list)
@@ -120,7 +123,7 @@ def _stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: ra
     sums, _ = per_sample_sums(token_loss, state.objective.targets, state.sample_index, state.num_samples)
     local_loss = sums / state.counts.clamp(min=1)  # this CP rank's share of each sample's token mean
     state.step_loss = parallel.cp_all_reduce(sums.detach().clone()) / state.counts.clamp(min=1)
-    keep = torch.isfinite(state.step_loss) & state.has_targets
+    keep = torch.isfinite(state.step_loss) & state.active
     return torch.where(keep, local_loss, torch.zeros_like(local_loss)).sum()
 
 
@@ -149,8 +152,12 @@ def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInne
     """`config.inner_steps` SGD steps of every micro-batch's fast weights (module doc); fills `states`."""
     gpt = model.module if hasattr(model, "module") else model
     last = gpt.post_process
+    for state in states:
+        state.active = state.has_targets.clone()
     with frozen_slow_weights(gpt):
         for step in range(config.inner_steps):
+            if not any(bool(state.active.any()) for state in states):  # agreed by every rank
+                break
             for state in states:
                 state.leaves = {key: [t.detach().requires_grad_(True) for t in pair]
                                 for key, pair in state.tensors.items()}
@@ -159,22 +166,20 @@ def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInne
             for state in states:
                 flat = [t for pair in state.leaves.values() for t in pair]
                 grads = cp_sum_gradients([torch.zeros_like(t) if t.grad is None else t.grad for t in flat], parallel)
-                flags = non_finite_gradients(grads, state.num_samples).to(state.counts.device)
+                flags = non_finite_samples(grads, state.num_samples).to(state.counts.device)
                 if last:
                     flags |= ~torch.isfinite(state.step_loss)
-                bad.append(flags.to(torch.int32))
+                bad.append(flags)
                 state.grads = grads
-            # One agreement for all micro-batches: a sample skips on every stage and rank alike.
-            agreed = torch.cat(bad)
-            for all_reduce in (parallel.tp_all_reduce, parallel.cp_all_reduce, parallel.pp_all_reduce):
-                agreed = all_reduce(agreed, dist.ReduceOp.MAX)
-            agreed = agreed.bool()
-            for state, skip in zip(states, agreed.split([s.num_samples for s in states])):
-                update = state.has_targets & ~skip
-                state.skipped += (state.has_targets & skip).long()
+            # One agreement for all micro-batches: a sample fails on every stage and rank alike.
+            failed = agree_on_samples(torch.cat(bad), parallel, over_stages=True)
+            for state, fail in zip(states, failed.split([s.num_samples for s in states])):
                 if last:
-                    state.losses[step] = torch.where(state.has_targets, state.step_loss, torch.zeros_like(state.step_loss))
-                state.tensors = sgd_step(state.leaves, state.grads, update, config, parallel) if state.leaves else state.tensors
+                    state.losses[step] = torch.where(state.active, state.step_loss, torch.zeros_like(state.step_loss))
+                state.tensors, caught = guarded_sgd_step(state.leaves, state.grads, fail, state.initial, state.active,
+                                                         config, parallel, over_stages=True)
+                state.skipped += caught.long() * (config.inner_steps - step)
+                state.active &= ~caught
                 state.grads = []
         if config.inner_objective == "context":
             with torch.no_grad():

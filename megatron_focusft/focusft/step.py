@@ -32,6 +32,7 @@ schedule exchanges the shape, `variable_seq_lengths`); their gradient is zero.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ from megatron_focusft.focusft.config import FocusftConfig
 from megatron_focusft.focusft.inner_loop import (
     InnerLoopResult,
     InnerTargets,
+    agree_on_samples,
     per_sample_loss,
+    reset_samples,
     run_inner_loop,
     update_sq_norm,
 )
@@ -151,17 +154,30 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     inner = run_inner_loop(model, h_inner, rotary, top, batch.labels, objective, sample_index, local, config, parallel)
     if timers is not None:
         timers(INNER).stop()
-    # Outer pass: the adapted fast weights are constants (full stop-gradient).
-    with bind_fast_weights(model, FastWeightBinding(sample_index, inner.adapted)):
-        per_token_loss = lm_head_loss(model, forward_layers(model, h_bottom, batch.attention, rotary, top), batch.labels,
-                                      batch.loss_mask.bool())
-        if config.inner_objective == "response":
-            after_tokens = per_token_loss.detach()
-        else:
+
+    def outer(adapted: FastWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outer per-token loss and the inner objective's after adaptation; the adapted fast
+        weights are constants (full stop-gradient)."""
+        with bind_fast_weights(model, FastWeightBinding(sample_index, adapted)):
+            per_token = lm_head_loss(model, forward_layers(model, h_bottom, batch.attention, rotary, top), batch.labels,
+                                     batch.loss_mask.bool())
+            if config.inner_objective == "response":
+                return per_token, per_token.detach()
             with torch.no_grad():
-                after_tokens = lm_head_loss(model, forward_layers(model, h_inner, objective.mask, rotary, top),
-                                            batch.labels, objective.targets)
+                return per_token, lm_head_loss(model, forward_layers(model, h_inner, objective.mask, rotary, top),
+                                               batch.labels, objective.targets)
+
+    per_token_loss, after_tokens = outer(inner.adapted)
     n = inner.has_targets.shape[0]
+    # The guard's last check (inner_loop.py): a sample whose outer activations are not finite
+    # (seen through its scored tokens' losses) is trained with its initial fast weights instead.
+    non_finite = batch.loss_mask.bool() & (sample_index >= 0) & ~torch.isfinite(per_token_loss.detach())
+    broken = agree_on_samples(torch.bincount(sample_index[non_finite], minlength=n) > 0, parallel) & inner.has_targets
+    if bool(broken.any()):
+        adapted = {key: tuple(pair) for key, pair in reset_samples(inner.adapted, local, broken).items()}
+        inner = dataclasses.replace(inner, adapted=adapted,
+                                    skipped=torch.where(broken, config.inner_steps, inner.skipped))
+        per_token_loss, after_tokens = outer(inner.adapted)
     after, _ = per_sample_loss(after_tokens, objective.targets, sample_index, n, parallel)
     return FocusftOutput(per_token_loss, inner, after, update_sq_norm(local, inner.adapted, parallel).sqrt())
 

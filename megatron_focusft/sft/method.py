@@ -9,12 +9,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
 from megatron_focusft.sft.step import sft_forward_step
 
-SFT_MASKS: tuple[str, ...] = ("focusft", "causal")
+SFT_MASKS: tuple[str, ...] = ("causal", "focusft")
 
 
 def _add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--sft-mask", choices=SFT_MASKS, default="focusft",
-                       help="attention mask of --training-mode sft (FocuSFT always uses its own)")
+    group.add_argument("--sft-mask", choices=SFT_MASKS, default="causal",
+                       help="attention mask of --training-mode sft: causal (the usual SFT baseline) or focusft "
+                            "(FocuSFT's mask without the bilevel step); FocuSFT always uses its own")
 
 
 def _model(args: argparse.Namespace) -> MethodModel:

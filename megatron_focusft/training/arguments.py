@@ -9,12 +9,19 @@ flags (`--focusft-*` for FocuSFT, `--sft-mask` for the plain-SFT baselines).
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
+import torch
+
 from megatron_focusft.attention.backends import attention_backend, attention_backend_names, context_parallel_backend_names
+from megatron_focusft.data.blend import DataBlend
+from megatron_focusft.data.chat import data_files
 from megatron_focusft.engine.setup import OptimizerSetup
-from megatron_focusft.models.presets import PRESETS
+from megatron_focusft.models.presets import PRESETS, get_preset
+from megatron_focusft.training.lr_schedule import OVERRIDE_FLAG, USE_CHECKPOINT_FLAG, LrSchedule
 from megatron_focusft.training.methods import METHODS
+from megatron_focusft.training.starting_point import DEFAULT_PRESET
 
 _OPT = OptimizerSetup()  # the optimizer flags' defaults
 
@@ -61,7 +68,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="split activations outside the tensor-parallel regions along the sequence (needs TP > 1)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-path", nargs="*", default=[], help="chat JSONL / Parquet files with `messages`")
+    data.add_argument("--data-path", nargs="*", default=[],
+                      help="chat JSONL / Parquet files with `messages`, or directories of them; Megatron's blend "
+                           "`W1 PATH1 W2 PATH2 ...` samples each epoch from the paths by weight (seeded)")
     data.add_argument("--mock-data", action="store_true",
                       help="synthetic packed key-value retrieval chats instead of --data-path")
     data.add_argument("--tokenizer-model", default=None,
@@ -79,8 +88,15 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     opt.add_argument("--lr", type=float, default=_OPT.lr)
     opt.add_argument("--min-lr", type=float, default=_OPT.min_lr)
     opt.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
-    opt.add_argument("--lr-warmup-fraction", type=float, default=None)
+    opt.add_argument("--lr-decay-iters", type=int, default=None,
+                     help="iterations to decay over (default: --train-iters)")
+    opt.add_argument("--lr-warmup-fraction", type=float, default=None,
+                     help="warmup as a fraction of the decay iterations")
     opt.add_argument("--lr-warmup-iters", type=int, default=0)
+    opt.add_argument(OVERRIDE_FLAG, dest="override_opt_param_scheduler", action="store_true",
+                     help="on resume, follow the LR schedule flags from the checkpoint's iteration on")
+    opt.add_argument(USE_CHECKPOINT_FLAG, dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                     help="on resume, keep the checkpoint's LR schedule and ignore the schedule flags")
     opt.add_argument("--weight-decay", type=float, default=_OPT.weight_decay)
     opt.add_argument("--clip-grad", type=float, default=_OPT.clip_grad)
     opt.add_argument("--adam-beta1", type=float, default=_OPT.adam_beta1)
@@ -95,7 +111,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
     ckpt = parser.add_argument_group("checkpointing")
     ckpt.add_argument("--save", default=None, help="checkpoint directory")
-    ckpt.add_argument("--load", default=None, help="resume from the latest complete checkpoint here")
+    ckpt.add_argument("--load", default=None,
+                      help="resume from the latest complete checkpoint here (one that fails to load is skipped, "
+                           "with a warning, for the one before it)")
+    ckpt.add_argument("--ckpt-step", type=int, default=None,
+                      help="the iteration to start from (of --load, else of --pretrained-checkpoint; default: latest)")
     ckpt.add_argument("--pretrained-checkpoint", default=None,
                       help="start from this checkpoint's model weights (e.g. one made by `focusft convert "
                            "import-hf`) when --load holds no checkpoint: fresh optimizer and schedule, iteration "
@@ -106,6 +126,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     ckpt.add_argument("--save-interval", type=int, default=None)
     ckpt.add_argument("--exit-interval", type=int, default=None,
                       help="stop after an iteration that is a multiple of this (saving first when --save is set)")
+    ckpt.add_argument("--exit-signal-handler", action="store_true",
+                      help="on SIGTERM, finish the iteration, save a checkpoint (with --save) and exit; without it "
+                           "SIGINT and SIGTERM stop at once, keeping the last complete checkpoint")
 
     log = parser.add_argument_group("logging")
     log.add_argument("--log-interval", type=int, default=1)
@@ -122,13 +145,17 @@ def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     args = parser.parse_args(argv)
     try:
         validate_training_args(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a --data-path that does not exist
         parser.error(str(exc))
     return args
 
 
 def validate_training_args(args: argparse.Namespace) -> None:
-    """Reject settings this build cannot run, before any process group or model exists."""
+    """Reject settings this build cannot run, before any process group, model or data exists.
+
+    Reads only the flags, the environment (torchrun's WORLD_SIZE: the data-parallel size follows
+    from it) and whether CUDA is present; a checkpoint's shape is checked later (starting_point).
+    """
     if args.pipeline_model_parallel_size < 1:
         raise ValueError(f"--pipeline-model-parallel-size must be >= 1, got {args.pipeline_model_parallel_size}")
     uneven = [flag for flag in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
@@ -141,10 +168,14 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if args.sequence_parallel and args.context_parallel_size == 1 and args.seq_length % args.tensor_model_parallel_size:
         raise ValueError(f"--sequence-parallel: --seq-length {args.seq_length} must be a multiple of "
                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
-    if args.context_parallel_size > 1 and attention_backend(args.attention_backend).cp_path is None:
+    backend = attention_backend(args.attention_backend)
+    if args.context_parallel_size > 1 and backend.cp_path is None:
         capable = " or ".join(context_parallel_backend_names())
         raise ValueError(f"--context-parallel-size > 1 needs --attention-backend {capable} "
                          f"({args.attention_backend} has no CP path for segment masks)")
+    if not backend.cpu_backward and not torch.cuda.is_available():
+        raise ValueError(f"--attention-backend {args.attention_backend} has no backward pass on the CPU and no CUDA "
+                         f"device is present: train on the CPU with --attention-backend sdpa")
     if args.context_parallel_size > 1 and args.attention_metrics_interval:
         raise ValueError("--attention-metrics-interval is not supported with --context-parallel-size > 1 yet")
     if args.recompute_granularity == "full" and (args.recompute_method is None or not args.recompute_num_layers):
@@ -156,12 +187,75 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ValueError("give --data-path FILE [FILE ...] (chat JSONL/Parquet) or --mock-data")
     if args.mock_data and args.data_path:
         raise ValueError("--mock-data and --data-path are exclusive")
+    if args.data_path:
+        for path in DataBlend.parse(args.data_path).paths:
+            data_files(path)  # exists, and is a directory of data files or one with a known suffix
     for name in ("train_iters", "seq_length", "micro_batch_size", "log_interval"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _validate_batch(args)
+    _validate_schedule(args)
+    _validate_positions(args)
     if args.finetune and not (args.pretrained_checkpoint or args.load):
         raise ValueError("--finetune needs --pretrained-checkpoint DIR (or --load DIR) to take the weights from")
+    if args.ckpt_step is not None and not (args.load or args.pretrained_checkpoint):
+        raise ValueError("--ckpt-step needs --load DIR or --pretrained-checkpoint DIR")
+    if args.ckpt_step is not None and args.ckpt_step < 0:
+        raise ValueError(f"--ckpt-step must be >= 0, got {args.ckpt_step}")
     if args.rope_scaling_factor is not None and not args.use_rope_scaling:
         raise ValueError("--rope-scaling-factor needs --use-rope-scaling")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save DIR")
+    METHODS[args.training_mode].validate(args)
+
+
+def _validate_batch(args: argparse.Namespace) -> None:
+    """The global batch splits into micro-batches over the data-parallel ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"WORLD_SIZE {world} is not a multiple of --tensor-model-parallel-size x "
+                         f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}")
+    dp = world // model_parallel
+    if args.global_batch_size is not None and (args.global_batch_size < 1
+                                               or args.global_batch_size % (args.micro_batch_size * dp)):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not a positive multiple of "
+                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp} (WORLD_SIZE {world} "
+                         f"/ model-parallel size {model_parallel})")
+
+
+def _validate_schedule(args: argparse.Namespace) -> None:
+    """What megatron-core's optimizer and OptimizerParamScheduler assert, as flag errors."""
+    for name in ("lr", "min_lr", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    if args.lr_decay_iters is not None and args.lr_decay_iters < 1:
+        raise ValueError(f"--lr-decay-iters must be >= 1, got {args.lr_decay_iters}")
+    if args.lr_warmup_iters < 0:
+        raise ValueError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
+    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction < 1:
+        raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
+    if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
+        raise ValueError("give --lr-warmup-iters or --lr-warmup-fraction, not both")
+    schedule = LrSchedule.from_args(args)
+    if schedule.warmup_steps >= schedule.decay_steps:
+        decay = (f"--lr-decay-iters {args.lr_decay_iters}" if args.lr_decay_iters
+                 else f"--train-iters {args.train_iters}")
+        raise ValueError(f"the warmup ({schedule.warmup_steps} iterations) must be shorter than the decay ({decay})")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ValueError(f"{OVERRIDE_FLAG} and {USE_CHECKPOINT_FLAG} are exclusive")
+
+
+def _validate_positions(args: argparse.Namespace) -> None:
+    """--seq-length fits the position limit, when it is known before a checkpoint is read."""
+    if args.max_position_embeddings is not None:
+        limit, where = args.max_position_embeddings, "--max-position-embeddings"
+    elif not (args.load or args.pretrained_checkpoint):
+        preset = args.model_preset or DEFAULT_PRESET
+        limit, where = get_preset(preset).max_position_embeddings, f"the {preset} preset's max_position_embeddings"
+    else:
+        return  # the checkpoint's shape decides (starting_point checks it)
+    if args.seq_length > limit:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds {where} {limit}")

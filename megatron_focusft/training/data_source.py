@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from megatron_focusft.data.batch import SegmentBatch, make_batch
+from megatron_focusft.data.blend import DataBlend
 from megatron_focusft.data.chat import ChatSamples
 from megatron_focusft.data.packing import PackingConfig, micro_batches, pack_chats
 from megatron_focusft.data.synthetic import RetrievalPacker, RetrievalTaskConfig
@@ -18,19 +19,23 @@ def _to(batch: SegmentBatch, device: torch.device) -> SegmentBatch:
 
 
 class ChatDataSource:
-    """Packed chat samples, epoch after epoch (a new seeded shuffle each epoch).
+    """Packed chat samples, epoch after epoch (a new seeded shuffle each epoch; with a weighted
+    blend, a new seeded draw from its paths, data/blend.py).
 
     Position: (epoch, micro-batches consumed in it); restoring repacks that epoch and skips ahead.
     """
 
     def __init__(self, samples: ChatSamples, config: PackingConfig, dp_rank: int, dp_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, blend: DataBlend | None = None) -> None:
         self.samples, self.config, self.dp_rank, self.dp_size, self.device = samples, config, dp_rank, dp_size, device
+        self.blend = blend if blend is not None and blend.weights is not None else None
+        self._groups = self.blend.sample_groups(samples) if self.blend is not None else None
         self.epoch, self.consumed = 0, 0
         self._stream: Iterator[SegmentBatch] | None = None
 
     def _open(self) -> Iterator[SegmentBatch]:
-        packed = pack_chats(self.samples, self.config, self.epoch)
+        drawn = self.blend.epoch_indices(self._groups, self.config.seed, self.epoch) if self.blend else None
+        packed = pack_chats(self.samples, self.config, self.epoch, drawn)
         stream = micro_batches(packed, self.config, dp_rank=self.dp_rank, dp_size=self.dp_size)
         for _ in range(self.consumed):
             next(stream)

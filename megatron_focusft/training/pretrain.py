@@ -2,8 +2,14 @@
 
 One iteration = `global_batch_size / (micro_batch_size * DP)` micro-batches through Megatron's
 schedule with the FocuSFT forward step (or the plain SFT one), an optimizer step and an LR
-scheduler step. Console progress every `--log-interval`, TensorBoard every iteration; under
-pipeline parallelism also each stage's busy time (engine/pipeline.py).
+scheduler step. Console progress every `--log-interval` (training/progress.py), TensorBoard every
+iteration; under pipeline parallelism also each stage's busy time (engine/pipeline.py).
+
+Faults: every flag is checked before anything starts (arguments.py); `--save` is checked writable
+with room for one checkpoint before the first iteration; SIGINT / SIGTERM stop the run at once
+with one line naming the latest checkpoint, or with `--exit-signal-handler` save first
+(interrupts.py). `main` turns the errors it expects (checkpoint, --save, interruption) into one
+line on stderr and an exit code.
 """
 
 from __future__ import annotations
@@ -11,15 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from megatron_focusft.engine.checkpoint import CheckpointError, CheckpointSaveError, latest_checkpoint
+from megatron_focusft.engine.disk_space import SaveDirError, check_save_dir, checkpoint_bytes
 from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.runtime import megatron_session
 from megatron_focusft.training.arguments import parse_training_args
+from megatron_focusft.training.interrupts import SignalHandling, TrainingInterrupted
+from megatron_focusft.training.lr_schedule import LrSchedule, ResumedSchedule, resume_schedule
+from megatron_focusft.training.progress import attention_line, progress_line
 
 # bf16 dense peak FLOP/s by device name fragment, for MFU (others: MFU not reported).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -35,6 +49,7 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
         task = RetrievalTaskConfig.fitting(args.seq_length, vocab_size=preset.vocab_size)
         seed = (args.seed + seed_offset) * 1000 + dp_rank
         return MockDataSource(task, args.seq_length, args.micro_batch_size, seed, mask_kind, device)
+    from megatron_focusft.data.blend import DataBlend
     from megatron_focusft.data.chat import ChatDataConfig, load_chat_samples
     from megatron_focusft.data.packing import PackingConfig
     from megatron_focusft.data.tokenizer import load_chat_tokenizer
@@ -43,21 +58,26 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
     if tokenizer.vocab_size > preset.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{preset.vocab_size}: set --vocab-size >= {tokenizer.vocab_size}")
-    samples = load_chat_samples(ChatDataConfig(tuple(args.data_path), args.seq_length, args.bad_sample_policy,
+    blend = DataBlend.parse(args.data_path)
+    samples = load_chat_samples(ChatDataConfig(blend.paths, args.seq_length, args.bad_sample_policy,
                                                args.data_cache_dir), tokenizer, log=log if seed_offset == 0 else None)
     packing = PackingConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                             seed=args.seed + seed_offset, mask_kind=mask_kind)
-    return ChatDataSource(samples, packing, dp_rank, dp_size, device)
+    return ChatDataSource(samples, packing, dp_rank, dp_size, device, blend)
 
 
-# Settings a resumed run must share with the run that saved the checkpoint.
-# (and the method's own: TrainingMethod.resume_keys).
+# Settings a resumed run must share with the run that saved the checkpoint
+# (and the method's own: TrainingMethod.resume_keys). --train-iters may change (the LR schedule
+# rules of lr_schedule.py decide what that does).
 _RESUME_KEYS = ("training_mode", "seq_length", "micro_batch_size", "global_batch_size", "mock_data", "data_path",
-                "seed", "train_iters")
+                "seed")
+# Stats that are this rank's share of an iteration's total: summed over the data-parallel ranks.
+_SUMMED = ("real_tokens",)
 
 
 def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
-    """Token-mean loss over data- and context-parallel ranks; other stats averaged over those ranks."""
+    """Token-mean loss over data- and context-parallel ranks; _SUMMED stats summed, other stats
+    averaged over those ranks."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -74,7 +94,7 @@ def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
     n = dist.get_world_size(group)
     out = {"loss": float(values[0] / values[1].clamp(min=1)), "num_tokens": int(values[1]),
            "grad_norm": stats["grad_norm"]}
-    out.update({k: float(v) / n for k, v in zip(keys, values[2:].tolist())})
+    out.update({k: float(v) if k in _SUMMED else float(v) / n for k, v in zip(keys, values[2:].tolist())})
     return out
 
 
@@ -102,19 +122,69 @@ def _mfu(tokens_per_s: float, n_params: int, device: torch.device) -> float | No
     return None if peak is None else 6 * n_params * tokens_per_s / (peak * dist.get_world_size())
 
 
+@dataclass
+class _Position:
+    """Where a run is, for the line an interruption prints."""
+
+    phase: str = "setup"  # "setup" | "training" | "saving"
+    iteration: int = 0
+
+
 def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Train; returns a summary (losses per iteration, settings). Rank 0 logs and writes TensorBoard.
 
     on_finish(model) is called with the trained (DDP-wrapped) model before the process group and
-    parallel state are torn down, e.g. to evaluate it.
+    parallel state are torn down, e.g. to evaluate it. A SIGINT or SIGTERM (without
+    --exit-signal-handler) raises TrainingInterrupted after one line naming the latest checkpoint.
     """
+    position = _Position()
+    with SignalHandling(args.exit_signal_handler) as signals:
+        try:
+            return _train(args, on_finish, signals, position)
+        except TrainingInterrupted as interrupt:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(_interrupted_line(interrupt, position, args.save), flush=True)
+            raise
+
+
+def _interrupted_line(interrupt: TrainingInterrupted, position: _Position, save_dir: str | None) -> str:
+    """One line: when the signal came and which checkpoint is the latest on disk now."""
+    latest = latest_checkpoint(save_dir)[0] if save_dir is not None and os.path.isdir(save_dir) else None
+    where = {"setup": "during setup", "training": f"during iteration {position.iteration}",
+             "saving": f"while saving iteration {position.iteration} (that save "
+                       f"{'completed' if latest == position.iteration else 'was discarded'})"}[position.phase]
+    if save_dir is None:
+        saved = "nothing was saved (no --save)"
+    else:
+        saved = (f"the latest checkpoint in {save_dir} is iteration {latest}" if latest is not None
+                 else f"no checkpoint in {save_dir}")
+    return f"{interrupt} {where}: {saved}"
+
+
+def _agree_on_rank0(check: Callable[[], None]) -> None:
+    """Run `check` on rank 0 and raise its SaveDirError on every rank (no rank left in a collective)."""
+    import torch.distributed as dist
+
+    box: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            check()
+        except SaveDirError as error:
+            box = [str(error)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise SaveDirError(box[0])
+
+
+def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, signals: SignalHandling,
+           position: _Position) -> dict[str, Any]:
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from megatron_focusft.analysis.attention_metrics import attention_metrics
     from megatron_focusft.attention.backends import attention_backend
     from megatron_focusft.data.cp_split import split_batch_for_cp
+    from megatron_focusft.engine.checkpoint import copy_model_assets, load_checkpoint, save_checkpoint
     from megatron_focusft.engine.pipeline import collect_stage_times, format_stage_times, schedule_timers
     from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from megatron_focusft.engine.train_step import train_step
@@ -127,13 +197,17 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         log = print if rank == 0 else (lambda *a, **k: None)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         global_batch = args.global_batch_size or args.micro_batch_size * dp_size
-        if global_batch % (args.micro_batch_size * dp_size):
-            raise ValueError(f"--global-batch-size {global_batch} is not a multiple of --micro-batch-size "
-                             f"{args.micro_batch_size} x data-parallel size {dp_size}")
-        num_micro_batches = global_batch // (args.micro_batch_size * dp_size)
+        num_micro_batches = global_batch // (args.micro_batch_size * dp_size)  # a multiple: arguments.py
         start = starting_point(args)
         for note in start.notes:
             log(f"model shape: {note}")
+        schedule = ResumedSchedule(LrSchedule.from_args(args))
+        if start.resume_from and start.checkpoint.scheduler is not None:
+            # Before anything is built: a schedule the flags do not say how to treat is refused here.
+            schedule = resume_schedule(schedule.build, LrSchedule.from_state(start.checkpoint.scheduler),
+                                       args.override_opt_param_scheduler, args.use_checkpoint_opt_param_scheduler)
+        if schedule.note:
+            log(schedule.note)
         preset = start.shape
         method = METHODS[args.training_mode]
         needs = method.model(args)
@@ -149,15 +223,15 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()
+        n_params = _count_parameters(model)
+        if args.save:
+            needed = checkpoint_bytes(n_params, model_config.params_dtype)
+            _agree_on_rank0(lambda: check_save_dir(args.save, needed))
+        built = schedule.build
         optimizer = build_optimizer(model, OptimizerSetup(
-            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            lr=built.max_lr, min_lr=built.min_lr, weight_decay=built.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
-        warmup = args.lr_warmup_iters or int((args.lr_warmup_fraction or 0.0) * args.train_iters)
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0 if warmup else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-            lr_warmup_steps=warmup, lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
-            start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
-            wd_incr_style="constant")
+        scheduler = built.build(optimizer)
         mask_kind = needs.mask_kind
         data = _build_data(args, preset, mask_kind, dp_rank, dp_size, device, log)
         probe = _build_data(args, preset, mask_kind, 0, 1, device, log, seed_offset=7919).next_micro_batch()
@@ -175,12 +249,12 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             # Every CP rank of a data-parallel group reads the same rows and keeps its chunks.
             return split_batch_for_cp(batch, cp, cp_rank, chunk_multiple=chunk_multiple)
 
-        n_params = _count_parameters(model)
         writer = None
         if args.tensorboard_dir and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(args.tensorboard_dir)
+            log(f"TensorBoard: {os.path.abspath(args.tensorboard_dir)}")
         tokens_per_iter = global_batch * args.seq_length
         log(f"training {args.training_mode} ({'mask ' + mask_kind}): {preset.num_layers} layers, "
             f"{n_params / 1e6:.1f}M params, TP {args.tensor_model_parallel_size}"
@@ -190,41 +264,61 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
             f"{args.train_iters} iterations")
 
-        from megatron_focusft.engine.checkpoint import copy_model_assets, load_checkpoint, save_checkpoint
-
         def resume_state() -> dict[str, Any]:
             return {"data": data.state_dict()}
 
         start_iteration = 0
         if start.resume_from:
             start_iteration, extra = load_checkpoint(start.resume_from, model, optimizer, scheduler,
-                                                     run_config=run_config)
+                                                     run_config=run_config, iteration=args.ckpt_step)
+            if schedule.after_load is not None:
+                schedule.after_load.apply(scheduler, optimizer)
             data.load_state_dict(extra["data"])
             run.resume(start_iteration * num_micro_batches)
             log(f"resumed from {start.resume_from} at iteration {start_iteration}")
         elif start.weights_from:
-            loaded_iteration, _ = load_checkpoint(start.weights_from, model, None, None, restore_rng=False)
+            loaded_iteration, _ = load_checkpoint(start.weights_from, model, None, None, iteration=args.ckpt_step,
+                                                  restore_rng=False)
             log(f"fine-tuning from the model weights of {start.weights_from} (its iteration {loaded_iteration}): "
                 f"fresh optimizer and schedule, iteration 0")
         elif args.load:
             log(f"no checkpoint in {args.load}: starting from scratch")
         # Files that travel with the model (tokenizer, source HF config) go with its checkpoints.
         asset_source = args.tokenizer_model or start.weights_from or start.resume_from
+
+        def save(iteration: int) -> None:
+            position.phase = "saving"
+            t0 = time.perf_counter()
+            save_checkpoint(args.save, iteration, model, optimizer, scheduler, resume_state(), run_config=run_config)
+            if rank == 0 and asset_source:
+                copy_model_assets(asset_source, args.save)
+            position.phase = "training"
+            log(f"saved checkpoint of iteration {iteration} to {args.save} ({time.perf_counter() - t0:.2f} s)")
+
         losses: list[float] = []
         history: list[dict[str, float]] = []
         t_start = time.perf_counter()
+        position.phase = "training"
         for iteration in range(start_iteration + 1, args.train_iters + 1):
+            position.iteration = iteration
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            stats = _dp_mean(train_step(model, optimizer, [next_micro_batch() for _ in range(num_micro_batches)],
-                                        run.forward_step))
+            micro_batches = [next_micro_batch() for _ in range(num_micro_batches)]
+            stats = train_step(model, optimizer, micro_batches, run.forward_step)
+            # Sample tokens (doc_ids >= 0): this rank's share, summed over the data-parallel ranks.
+            stats["real_tokens"] = float(sum(int((b.doc_ids >= 0).sum()) for b in micro_batches))
+            stats = _dp_mean(stats)
             scheduler.step(increment=1)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             if not math.isfinite(stats["loss"]):
                 raise FloatingPointError(f"iteration {iteration}: lm loss is {stats['loss']}")
-            stats.update({"learning_rate": lr, "tokens_per_s": tokens_per_iter / dt, "iteration_s": dt})
+            if "inner_skipped_steps" in stats:
+                # train_step's mean per micro-batch (and _dp_mean's over the ranks) -> the iteration's total.
+                stats["inner_skipped_steps"] = round(stats["inner_skipped_steps"] * num_micro_batches * dp_size)
+            stats.update({"learning_rate": lr, "tokens_per_s": tokens_per_iter / dt,
+                          "real_tokens_per_s": stats.pop("real_tokens") / dt, "iteration_s": dt})
             mfu = _mfu(stats["tokens_per_s"], n_params, device)
             if mfu is not None:
                 stats["mfu"] = mfu
@@ -240,22 +334,25 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
                 for key, value in stats.items():
                     writer.add_scalar(key if "/" in key else f"train/{key}", value, iteration)
             if logged:
-                done = iteration - start_iteration
-                eta = (time.perf_counter() - t_start) / done * (args.train_iters - iteration)
-                inner = (f" | inner {stats['inner_loss_before']:.4f} -> {stats['inner_loss_after']:.4f}"
-                         if "inner_loss_before" in stats else "")
-                log(f"[{100 * iteration / args.train_iters:5.1f}%] iteration {iteration:>6}/{args.train_iters} | "
-                    f"lm loss {stats['loss']:.4f}{inner} | lr {lr:.3e} | grad norm {stats['grad_norm']:.3f} | "
-                    f"{stats['tokens_per_s']:,.0f} tok/s | {dt:.2f} s/it | ETA {eta:,.0f} s", flush=True)
+                eta = (time.perf_counter() - t_start) / (iteration - start_iteration) * (args.train_iters - iteration)
+                log(progress_line(iteration, args.train_iters, stats, eta), flush=True)
                 if stage_times:
                     log(f"    pipeline: {format_stage_times(stage_times)}", flush=True)
+            probe_line = attention_line(iteration, stats)
+            if probe_line is not None:
+                log(probe_line, flush=True)
             exiting = args.exit_interval is not None and iteration % args.exit_interval == 0
             last = iteration == args.train_iters
-            if args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or last):
-                save_checkpoint(args.save, iteration, model, optimizer, scheduler, resume_state(), run_config=run_config)
-                if rank == 0 and asset_source:
-                    copy_model_assets(asset_source, args.save)
-                log(f"saved checkpoint of iteration {iteration} to {args.save}")
+            saving = args.save and ((args.save_interval and iteration % args.save_interval == 0) or exiting or last)
+            if saving:
+                save(iteration)
+            if args.exit_signal_handler and signals.stop_requested(device):
+                if args.save and not saving:
+                    save(iteration)
+                log(f"SIGTERM received: stopping after iteration {iteration}; "
+                    + (f"the latest checkpoint in {args.save} is iteration {iteration}" if args.save
+                       else "nothing was saved (no --save)"), flush=True)
+                break
             if exiting and not last:
                 log(f"exit interval reached at iteration {iteration}")
                 break
@@ -267,11 +364,19 @@ def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point: flag errors exit 2 (argparse); the errors a run reports to its user
+    (checkpoints, --save, data, flags against a checkpoint: ValueError, and a non-finite loss)
+    print one line and exit 1; an interruption exits 128 + its signal (the line saying what was
+    saved is printed already)."""
     args = parse_training_args(argv)
-    summary = pretrain(args)
+    try:
+        summary = pretrain(args)
+    except TrainingInterrupted as interrupt:
+        return interrupt.exit_code
+    except (CheckpointError, CheckpointSaveError, SaveDirError, ValueError, FloatingPointError) as error:
+        print(f"pretrain_focusft.py: error: {error}", file=sys.stderr, flush=True)
+        return 1
     if args.tensorboard_dir:
-        import os
-
         os.makedirs(args.tensorboard_dir, exist_ok=True)
         with open(os.path.join(args.tensorboard_dir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=1, default=str)

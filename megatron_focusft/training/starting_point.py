@@ -4,9 +4,10 @@
 Resume: `--load` holds a checkpoint (and `--finetune` does not ask for its weights alone).
 Fine-tune: otherwise `--pretrained-checkpoint`'s weights, or with `--finetune` those of
 `--load`; iteration 0, fresh optimizer and schedule. So one command starts a fine-tuning run
-and, re-run after a stop, resumes it. A checkpoint's recorded shape is the model's shape: a
-shape flag that disagrees with it is an error naming both values; RoPE, norm-epsilon and
-position-limit flags override it (they change the arithmetic, not the weights).
+and, re-run after a stop, resumes it. `--ckpt-step N` picks the iteration of either. A
+checkpoint's recorded shape is the model's shape: a shape flag that disagrees with it is an
+error naming both values; RoPE, norm-epsilon and position-limit flags override it (they change
+the arithmetic, not the weights); --seq-length must fit the position limit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_focusft.engine.checkpoint import CheckpointError, read_checkpoint_info
+from megatron_focusft.engine.checkpoint import CheckpointError, CheckpointInfo, latest_checkpoint, read_checkpoint_info
 from megatron_focusft.models.presets import Llama3RopeScaling, ModelPreset, get_preset
 
 # flag dest -> ModelPreset field
@@ -34,6 +35,7 @@ class StartingPoint:
     resume_from: str | None = None  # a --load directory to resume (full state)
     weights_from: str | None = None  # a checkpoint to take the model weights from
     notes: tuple[str, ...] = ()
+    checkpoint: CheckpointInfo | None = None  # what the checkpoint started from says about itself
 
 
 def _flag(dest: str) -> str:
@@ -79,17 +81,31 @@ def _checkpoint_shape(args: argparse.Namespace, path: str, shape: ModelPreset) -
 
 
 def starting_point(args: argparse.Namespace) -> StartingPoint:
-    """Read-only (no collective): every rank computes the same answer from the same files."""
-    resumable = read_checkpoint_info(args.load) if args.load else None
+    """Read-only (no collective): every rank computes the same answer from the same files.
+
+    `--ckpt-step` names the iteration of the checkpoint the run starts from: --load's when it
+    holds checkpoints, else the fine-tuning source's.
+    """
+    own = bool(args.load) and latest_checkpoint(args.load)[0] is not None
+    resumable = read_checkpoint_info(args.load, args.ckpt_step) if own else None
     if resumable is not None and not (args.finetune and not args.pretrained_checkpoint):
         shape, notes = _checkpoint_shape(args, args.load, resumable.shape)
-        return StartingPoint(shape, resume_from=args.load, notes=tuple(notes))
+        return _fitting(StartingPoint(shape, resume_from=args.load, notes=tuple(notes), checkpoint=resumable), args)
     source = args.pretrained_checkpoint or (args.load if args.finetune else None)
     if source is None:
-        return StartingPoint(_with_flags(get_preset(args.model_preset or DEFAULT_PRESET), args))
-    info = read_checkpoint_info(source)
+        if args.ckpt_step is not None:
+            raise CheckpointError(f"--ckpt-step {args.ckpt_step}: --load {args.load} holds no checkpoint")
+        return _fitting(StartingPoint(_with_flags(get_preset(args.model_preset or DEFAULT_PRESET), args)), args)
+    info = read_checkpoint_info(source, args.ckpt_step)
     if info is None:
         raise CheckpointError(f"--pretrained-checkpoint {source} holds no complete checkpoint"
                               if source == args.pretrained_checkpoint else f"--load {source} holds no checkpoint")
     shape, notes = _checkpoint_shape(args, source, info.shape)
-    return StartingPoint(shape, weights_from=source, notes=tuple(notes))
+    return _fitting(StartingPoint(shape, weights_from=source, notes=tuple(notes), checkpoint=info), args)
+
+
+def _fitting(start: StartingPoint, args: argparse.Namespace) -> StartingPoint:
+    if args.seq_length > start.shape.max_position_embeddings:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+                         f"{start.shape.max_position_embeddings} (set --max-position-embeddings to raise it)")
+    return start

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_focusft.attention.backends import (
     AttentionBackend,
@@ -30,10 +31,21 @@ def test_unknown_and_duplicate_backends_are_refused():
         register_attention_backend(AttentionBackend("sdpa", "x:y", None, 1, False, ""))
 
 
-def test_training_flags_take_their_choices_and_cp_support_from_the_registry(capsys):
+def test_training_flags_take_their_choices_cp_and_cpu_support_from_the_registry(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name in attention_backend_names():
         assert parse_training_args(["--train-iters", "1", "--mock-data", "--attention-backend", name]).attention_backend == name
     with pytest.raises(SystemExit):
         parse_training_args(["--train-iters", "1", "--mock-data", "--attention-backend", "te",
                              "--context-parallel-size", "2"])
     assert "needs --attention-backend sdpa or flex (te has no CP path" in capsys.readouterr().err
+    # Without CUDA only the backends with a CPU backward can train.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in attention_backend_names():
+        argv = ["--train-iters", "1", "--mock-data", "--attention-backend", name]
+        if attention_backend(name).cpu_backward:
+            assert parse_training_args(argv).attention_backend == name
+        else:
+            with pytest.raises(SystemExit):
+                parse_training_args(argv)
+            assert f"--attention-backend {name} has no backward pass on the CPU" in capsys.readouterr().err

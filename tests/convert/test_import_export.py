@@ -72,9 +72,6 @@ def _tp1(hf_dir: str, ckpt: str, export_dir: str) -> torch.Tensor:
 
 
 def _tp2(hf_dir: str, ckpt: str) -> torch.Tensor:
-    from tests.helpers.distributed import allow_child_processes
-
-    allow_child_processes()
     _import(hf_dir, ckpt, tp=2)
     return megatron_logits(_load(ckpt, tp=2), TOKENS)
 

@@ -143,6 +143,37 @@ def test_one_bad_row_does_not_change_the_others(jsonl) -> None:
     assert TOK.decode(samples.sample(0)[0].tolist()) == "<bos><user>42<end><assistant>{}<end>"
 
 
+def test_bytes_that_are_not_utf8_are_a_bad_row_with_its_number(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    # "café" in Latin-1: the é is the single byte 0xe9, not UTF-8's c3 a9.
+    bad = json.dumps(chat(("user", "caf\u00e9"), ("assistant", "ok")), ensure_ascii=False).encode("latin-1")
+    path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), bad, json.dumps(GOOD).encode()]) + b"\n")
+    with pytest.raises(BadSampleError, match=rf"{path}, row 2: malformed: not UTF-8 text: byte 0xe9 at byte "
+                                             rf"{bad.index(b'\xe9') + 1} of the line"):
+        load_chat_samples(config(str(path)), TOK, log=None)
+    samples = load_chat_samples(config(str(path), "skip"), TOK, log=None)
+    assert len(samples) == 2 and samples.summary.skipped == {"malformed": 1}
+    assert samples.summary.first_skipped["malformed"].startswith(f"{path}, row 2: not UTF-8 text")
+
+
+def test_a_directory_is_its_data_files_and_a_file_needs_a_suffix(tmp_path: Path) -> None:
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    write_parquet(folder / "b.parquet", [GOOD])
+    (folder / "a.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    (folder / "notes.txt").write_text("not data")
+    samples = load_chat_samples(config(str(folder)), TOK, log=None)
+    assert samples.files == (str(folder / "a.jsonl"), str(folder / "b.parquet")) and len(samples) == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=rf"directory {empty} holds no chat data files \(.jsonl, .ndjson, .json, "
+                                         rf".parquet\)"):
+        load_chat_samples(config(str(empty)), TOK, log=None)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'chats_export'}: a data file without a suffix; name it for "
+                                         rf"its format, JSON Lines \(.jsonl, .ndjson, .json\) or Parquet \(.parquet\)"):
+        config(str(tmp_path / "chats_export"))
+
+
 def test_utf8_bom_and_crlf(tmp_path: Path) -> None:
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n" + json.dumps(GOOD).encode() + b"\r\n")

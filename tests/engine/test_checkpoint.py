@@ -4,7 +4,12 @@ are crash-safe (marker + tracker), bad checkpoints give clear errors, fast weigh
 from __future__ import annotations
 
 import copy
+import errno
+import functools
+import os
 import random
+import re
+import shutil
 
 import pytest
 import torch
@@ -21,7 +26,6 @@ from megatron_focusft.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tests.helpers.distributed import allow_child_processes
 from tests.helpers.noise_band import assert_curve_within, measured_band, perturb_by_one_ulp
 
 SEQ = 64
@@ -96,7 +100,6 @@ def _resume_vs_uninterrupted(save_dir: str, tp: int) -> dict:
     """On every rank. Uninterrupted: 6 steps, with a save after step 3 that is checked to leave
     every state untouched (so the curve is that of a run without it). Resumed: a model from
     another seed, RNGs scrambled, load, steps 4-6."""
-    allow_child_processes()
     model, optimizer, scheduler = _setup(seed=1, tp=tp)
     packer = _packer()
     full = _train(model, optimizer, scheduler, packer, STEPS // 2)
@@ -172,19 +175,32 @@ def _boom(*args, **kwargs):
     raise Killed
 
 
+def _killed_outright_at(patch: pytest.MonkeyPatch, step: str) -> None:
+    """The process dies at `step` of a save without running any cleanup (kill -9)."""
+    patch.setattr(checkpoint, step, _boom)
+    patch.setattr(checkpoint, "_remove_checkpoint_dir", lambda directory: None)
+
+
 def test_crash_before_marker_leaves_previous_checkpoint(trained, tmp_path, monkeypatch, capsys):
     model, optimizer, scheduler = trained
     save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
     with monkeypatch.context() as m:
-        # Killed after every rank wrote its data files, before the marker and the tracker.
+        # Interrupted after every rank wrote its data files, before the marker and the tracker:
+        # the save removes its partial directory on the way out.
         m.setattr(checkpoint, "_write_marker", _boom)
+        with pytest.raises(Killed):
+            save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"at": 6})
+    assert not iteration_dir(tmp_path, 6).exists()
+    assert (tmp_path / TRACKER_FILE).read_text().strip() == "3"
+    assert load_checkpoint(tmp_path, model, optimizer, scheduler) == (3, {"at": 3})
+
+    # A process killed outright (kill -9) runs no cleanup: its data files stay, unmarked.
+    with monkeypatch.context() as m:
+        _killed_outright_at(m, "_write_marker")
         with pytest.raises(Killed):
             save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"at": 6})
     partial = iteration_dir(tmp_path, 6)
     assert any(partial.glob("*.distcp")) and not (partial / MARKER_FILE).exists()
-    assert (tmp_path / TRACKER_FILE).read_text().strip() == "3"
-    assert load_checkpoint(tmp_path, model, optimizer, scheduler) == (3, {"at": 3})
-
     # An unmarked directory is never loaded: asked for by name ...
     with pytest.raises(CheckpointError, match=r"iter_0000006 is missing or incomplete"):
         load_checkpoint(tmp_path, model, optimizer, scheduler, iteration=6)
@@ -199,11 +215,32 @@ def test_crash_before_marker_leaves_previous_checkpoint(trained, tmp_path, monke
     assert f"no {TRACKER_FILE}" in capsys.readouterr().out
 
 
+def test_an_interrupt_torch_wraps_stays_an_interrupt(trained, tmp_path, monkeypatch):
+    # torch's DCP catches BaseException in its collectives and re-raises a CheckpointException:
+    # a signal raised as an exception during planning must still end the run as an interrupt,
+    # not as a failed save or a damaged checkpoint to fall back from.
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner, MCoreSavePlanner
+
+    model, optimizer, scheduler = trained
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
+    save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {"at": 4})
+    with monkeypatch.context() as m:
+        m.setattr(MCoreSavePlanner, "create_local_plan", _boom)
+        with pytest.raises(Killed):
+            save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"at": 6})
+    assert not iteration_dir(tmp_path, 6).exists()
+    with monkeypatch.context() as m:
+        m.setattr(MCoreLoadPlanner, "create_local_plan", _boom)
+        with pytest.raises(Killed):
+            load_checkpoint(tmp_path, model, optimizer, scheduler)
+    assert load_checkpoint(tmp_path, model, optimizer, scheduler) == (4, {"at": 4})
+
+
 def test_crash_before_tracker_keeps_committed_checkpoint(trained, tmp_path, monkeypatch, capsys):
     model, optimizer, scheduler = trained
     save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
     with monkeypatch.context() as m:
-        m.setattr(checkpoint, "_write_tracker", _boom)
+        _killed_outright_at(m, "_write_tracker")
         with pytest.raises(Killed):
             save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"at": 6})
     assert (iteration_dir(tmp_path, 6) / MARKER_FILE).exists()
@@ -246,11 +283,89 @@ def test_missing_and_bad_checkpoints(trained, tmp_path):
     with pytest.raises(TypeError, match="extra_state must hold only plain Python values"):
         save_checkpoint(tmp_path, 6, model, None, scheduler, {"sampler": object()})
 
-    # A marked checkpoint whose data is damaged: an error naming the directory.
-    data = next(iteration_dir(tmp_path, 5).glob("*.distcp"))
-    data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match=r"checkpoint .*iter_0000005"):
-        load_checkpoint(tmp_path, model, None, scheduler)
+
+
+def test_load_falls_back_past_a_damaged_newest_checkpoint(trained, tmp_path, capsys):
+    model, optimizer, scheduler = trained
+    save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"at": 2})
+    newest = iteration_dir(tmp_path, 4)
+    for damage in ("truncated .distcp", "missing .metadata", "missing .distcp"):
+        save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {"at": 4})
+        data = next(newest.glob("*.distcp"))
+        if damage == "truncated .distcp":
+            data.write_bytes(data.read_bytes()[:1000])
+        else:
+            (newest / ".metadata" if damage == "missing .metadata" else data).unlink()
+        capsys.readouterr()
+        assert load_checkpoint(tmp_path, model, optimizer, scheduler) == (2, {"at": 2}), damage
+        warning = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+        # One line naming the damaged directory, why, and where it falls back to.
+        assert len(warning) == 1 and len(warning[0]) < 400 + 2 * len(str(newest)), warning
+        assert f"{newest} cannot" in warning[0] and warning[0].endswith("falling back to iteration 2"), warning
+        # Asked for by name, the damaged one is an error, not a fallback.
+        with pytest.raises(CheckpointError, match=rf"{newest} cannot"):
+            load_checkpoint(tmp_path, model, optimizer, scheduler, iteration=4)
+    # With nothing older to fall back to, the damage is the error.
+    shutil.rmtree(iteration_dir(tmp_path, 2))
+    with pytest.raises(CheckpointError, match=r"no older complete checkpoint to fall back to"):
+        load_checkpoint(tmp_path, model, optimizer, scheduler)
+
+
+def test_save_starts_no_process(trained, tmp_path, monkeypatch):
+    import psutil
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    model, optimizer, scheduler = trained
+    # As in a fresh process, where megatron-core would start its Manager for the write results.
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    assert {child.pid for child in psutil.Process().children(recursive=True)} <= before
+
+
+def _bytes_under(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_disk_full_during_a_save_is_one_readable_error_and_leaves_the_previous_checkpoint(trained, tmp_path,
+                                                                                         monkeypatch):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_focusft.engine import disk_space
+
+    model, optimizer, scheduler = trained
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, {"at": 3})
+    one_checkpoint = _bytes_under(tmp_path)
+    # The estimate the entry point checks --save against, before training.
+    estimate = disk_space.checkpoint_bytes(sum(p.numel() for p in model.parameters()), torch.float32)
+    assert one_checkpoint <= estimate <= 1.1 * one_checkpoint
+    # A disk with room for half another checkpoint: a write past it fails with ENOSPC, as the
+    # OS's would, and the free space is what the disk has left.
+    capacity = one_checkpoint + one_checkpoint // 2
+    write_item = filesystem_async._write_item
+
+    @functools.wraps(write_item)  # megatron-core reads its signature
+    def write_until_full(*args, **kwargs):
+        result = write_item(*args, **kwargs)
+        stream = args[-4]  # (*transforms, stream, data, write_item, storage_key)
+        stream.flush()
+        if _bytes_under(tmp_path) > capacity:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return result
+
+    monkeypatch.setattr(filesystem_async, "_write_item", write_until_full)
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: max(capacity - _bytes_under(tmp_path), 0))
+    with pytest.raises(checkpoint.CheckpointSaveError) as failure:
+        save_checkpoint(tmp_path, 6, model, optimizer, scheduler, {"at": 6})
+    message = str(failure.value)
+    needed = int(re.search(r"needs about ([\d,]+) bytes", message).group(1).replace(",", ""))
+    assert message.startswith(f"saving the checkpoint of iteration 6 to {iteration_dir(tmp_path, 6)} failed: no space "
+                              f"left on device")
+    assert re.search(r", 0 bytes were free; its partial directory was removed and the checkpoint of iteration 3 "
+                     r"stays the latest$", message), message
+    assert 0.95 * one_checkpoint < needed <= one_checkpoint
+    assert not iteration_dir(tmp_path, 6).exists()
+    assert load_checkpoint(tmp_path, model, optimizer, scheduler) == (3, {"at": 3})
 
 
 def test_keep_last(trained, tmp_path):

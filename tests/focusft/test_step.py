@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from megatron_focusft.data.batch import sample_index_from_doc_ids
@@ -84,16 +87,24 @@ def test_inner_loop_changes_the_loss_and_only_through_fast_weights(single_rank):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_non_finite_inner_steps_are_skipped_and_counted(single_rank):
+@pytest.mark.parametrize("steps, bound, skipped_per_sample", [
+    (3, FocusftConfig().max_update_norm, 3),  # the first update is finite but past the bound
+    (3, math.inf, 2),  # unbounded: the first update is taken, the second step's loss overflows
+    (1, math.inf, 1),  # one finite but absurd update: the outer pass overflows
+], ids=["update-norm-bound", "non-finite-inner-loss", "non-finite-outer-activations"])
+def test_blow_ups_are_caught_counted_and_trained_with_the_initial_fast_weights(single_rank, steps, bound,
+                                                                              skipped_per_sample):
     model = _model()
     batch = random_batch(1, 32, 512, seed=9, max_doc=32)
     initial = _initial(model, batch)
+    parallel = ParallelContext.of(model)
     adapted_samples = int((sample_index_from_doc_ids(batch.doc_ids)[batch.loss_mask.bool()]).unique().numel())
-    # An absurd inner lr overflows fp32 activations after the first update: later steps are NaN/Inf.
-    huge = FocusftConfig(inner_steps=3, inner_lr=1e30, fast_weights=FAST)
-    out = focusft_forward(model, batch, huge, initial, ParallelContext.of(model))
-    assert int(out.inner.skipped.sum()) == 2 * adapted_samples
-    one_step = focusft_forward(model, batch, FocusftConfig(inner_steps=1, inner_lr=1e30, fast_weights=FAST), initial, ParallelContext.of(model))
+    plain = focusft_forward(model, batch, FocusftConfig(inner_steps=0, fast_weights=FAST), initial, parallel)
+    # An absurd inner lr: a clipped gradient of norm 1 moves B by 1e30.
+    out = focusft_forward(model, batch, FocusftConfig(inner_steps=steps, inner_lr=1e30, max_update_norm=bound,
+                                                      fast_weights=FAST), initial, parallel)
+    assert int(out.inner.skipped.sum()) == skipped_per_sample * adapted_samples
     for key, (a, b) in out.inner.adapted.items():
-        assert torch.equal(a, one_step.inner.adapted[key][0]) and torch.equal(b, one_step.inner.adapted[key][1])
-    assert int(one_step.inner.skipped.sum()) == 0
+        assert torch.equal(a, initial[key][0]) and torch.equal(b, initial[key][1]), key
+    assert float(out.update_norm) == 0
+    assert torch.equal(out.per_token_loss, plain.per_token_loss)

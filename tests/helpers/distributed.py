@@ -103,13 +103,3 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
     )
     torch.manual_seed(seed)
-
-
-def allow_child_processes() -> None:
-    """Megatron's checkpoint writer starts one multiprocessing Manager per process (its
-    write-results queue), and multiprocessing forbids daemonic processes, such as the pool's
-    workers, to start children. The pool's close() lets a worker exit normally, which shuts the
-    Manager down."""
-    import multiprocessing
-
-    multiprocessing.current_process().daemon = False

@@ -105,13 +105,6 @@ def _first_loss(argv: list[str]) -> float:
     return pretrain(parse_training_args(argv))["losses"][0]
 
 
-def _first_loss_saving(argv: list[str]) -> float:
-    from tests.helpers.distributed import allow_child_processes
-
-    allow_child_processes()
-    return _first_loss(argv)
-
-
 @pytest.mark.distributed
 def test_finetune_loads_the_weights_at_any_layout(single_rank, worker_pool, imported, tmp_path):
     # Iteration 1's loss is a forward of the loaded weights before any update: sharded runs
@@ -130,7 +123,7 @@ def test_finetune_loads_the_weights_at_any_layout(single_rank, worker_pool, impo
     for name, layout in (("tp2", ["--tensor-model-parallel-size", "2"]), ("pp2", ["--pipeline-model-parallel-size", "2"]),
                          ("cp2", ["--context-parallel-size", "2"])):
         saved = tmp_path / name
-        for loss in worker_pool(2).run(_first_loss_saving, [*argv, *layout, "--save", str(saved)]):
+        for loss in worker_pool(2).run(_first_loss, [*argv, *layout, "--save", str(saved)]):
             assert loss == pytest.approx(single, rel=1e-5), layout
         init_model_parallel()
         export_hf(saved, tmp_path / f"{name}-hf", tokenizer_model=str(hf), log=lambda *a: None)

@@ -28,15 +28,15 @@ def test_flag_defaults_are_the_configs_defaults():
     args = parse_training_args(BASE)
     step, fast, opt = FocusftConfig(), FastWeightConfig(), OptimizerSetup()
     assert (args.focusft_inner_steps, args.focusft_inner_lr, args.focusft_inner_grad_clip,
-            args.focusft_inner_objective) == (step.inner_steps, step.inner_lr, step.inner_grad_clip,
-                                              step.inner_objective)
+            args.focusft_inner_objective, args.focusft_max_update_norm) == (
+        step.inner_steps, step.inner_lr, step.inner_grad_clip, step.inner_objective, step.max_update_norm)
     assert (args.focusft_rank, args.focusft_alpha, args.focusft_layer_fraction, tuple(args.focusft_targets)) == (
         fast.rank, fast.alpha, fast.layer_fraction, fast.targets)
     for field in dataclasses.fields(OptimizerSetup):
         assert getattr(args, field.name) == getattr(opt, field.name), field.name
 
 
-@pytest.mark.parametrize("mode, mask_kind, adapted", [("focusft", "focusft", True), ("sft", "focusft", False)])
+@pytest.mark.parametrize("mode, mask_kind, adapted", [("focusft", "focusft", True), ("sft", "causal", False)])
 def test_a_method_says_what_model_and_mask_it_needs(mode, mask_kind, adapted):
     args = parse_training_args([*BASE, "--training-mode", mode, "--focusft-rank", "8"])
     needs = METHODS[mode].model(args)
@@ -44,5 +44,6 @@ def test_a_method_says_what_model_and_mask_it_needs(mode, mask_kind, adapted):
     assert (needs.fast_weights is not None) == adapted
     if adapted:
         assert needs.fast_weights.rank == 8
-    causal = METHODS["sft"].model(parse_training_args([*BASE, "--training-mode", "sft", "--sft-mask", "causal"]))
-    assert causal.mask_kind == "causal"
+    # The baseline under FocuSFT's mask, without the bilevel step (the demo's SFT run).
+    focusft_mask = METHODS["sft"].model(parse_training_args([*BASE, "--training-mode", "sft", "--sft-mask", "focusft"]))
+    assert focusft_mask.mask_kind == "focusft"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_focusft.cli import main as cli_main
 from megatron_focusft.training.arguments import parse_training_args
+from megatron_focusft.training.lr_schedule import LrSchedule
 from megatron_focusft.training.pretrain import pretrain
 from tests.helpers.noise_band import (
     PERTURBATION_SEEDS,
@@ -205,3 +208,95 @@ def test_resume_refuses_a_different_method(tmp_path: Path):
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
     with pytest.raises(Exception, match="training_mode"):
         pretrain(parse_training_args([*argv, "--load", ckpt, "--training-mode", "sft"]))
+
+
+@pytest.mark.parametrize("inner_lr", ["1e6", "1e15"])
+def test_inner_blow_ups_are_skipped_counted_and_shown_and_the_model_still_learns(tmp_path: Path, inner_lr: str,
+                                                                                 capsys):
+    # An inner lr of 1e6 used to saturate the adapted layers (lm loss exactly ln(vocab), grad
+    # norm 0, nothing skipped) and 1e15 to abort with a NaN loss: the guard skips every such step
+    # and the outer step trains with the initial fast weights.
+    tb = tmp_path / "tb"
+    summary = pretrain(parse_training_args([*BASE, "--mock-data", "--focusft-inner-lr", inner_lr,
+                                            "--tensorboard-dir", str(tb)]))
+    history = summary["history"]
+    # Every sample with targets skips both of its inner steps.
+    assert all(h["inner_skipped_steps"] > 0 and h["inner_skipped_steps"] % 2 == 0 for h in history)
+    assert all(h["fast_weight_update_norm"] == 0 for h in history)
+    assert all(math.isfinite(loss) for loss in summary["losses"])
+    assert abs(summary["losses"][-1] - math.log(512)) > 0.5 and summary["losses"][-1] < summary["losses"][0]
+    assert _scalars(tb)["train/inner_skipped_steps"] == [h["inner_skipped_steps"] for h in history]
+    out = capsys.readouterr().out
+    assert out.count(f"TensorBoard: {tb}") == 1
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    for line, h in zip(progress, history, strict=True):
+        assert f", {h['inner_skipped_steps']} steps skipped |" in line
+        real, padded = re.search(r"\| ([\d,]+) real / ([\d,]+) padded tok/s \|", line).groups()
+        assert 0 < int(real.replace(",", "")) <= int(padded.replace(",", ""))
+
+
+def test_real_tokens_per_second_count_the_samples_only(tmp_path: Path):
+    # One short chat per row of 256 slots: almost everything is padding.
+    data = tmp_path / "short.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    history = pretrain(parse_training_args(["--train-iters", "1", "--seq-length", "256", "--micro-batch-size", "4",
+                                            "--data-path", str(data), "--training-mode", "sft"]))["history"]
+    # Four rows, one of them holding the sample's 7 tokens (<bos> <user> a <end> <assistant> b <end>),
+    # the others the epoch's empty fill.
+    assert history[0]["real_tokens_per_s"] / history[0]["tokens_per_s"] == pytest.approx(7 / (4 * 256))
+
+
+def test_save_dir_is_checked_before_training(tmp_path: Path, monkeypatch, capsys):
+    from megatron_focusft.engine import disk_space
+    from megatron_focusft.training.pretrain import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main([*BASE, "--mock-data", "--save", str(blocker / "ckpt")]) == 1
+    err = capsys.readouterr()
+    assert f"pretrain_focusft.py: error: --save {blocker / 'ckpt'} is not writable: " in err.err
+    assert "iteration" not in err.out  # before the first iteration
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 1000)
+    assert main([*BASE, "--mock-data", "--save", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr()
+    # (tests/engine/test_checkpoint.py compares the estimate with a written checkpoint)
+    assert re.search(rf"pretrain_focusft.py: error: --save {tmp_path / 'ckpt'} has 1,000 bytes free, one checkpoint "
+                     rf"needs about [\d,]+: free space there or choose another --save", err.err), err.err
+    assert "iteration" not in err.out and not list((tmp_path / "ckpt").iterdir())
+
+
+def _lrs(schedule: LrSchedule, steps: range) -> list[float]:
+    """The learning rate after each number of scheduler steps, from megatron-core's scheduler."""
+    group: dict = {}
+    scheduler = schedule.build(SimpleNamespace(param_groups=[group]))
+    lrs = []
+    for step in range(steps.stop):
+        if step in steps:
+            lrs.append(group["lr"])
+        scheduler.step(1)
+    return lrs
+
+
+def test_resume_extends_the_run_and_changes_the_schedule_as_megatron_does(tmp_path: Path):
+    argv = ["--train-iters", "4", "--seq-length", "64", "--micro-batch-size", "2", "--lr", "5e-4",
+            "--lr-warmup-iters", "1", "--mock-data", "--training-mode", "sft"]
+    ckpt = str(tmp_path / "ckpt")
+    pretrain(parse_training_args([*argv, "--save", ckpt, "--save-interval", "1", "--exit-interval", "2"]))
+    resumed = [*argv, "--load", ckpt, "--train-iters", "6"]
+    # Neither Megatron flag: refused by name, before anything is loaded.
+    with pytest.raises(ValueError, match=r"the LR schedule differs from the checkpoint's \(--lr-decay-iters \(default "
+                                         r"--train-iters\): checkpoint 4, now 6\): pass --override-opt_param-scheduler "
+                                         r".* or --use-checkpoint-opt_param-scheduler"):
+        pretrain(parse_training_args(resumed))
+    saved = LrSchedule(5e-4, 0.0, 1, 4, "cosine", 0.01)
+    kept = pretrain(parse_training_args([*resumed, "--use-checkpoint-opt_param-scheduler"]))
+    assert [h["iteration"] for h in kept["history"]] == [3, 4, 5, 6]
+    assert [h["learning_rate"] for h in kept["history"]] == _lrs(saved, range(2, 6))
+    # Overriding changes the peak lr too (megatron-core's optimizer groups carry it); --ckpt-step
+    # starts from an iteration older than the latest.
+    override = pretrain(parse_training_args([*resumed, "--lr", "1e-3", "--override-opt_param-scheduler",
+                                             "--ckpt-step", "1"]))
+    assert override["start_iteration"] == 1
+    assert [h["learning_rate"] for h in override["history"]] == _lrs(LrSchedule(1e-3, 0.0, 1, 6, "cosine", 0.01),
+                                                                      range(1, 6))
