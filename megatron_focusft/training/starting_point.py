@@ -61,10 +61,13 @@ def _with_flags(base: ModelPreset, args: argparse.Namespace) -> ModelPreset:
 
 def _checkpoint_shape(args: argparse.Namespace, path: str, shape: ModelPreset) -> tuple[ModelPreset, list[str]]:
     """The checkpoint's shape with the arithmetic flags applied; disagreeing shape flags raise."""
-    if args.model_preset is not None:
-        raise ValueError(f"--model-preset {args.model_preset} and a checkpoint to start from ({path}): the "
-                         f"checkpoint decides the model's shape; drop --model-preset")
     problems = []
+    if args.model_preset is not None:
+        # Allowed when it names the checkpoint's shape, so a launcher re-run with the same flags resumes.
+        preset = _with_flags(get_preset(args.model_preset), args).weight_shape()
+        saved_shape = shape.weight_shape()
+        problems += [f"--model-preset {args.model_preset} has {field} = {preset[field]} but the checkpoint has "
+                     f"{saved_shape[field]}" for field in preset if preset[field] != saved_shape[field]]
     for dest, field in WEIGHT_SHAPE_FLAGS.items():
         value = getattr(args, dest)
         saved = shape.head_dim if field == "kv_channels" else getattr(shape, field)

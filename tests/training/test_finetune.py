@@ -150,7 +150,7 @@ def test_restarted_finetune_run_resumes(single_rank, imported, tmp_path):
     (["--num-query-groups", "4", "--vocab-size", "256"],
      r"--num-query-groups 4 but the checkpoint has num_query_groups = 2; --vocab-size 256 .* vocab_size = 128"),
     (["--untie-embeddings-and-output-weights"], r"share_embeddings_and_output_weights = True"),
-    (["--model-preset", "tiny"], r"drop --model-preset"),
+    (["--model-preset", "tiny"], r"--model-preset tiny has hidden_size = 256 but the checkpoint has 64"),
 ])
 def test_flags_that_disagree_with_the_checkpoint(single_rank, imported, flags, message):
     hf, ckpt, data = imported
@@ -196,3 +196,11 @@ def test_sft_finetunes_from_the_pretrained_weights(single_rank, imported):
                                             "--num-attention-heads", "4", "--num-query-groups", "2",
                                             "--vocab-size", "128", "--add-qkv-bias"]))
     assert abs(from_pretrained["losses"][0] - scratch["losses"][0]) > 0.1
+
+
+def test_resume_with_the_launchers_preset_flag(tmp_path):
+    """A launcher that names its preset resumes when re-run with the same flags."""
+    flags = [*TRAIN, "--mock-data", "--model-preset", "tiny", "--train-iters", "2", "--save", str(tmp_path),
+             "--load", str(tmp_path)]
+    assert pretrain(parse_training_args([*flags, "--exit-interval", "1"]))["start_iteration"] == 0
+    assert pretrain(parse_training_args(flags))["start_iteration"] == 1
