@@ -94,12 +94,15 @@ class Trainer:
         self.process = context.Process(target=_trainer, args=(argv, self.token, str(log)))
         self.process.start()
 
-    def wait_for(self, condition, what: str) -> None:
+    def wait_for(self, condition, what: str):
+        """Poll `condition` until it returns something true, and return that value (read once:
+        the trainer may change the directory again right after)."""
         deadline = time.monotonic() + WAIT_S
-        while not condition():
+        while not (value := condition()):
             assert self.process.is_alive(), f"the trainer exited before {what}:\n{self.output()}"
             assert time.monotonic() < deadline, f"no {what} after {WAIT_S} s:\n{self.output()}"
             time.sleep(0.005)
+        return value
 
     def wait_for_a_save_to_start(self, minimum: int = 1) -> int:
         """The iteration (>= minimum) of a save this trainer has begun: rank 0 creates its
@@ -108,8 +111,7 @@ class Trainer:
             return [i for i, identity in _iteration_dirs(self.save_dir).items()
                     if i >= minimum and self.dirs_before.get(i) != identity]
 
-        self.wait_for(lambda: bool(started()), "save")
-        return max(started())
+        return max(self.wait_for(started, "save"))
 
     def signal(self, signum: int) -> float:
         """Send `signum` and wait for the exit; returns the seconds it took."""
