@@ -1,0 +1,2 @@
+"""Block attention training: block fine-tuning and block distillation (a method package, like
+focusft/ and sft/)."""
