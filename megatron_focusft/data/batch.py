@@ -81,10 +81,13 @@ def make_batch(
     *,
     mask_kind: MaskKind = "focusft",
     block_ids: torch.Tensor | None = None,
+    sink_mask: torch.Tensor | None = None,
 ) -> SegmentBatch:
     """Labels, loss mask and attention mask for packed tokens [b, s].
 
     The logit at t is scored on token t+1 when t+1 is a response token of the same document.
+    mask_kind "block" takes block_ids [b, s] and optionally sink_mask [b, s] (block sink slots,
+    private to their block: `attention.private`).
     """
     if tokens.shape != doc_ids.shape or tokens.shape != response.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)}, doc_ids {tuple(doc_ids.shape)} and response "
@@ -93,7 +96,7 @@ def make_batch(
     if mask_kind == "focusft":
         kwargs["loss_mask"] = response
     elif mask_kind == "block":
-        kwargs["block_ids"] = block_ids
+        kwargs.update(block_ids=block_ids, sink_mask=sink_mask)
     attention = segment_mask(mask_kind, **kwargs)
     labels = torch.zeros_like(tokens)
     labels[:, :-1] = tokens[:, 1:]

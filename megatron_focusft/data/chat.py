@@ -1,7 +1,10 @@
 """Chat SFT data: JSONL / Parquet files of conversations -> token ids with response flags.
 
 A row holds ``messages``, a list of ``{"role", "content"}`` with roles system / user /
-assistant / tool, and optionally ``tools`` (tool definitions for the chat template). Extra keys
+assistant / tool, and optionally ``tools`` (tool definitions for the chat template) and
+``blocks``: pre-segmented context (block attention, e.g. retrieved passages), a list of texts or
+token-id lists, each encoded alone (``tokenizer.encode``, no template) and placed, in order,
+before the rendered conversation. Extra keys
 of a message (``tool_calls``, ``name``, ``tool_call_id``, ...) go to the chat template as they
 are; an assistant message with ``tool_calls`` may have no content.
 
@@ -31,9 +34,12 @@ With ``policy="error"`` (default) the first bad row raises BadSampleError naming
 reason. With ``policy="skip"`` bad rows are skipped and counted per reason in the DataSummary
 that ``load_chat_samples`` prints before it returns.
 
-The tokenised set is cached on disk (``cache_dir``), keyed by the files (path, size, mtime),
-the tokenizer's identity, seq_length, policy and column names: a second load reads the cache
-and tokenises nothing.
+A row becomes one sample (its full form) unless ``load_chat_samples`` is given ``forms``
+(`SampleForms`, e.g. block attention's full and block forms): then each row gives the samples
+it returns, each with a block id per token (the highest is the sample's global block) and sink
+flags. The tokenised set is cached on disk (``cache_dir``), keyed by the files (path, size,
+mtime), the tokenizer's identity, seq_length, policy, column names and the forms' identity: a
+second load reads the cache and tokenises nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -63,7 +69,7 @@ REASONS: tuple[str, ...] = ("empty_file", "malformed", "unknown_role", "template
 JSONL_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
 DATA_SUFFIXES: tuple[str, ...] = JSONL_SUFFIXES + PARQUET_SUFFIXES
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class BadSampleError(ValueError):
@@ -91,7 +97,8 @@ class ChatDataConfig:
     seq_length    tokens per packed row; a longer sample is a bad row ("too_long").
     policy        "error": raise on the first bad row; "skip": skip and count it.
     cache_dir     directory of the tokenised-set cache (None: no cache).
-    messages_key  column with the conversation; tools_key: column with tool definitions.
+    messages_key  column with the conversation; tools_key: column with tool definitions;
+    blocks_key    column with pre-segmented context blocks.
     """
 
     paths: tuple[str, ...]
@@ -100,6 +107,7 @@ class ChatDataConfig:
     cache_dir: str | None = None
     messages_key: str = "messages"
     tools_key: str = "tools"
+    blocks_key: str = "blocks"
 
     def __post_init__(self) -> None:
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else tuple(self.paths)
@@ -120,7 +128,9 @@ class DataSummary:
     """What loading did: rows read, samples kept, rows skipped per reason.
 
     rows counts every row read from a non-empty file (blank JSONL lines are not rows), so
-    rows == samples + skipped rows (empty files are counted in skipped but hold no row).
+    rows == samples - extra_forms + skipped rows (empty files are counted in skipped but hold no
+    row); extra_forms counts the samples beyond a row's first (`SampleForms`), block_forms the
+    samples in block form.
     first_skipped holds the first skipped row of each reason, as "file, row N: detail".
     """
 
@@ -133,6 +143,8 @@ class DataSummary:
     response_tokens: int = 0
     max_length: int = 0
     blank_lines: int = 0
+    extra_forms: int = 0
+    block_forms: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     first_skipped: dict[str, str] = field(default_factory=dict)
 
@@ -150,6 +162,8 @@ class DataSummary:
         lines = [f"chat data: {len(self.files)} file(s), {self.rows} row(s) -> {self.samples} sample(s), "
                  f"{self.tokens} tokens ({response:.1f}% response), longest {self.max_length} of "
                  f"seq_length {self.seq_length}, bad-sample policy '{self.policy}'"]
+        if self.block_forms:
+            lines.append(f"  block form: {self.block_forms} sample(s)")
         if self.blank_lines:
             lines.append(f"  blank lines ignored: {self.blank_lines}")
         if self.skipped:
@@ -169,6 +183,80 @@ class DataSummary:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class ChatRow:
+    """A validated row: the conversation, its tools, and its pre-segmented context blocks (token
+    ids, each encoded alone; empty when the row has none)."""
+
+    messages: list[dict[str, Any]]
+    tools: list[Any] | None
+    blocks: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class SampleForm:
+    """One training sample made from a row: token ids and response flags [n]; for block attention
+    each token's block id [n] (non-decreasing, the highest is the global block) and sink flags
+    [n] (1 on block sink slots, which carry no token of the row)."""
+
+    ids: list[int]
+    response: list[int]
+    block_ids: list[int] | None = None
+    sink: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(self.response) != n or (self.block_ids is not None and len(self.block_ids) != n) or (
+                self.sink is not None and len(self.sink) != n):
+            raise ValueError(f"a sample form's per-token lists differ in length: {n} ids, {len(self.response)} "
+                             f"flags, block ids {None if self.block_ids is None else len(self.block_ids)}, sinks "
+                             f"{None if self.sink is None else len(self.sink)}")
+
+    @property
+    def is_block_form(self) -> bool:
+        """More than one block: the sample is trained under block attention."""
+        return self.block_ids is not None and len(set(self.block_ids)) > 1
+
+
+class SampleForms(Protocol):
+    """The samples a row trains on (block attention: its full form and its block form).
+
+    identity  changes whenever the forms of any row could change (method, settings, segmenter);
+              it keys the tokenised cache.
+    __call__(row, tokenizer, row_key) -> forms, each with block_ids and sink; at least one.
+              row_key names the row ("file:row") for seeded per-row choices. Raises BadSample.
+    """
+
+    identity: str
+
+    def __call__(self, row: ChatRow, tokenizer: ChatTokenizer, row_key: str) -> list[SampleForm]: ...
+
+
+@dataclass
+class _BlockArrays:
+    block_ids: array = field(default_factory=lambda: array("i"))
+    sink: array = field(default_factory=lambda: array("B"))
+
+    @classmethod
+    def of(cls, forms: Sequence[SampleForm]) -> _BlockArrays:
+        arrays = cls()
+        for form in forms:
+            arrays.add(form)
+        return arrays
+
+    def add(self, form: SampleForm) -> None:
+        if form.block_ids is None:
+            raise ValueError("SampleForms must give every form block ids (all 0 for the full form)")
+        ids = form.block_ids
+        if any(ids[i + 1] < ids[i] for i in range(len(ids) - 1)) or min(ids) < 0:
+            raise ValueError(f"block ids must be >= 0 and non-decreasing in a sample, got {ids[:16]}...")
+        self.block_ids.extend(ids)
+        self.sink.extend(form.sink if form.sink is not None else [0] * len(ids))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"block_ids": _as_tensor(self.block_ids, np.int32), "sink": _as_tensor(self.sink, np.uint8)}
+
+
 @dataclass(frozen=True, eq=False)
 class ChatSamples:
     """Tokenised samples, concatenated: sample i is tokens[offsets[i]:offsets[i + 1]].
@@ -177,6 +265,10 @@ class ChatSamples:
     response     [num_tokens] uint8, 1 on response tokens.
     offsets      [num_samples + 1] int64.
     source_file  [num_samples] int32 index into files; source_row [num_samples] int64 row.
+    block_ids    [num_tokens] int32 or None: each token's block in its sample (non-decreasing;
+                 the sample's highest id is its global block, which holds the response);
+                 present when the samples were made by `SampleForms`.
+    sink         [num_tokens] uint8 or None (with block_ids): 1 on block sink slots.
     """
 
     tokens: torch.Tensor
@@ -189,11 +281,19 @@ class ChatSamples:
     vocab_size: int
     summary: DataSummary
     from_cache: bool = False
+    block_ids: torch.Tensor | None = None
+    sink: torch.Tensor | None = None
 
     @classmethod
     def from_lists(cls, samples: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_id: int,
-                   vocab_size: int, source: str = "<memory>") -> ChatSamples:
-        """Samples given as (token ids, response flags) pairs, e.g. from another pipeline."""
+                   vocab_size: int, source: str = "<memory>",
+                   forms: Sequence[SampleForm] | None = None) -> ChatSamples:
+        """Samples given as (token ids, response flags) pairs, e.g. from another pipeline, or as
+        SampleForms (`forms`, with block ids and sinks; then `samples` must be empty)."""
+        if forms is not None:
+            if samples:
+                raise ValueError("give either (ids, flags) pairs or forms, not both")
+            samples = [(form.ids, form.response) for form in forms]
         tokens, response, offsets = array("i"), array("B"), array("q", [0])
         for index, (ids, flags) in enumerate(samples):
             if len(ids) != len(flags) or not ids:
@@ -201,6 +301,7 @@ class ChatSamples:
             tokens.extend(ids)
             response.extend(int(bool(f)) for f in flags)
             offsets.append(len(tokens))
+        blocks = _BlockArrays.of(forms) if forms is not None else None
         n = len(offsets) - 1
         lengths = np.diff(np.array(offsets, dtype=np.int64))
         summary = DataSummary(files=[source], policy="error", seq_length=int(lengths.max(initial=0)), rows=n,
@@ -208,7 +309,7 @@ class ChatSamples:
                               max_length=int(lengths.max(initial=0)))
         return cls(_as_tensor(tokens, np.int32), _as_tensor(response, np.uint8), _as_tensor(offsets, np.int64),
                    torch.zeros(n, dtype=torch.int32), torch.arange(1, n + 1, dtype=torch.int64), (source,),
-                   pad_id, vocab_size, summary)
+                   pad_id, vocab_size, summary, **(blocks.tensors() if blocks is not None else {}))
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -221,6 +322,10 @@ class ChatSamples:
         """(token ids, response flags) of sample `index`, each [length]."""
         lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
         return self.tokens[lo:hi], self.response[lo:hi]
+
+    @property
+    def has_blocks(self) -> bool:
+        return self.block_ids is not None
 
     def source(self, index: int) -> tuple[str, int]:
         """(file, row) the sample was read from."""
@@ -391,9 +496,46 @@ def parse_chat_row(record: Mapping[str, Any], *, messages_key: str = "messages",
     return clean, tools or None
 
 
+def parse_blocks(record: Mapping[str, Any], tokenizer: ChatTokenizer, *, blocks_key: str = "blocks",
+                 drop_nulls: bool = False) -> tuple[tuple[int, ...], ...]:
+    """The row's context blocks as token ids (texts encoded alone); () without the field. Raises BadSample."""
+    blocks = record.get(blocks_key)
+    if blocks is None:
+        return ()
+    blocks = _maybe_json(blocks, blocks_key)
+    if not isinstance(blocks, list):
+        raise BadSample("malformed", f"{blocks_key!r} must be a list of texts or token-id lists, got {_type_name(blocks)}")
+    out = []
+    for index, block in enumerate(blocks, start=1):
+        if isinstance(block, str) and block:
+            ids = tokenizer.encode(block)
+        elif isinstance(block, list) and block and all(isinstance(t, int) and not isinstance(t, bool) for t in block):
+            ids = block
+        else:
+            raise BadSample("malformed", f"block {index} must be a non-empty text or list of token ids, got "
+                                         f"{_type_name(block)}")
+        if not ids:
+            raise BadSample("malformed", f"block {index} encodes to no token")
+        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise BadSample("malformed", f"block {index}: token id {bad[0]} is outside the tokenizer's vocabulary "
+                                         f"[0, {tokenizer.vocab_size})")
+        out.append(tuple(ids))
+    return tuple(out)
+
+
+def read_chat_row(record: Mapping[str, Any], tokenizer: ChatTokenizer, config: ChatDataConfig, *,
+                  drop_nulls: bool = False) -> ChatRow:
+    """The validated ChatRow of a raw row; raises BadSample."""
+    messages, tools = parse_chat_row(record, messages_key=config.messages_key, tools_key=config.tools_key,
+                                     drop_nulls=drop_nulls)
+    return ChatRow(messages, tools, parse_blocks(record, tokenizer, blocks_key=config.blocks_key))
+
+
 def tokenize_chat(tokenizer: ChatTokenizer, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None,
-                  seq_length: int) -> tuple[list[int], list[int]]:
-    """(token ids, response flags) of one validated conversation; raises BadSample."""
+                  seq_length: int, blocks: Sequence[Sequence[int]] = ()) -> tuple[list[int], list[int]]:
+    """(token ids, response flags) of one validated conversation after its context blocks (whose
+    tokens are context); raises BadSample."""
     if not any(m["role"] == "assistant" for m in messages):
         raise BadSample("no_assistant_tokens", "no assistant message")
     try:
@@ -402,9 +544,15 @@ def tokenize_chat(tokenizer: ChatTokenizer, messages: Sequence[Mapping[str, Any]
         raise BadSample("template_error", str(error)) from None
     if not any(response):
         raise BadSample("no_assistant_tokens", "the assistant turns render to no response token")
-    if len(ids) > seq_length:
-        raise BadSample("too_long", f"{len(ids)} tokens > seq_length {seq_length} (samples are never split)")
+    context = [t for block in blocks for t in block]
+    ids, response = context + ids, [0] * len(context) + response
+    check_length(len(ids), seq_length)
     return ids, response
+
+
+def check_length(num_tokens: int, seq_length: int, form: str = "") -> None:
+    if num_tokens > seq_length:
+        raise BadSample("too_long", f"{num_tokens} tokens{form} > seq_length {seq_length} (samples are never split)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +560,7 @@ def tokenize_chat(tokenizer: ChatTokenizer, messages: Sequence[Mapping[str, Any]
 # ---------------------------------------------------------------------------------------------
 
 
-def cache_key(config: ChatDataConfig, tokenizer: ChatTokenizer) -> str:
+def cache_key(config: ChatDataConfig, tokenizer: ChatTokenizer, forms: SampleForms | None = None) -> str:
     """Hex digest of everything the tokenised set depends on."""
     files = []
     for path in config.paths:
@@ -420,21 +568,22 @@ def cache_key(config: ChatDataConfig, tokenizer: ChatTokenizer) -> str:
         files.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
     material = {"version": CACHE_VERSION, "files": files, "tokenizer": tokenizer.identity,
                 "seq_length": config.seq_length, "policy": config.policy,
-                "messages_key": config.messages_key, "tools_key": config.tools_key}
+                "messages_key": config.messages_key, "tools_key": config.tools_key,
+                "blocks_key": config.blocks_key, "forms": None if forms is None else forms.identity}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_path(config: ChatDataConfig, tokenizer: ChatTokenizer) -> Path | None:
+def _cache_path(config: ChatDataConfig, tokenizer: ChatTokenizer, forms: SampleForms | None) -> Path | None:
     if config.cache_dir is None:
         return None
-    return Path(config.cache_dir) / f"chat-{cache_key(config, tokenizer)[:32]}.pt"
+    return Path(config.cache_dir) / f"chat-{cache_key(config, tokenizer, forms)[:32]}.pt"
 
 
 def _save(samples: ChatSamples, path: Path) -> None:
     payload = {"tokens": samples.tokens, "response": samples.response, "offsets": samples.offsets,
                "source_file": samples.source_file, "source_row": samples.source_row,
                "files": list(samples.files), "pad_id": samples.pad_id, "vocab_size": samples.vocab_size,
-               "summary": samples.summary.to_dict()}
+               "summary": samples.summary.to_dict(), "block_ids": samples.block_ids, "sink": samples.sink}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a reader (another rank, a later run) never sees half a file.
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
@@ -446,17 +595,32 @@ def _load(path: Path) -> ChatSamples:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     return ChatSamples(payload["tokens"], payload["response"], payload["offsets"], payload["source_file"],
                        payload["source_row"], tuple(payload["files"]), int(payload["pad_id"]),
-                       int(payload["vocab_size"]), DataSummary.from_dict(payload["summary"]), from_cache=True)
+                       int(payload["vocab_size"]), DataSummary.from_dict(payload["summary"]), from_cache=True,
+                       block_ids=payload["block_ids"], sink=payload["sink"])
 
 
 def _as_tensor(values: array, dtype: type[np.generic]) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=dtype))  # copies through the buffer protocol
 
 
-def _read_and_tokenize(config: ChatDataConfig, tokenizer: ChatTokenizer, hf_cache_dir: str) -> ChatSamples:
+def _row_forms(row: ChatRow, tokenizer: ChatTokenizer, config: ChatDataConfig, forms: SampleForms | None,
+               row_key: str) -> list[SampleForm]:
+    if forms is None:
+        return [SampleForm(*tokenize_chat(tokenizer, row.messages, row.tools, config.seq_length, row.blocks))]
+    made = forms(row, tokenizer, row_key)
+    if not made:
+        raise ValueError(f"{row_key}: the sample forms {forms.identity} gave no sample for the row")
+    for form in made:
+        check_length(len(form.ids), config.seq_length, " in block form" if form.is_block_form else "")
+    return made
+
+
+def _read_and_tokenize(config: ChatDataConfig, tokenizer: ChatTokenizer, hf_cache_dir: str,
+                       forms: SampleForms | None) -> ChatSamples:
     summary = DataSummary(files=list(config.paths), policy=config.policy, seq_length=config.seq_length)
     tokens, response = array("i"), array("B")
     offsets, source_file, source_row = array("q", [0]), array("i"), array("q")
+    blocks = _BlockArrays() if forms is not None else None
 
     def bad(path: str, row: int | None, reason: str, detail: str) -> None:
         if config.policy == "error":
@@ -476,20 +640,24 @@ def _read_and_tokenize(config: ChatDataConfig, tokenizer: ChatTokenizer, hf_cach
             try:
                 if isinstance(record, BadSample):
                     raise record
-                messages, tools = parse_chat_row(record, messages_key=config.messages_key,
-                                                 tools_key=config.tools_key, drop_nulls=is_parquet)
-                ids, flags = tokenize_chat(tokenizer, messages, tools, config.seq_length)
+                chat_row = read_chat_row(record, tokenizer, config, drop_nulls=is_parquet)
+                made = _row_forms(chat_row, tokenizer, config, forms, f"{path}:{row}")
             except BadSample as rejected:
                 bad(path, row, rejected.reason, rejected.detail)
                 continue
-            tokens.extend(ids)
-            response.extend(flags)
-            offsets.append(len(tokens))
-            source_file.append(file_index)
-            source_row.append(row)
-            summary.samples += 1
-            summary.response_tokens += sum(flags)
-            summary.max_length = max(summary.max_length, len(ids))
+            for form in made:
+                tokens.extend(form.ids)
+                response.extend(form.response)
+                offsets.append(len(tokens))
+                source_file.append(file_index)
+                source_row.append(row)
+                if blocks is not None:
+                    blocks.add(form)
+                summary.samples += 1
+                summary.block_forms += form.is_block_form
+                summary.response_tokens += sum(form.response)
+                summary.max_length = max(summary.max_length, len(form.ids))
+            summary.extra_forms += len(made) - 1
         if summary.rows == rows_before:
             bad(path, None, "empty_file", "the file has no rows")
     summary.tokens = len(tokens)
@@ -497,19 +665,20 @@ def _read_and_tokenize(config: ChatDataConfig, tokenizer: ChatTokenizer, hf_cach
         raise ValueError(f"no usable chat samples in {', '.join(config.paths)}\n{summary.format()}")
     return ChatSamples(_as_tensor(tokens, np.int32), _as_tensor(response, np.uint8), _as_tensor(offsets, np.int64),
                        _as_tensor(source_file, np.int32), _as_tensor(source_row, np.int64), config.paths,
-                       tokenizer.pad_id, tokenizer.vocab_size, summary)
+                       tokenizer.pad_id, tokenizer.vocab_size, summary, **(blocks.tensors() if blocks is not None else {}))
 
 
 def load_chat_samples(config: ChatDataConfig, tokenizer: ChatTokenizer, *,
-                      log: Callable[[str], None] | None = print) -> ChatSamples:
-    """Read, validate and tokenise the chat files of `config` (or load them from the cache).
+                      log: Callable[[str], None] | None = print, forms: SampleForms | None = None) -> ChatSamples:
+    """Read, validate and tokenise the chat files of `config` (or load them from the cache);
+    with `forms`, each row gives the samples `forms` makes of it (module doc).
 
     The DataSummary (rows, samples, skipped rows per reason) goes to `log` before returning.
     Directories in config.paths stand for their files (`data_files`); the samples' `files` list
     those, in that order.
     """
     config = dataclasses.replace(config, paths=tuple(file for path in config.paths for file in data_files(path)))
-    cache = _cache_path(config, tokenizer)
+    cache = _cache_path(config, tokenizer, forms)
     samples = None
     if cache is not None and cache.is_file():
         try:
@@ -523,7 +692,7 @@ def load_chat_samples(config: ChatDataConfig, tokenizer: ChatTokenizer, *,
                 hf_cache_dir = os.path.join(config.cache_dir, "hf-datasets")
             else:
                 hf_cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="focusft-hf-datasets-"))
-            samples = _read_and_tokenize(config, tokenizer, hf_cache_dir)
+            samples = _read_and_tokenize(config, tokenizer, hf_cache_dir, forms)
         if cache is not None:
             _save(samples, cache)
     if log is not None:

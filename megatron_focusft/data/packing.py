@@ -39,14 +39,15 @@ class PackingConfig:
     seed              shuffling seed; the same seed and epoch give the same rows on every run.
     algorithm         "first_fit_decreasing" (denser) or "first_fit" (keeps the shuffled order).
     mask_kind         attention mask of the batches: "focusft" (blocks follow the response
-                      flags) or "causal".
+                      flags), "causal", or "block" (the samples' block ids and sinks, which
+                      samples made by block-attention SampleForms carry).
     """
 
     seq_length: int
     micro_batch_size: int = 1
     seed: int = 0
     algorithm: PackingAlgorithm = "first_fit_decreasing"
-    mask_kind: Literal["focusft", "causal"] = "focusft"
+    mask_kind: Literal["focusft", "causal", "block"] = "focusft"
 
     def __post_init__(self) -> None:
         if self.seq_length < 2:
@@ -55,9 +56,8 @@ class PackingConfig:
             raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.mask_kind not in ("focusft", "causal"):
-            raise ValueError(f"mask_kind must be focusft or causal for chat data, got {self.mask_kind!r} "
-                             f"(the block mask needs block ids, which chat data does not define)")
+        if self.mask_kind not in ("focusft", "causal", "block"):
+            raise ValueError(f"mask_kind must be focusft, causal or block for chat data, got {self.mask_kind!r}")
 
 
 def first_fit(lengths: Sequence[int], capacity: int, order: Sequence[int]) -> list[list[int]]:
@@ -142,6 +142,26 @@ class PackedChats:
                 pos += n
         return tokens, doc_ids, response
 
+    def row_blocks(self, rows: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_ids long, sink bool), each [len(rows), s], of samples that carry blocks; padding
+        and empty rows hold block 0 and no sink."""
+        if not self.samples.has_blocks:
+            raise ValueError("these samples carry no block ids: load them with block-attention sample forms")
+        b, s = len(rows), self.seq_length
+        block_ids = torch.zeros((b, s), dtype=torch.long)
+        sink = torch.zeros((b, s), dtype=torch.bool)
+        offsets = self.samples.offsets
+        for r, row in enumerate(rows):
+            if row is None:
+                continue
+            pos = 0
+            for index in self.rows[row]:
+                lo, hi = int(offsets[index]), int(offsets[index + 1])
+                block_ids[r, pos:pos + hi - lo] = self.samples.block_ids[lo:hi]
+                sink[r, pos:pos + hi - lo] = self.samples.sink[lo:hi].bool()
+                pos += hi - lo
+        return block_ids, sink
+
 
 def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0,
                indices: np.ndarray | None = None) -> PackedChats:
@@ -154,6 +174,8 @@ def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0,
         file, row = samples.source(int(indices[too_long[0]]))
         raise ValueError(f"{too_long.size} sample(s) are longer than seq_length {config.seq_length}, e.g. "
                          f"{file}, row {row} ({int(lengths[too_long[0]])} tokens); tokenise with this seq_length")
+    if config.mask_kind == "block" and not samples.has_blocks:
+        raise ValueError("mask_kind 'block' needs samples with block ids (made by block-attention sample forms)")
     if epoch < 0 or config.seed < 0:
         raise ValueError(f"seed and epoch must be >= 0, got {config.seed}, {epoch}")
     rng = np.random.default_rng([config.seed, epoch])
@@ -176,5 +198,10 @@ def micro_batches(packed: PackedChats, config: PackingConfig, *, dp_rank: int = 
     step_rows = b * dp_size
     for first in range(0, packed.num_rows, step_rows):
         mine = [first + dp_rank * b + i for i in range(b)]
-        tokens, doc_ids, response = packed.row_tensors([r if r < packed.num_rows else None for r in mine])
-        yield make_batch(tokens, doc_ids, response, mask_kind=config.mask_kind)
+        rows = [r if r < packed.num_rows else None for r in mine]
+        tokens, doc_ids, response = packed.row_tensors(rows)
+        if config.mask_kind != "block":
+            yield make_batch(tokens, doc_ids, response, mask_kind=config.mask_kind)
+            continue
+        block_ids, sink = packed.row_blocks(rows)
+        yield make_batch(tokens, doc_ids, response, mask_kind="block", block_ids=block_ids, sink_mask=sink)

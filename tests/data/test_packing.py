@@ -164,5 +164,6 @@ def test_rejects_samples_longer_than_rows() -> None:
     samples = ChatSamples.from_lists([([1] * 10, [1] * 10)], pad_id=PAD, vocab_size=8)
     with pytest.raises(ValueError, match="longer than seq_length 8.*row 1 \\(10 tokens\\)"):
         pack_chats(samples, PackingConfig(8))
-    with pytest.raises(ValueError, match="block mask needs block ids"):
-        PackingConfig(8, mask_kind="block")
+    with pytest.raises(ValueError, match="mask_kind 'block' needs samples with block ids"):
+        pack_chats(ChatSamples.from_lists([([1] * 4, [1] * 4)], pad_id=PAD, vocab_size=8),
+                   PackingConfig(8, mask_kind="block"))
