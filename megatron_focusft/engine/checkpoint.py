@@ -94,6 +94,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from megatron_focusft.engine import disk_space
 from megatron_focusft.engine.errors import short_error, wrapped_interrupt
+from megatron_focusft.models.block_sinks import STATE_PREFIX as BLOCK_SINKS_PREFIX
 from megatron_focusft.models.gpt import model_shape
 from megatron_focusft.models.presets import ModelPreset
 
@@ -355,7 +356,8 @@ def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer 
     _check_compatible(path, meta, module, optimizer, scheduler, run_config)
 
     model_sd = module.sharded_state_dict()
-    request: dict[str, Any] = {"model": model_sd}
+    fresh = _fresh_keys(meta, module, model_sd) if optimizer is None else []
+    request: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in fresh}}
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     same_layout = meta["layout"] == _parallel_layout()
@@ -374,7 +376,12 @@ def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer 
         damage = CheckpointDamaged(f"checkpoint {path} cannot be loaded: {short_error(error)}")
     _raise_if_damaged_anywhere(damage)
     try:
-        module.load_state_dict(state["model"])
+        if fresh:
+            missing, unexpected = module.load_state_dict(state["model"], strict=False)
+            if sorted(missing) != sorted(fresh) or unexpected:
+                raise ValueError(f"missing keys {missing} (expected only {fresh}), unexpected keys {unexpected}")
+        else:
+            module.load_state_dict(state["model"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -385,6 +392,15 @@ def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer 
     if same_layout and restore_rng:
         _set_rng_state(state[_RNG_KEY])
     return meta["extra_state"]
+
+
+def _fresh_keys(meta: dict, module: torch.nn.Module, model_sd: Mapping[str, Any]) -> list[str]:
+    """Weights a weights-only load keeps at their initial values: block sink embeddings the
+    checkpoint has none of (a block-attention run fine-tuning a model saved without them)."""
+    saved = ModelPreset.from_dict(meta["model_shape"]).block_sink_tokens
+    if saved or not model_shape(module).block_sink_tokens:
+        return []
+    return [key for key in model_sd if key.startswith(BLOCK_SINKS_PREFIX)]
 
 
 def _raise_if_damaged_anywhere(damage: CheckpointDamaged | None) -> None:
@@ -554,7 +570,11 @@ def _check_compatible(path: Path, meta: dict, module: torch.nn.Module, optimizer
     saved_shape = ModelPreset.from_dict(meta["model_shape"])
     if optimizer is None and scheduler is None:
         # Weights only: the weights must fit; RoPE, norm epsilon and the position limit may change.
-        problems = _diff(saved_shape.weight_shape(), model_shape(module).weight_shape(), "model.")
+        # Sinks the checkpoint has none of start fresh (_fresh_keys).
+        saved_weights = saved_shape.weight_shape()
+        if saved_weights["block_sink_tokens"] == 0:
+            saved_weights["block_sink_tokens"] = model_shape(module).block_sink_tokens
+        problems = _diff(saved_weights, model_shape(module).weight_shape(), "model.")
     else:
         problems = _diff(meta["model_shape"], model_shape(module).to_dict(), "model.")
     if optimizer is not None and meta["params_dtype"] != str(module.config.params_dtype):

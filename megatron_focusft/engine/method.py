@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_focusft.data.chat import SampleForms
+from megatron_focusft.data.tokenizer import ChatTokenizer
 from megatron_focusft.engine.train_step import ForwardStep
 from megatron_focusft.fastweights import FastWeightConfig
+from megatron_focusft.models.presets import ModelPreset
 
 
 @dataclass(frozen=True)
@@ -30,18 +33,25 @@ class MethodRun:
 
 @dataclass(frozen=True)
 class MethodModel:
-    """What the model and data must be for a method under the parsed flags."""
+    """What the model and data must be for a method under the parsed flags.
+
+    sample_forms(tokenizer, seq_length) -> data.chat.SampleForms: the samples each chat row
+    gives (None: one sample per row); block_sink_tokens: block sink embeddings the model holds.
+    """
 
     mask_kind: str  # the attention mask the data is packed under
     fast_weights: FastWeightConfig | None  # adapters the model is built with (None: none)
+    sample_forms: Callable[[ChatTokenizer, int], SampleForms] | None = None
+    block_sink_tokens: int = 0
 
 
 @dataclass(frozen=True)
 class TrainingMethod:
     """name: the --training-mode value. add_arguments: adds the method's own flags to its group.
     resume_keys: those flags a resumed run must share with the run that saved the checkpoint.
-    model(args) -> MethodModel; run(args, model_config, dp_rank) -> MethodRun, after the model is
-    built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds). validate(args):
+    model(args) -> MethodModel; run(args, model_config, dp_rank, shape) -> MethodRun, after the
+    model is built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds; shape: the
+    model's ModelPreset). validate(args):
     ValueError naming the flag for values of the method's flags it cannot run, called with the
     other flag checks before anything starts."""
 
@@ -50,5 +60,5 @@ class TrainingMethod:
     add_arguments: Callable[[argparse._ArgumentGroup], None]
     resume_keys: tuple[str, ...]
     model: Callable[[argparse.Namespace], MethodModel]
-    run: Callable[[argparse.Namespace, TransformerConfig, int], MethodRun]
+    run: Callable[[argparse.Namespace, TransformerConfig, int, ModelPreset], MethodRun]
     validate: Callable[[argparse.Namespace], None] = lambda args: None

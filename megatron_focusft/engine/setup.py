@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,20 @@ class ModelSetup:
     recompute_num_layers: int | None = None
     bf16: bool = False
     fast_weights: FastWeightConfig | None = None  # FocuSFT adapters in the top layers
+
+
+def model_setup_from_args(args: argparse.Namespace, preset: ModelPreset,
+                          fast_weights: FastWeightConfig | None = None) -> ModelSetup:
+    """The ModelSetup that the training flags (Megatron's names) describe, for shape `preset`."""
+    return ModelSetup(
+        preset=preset, attention_backend=args.attention_backend,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=fast_weights)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
+from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.fastweights import FastWeightConfig, fast_weight_layout
 from megatron_focusft.fastweights.config import TARGETS
 from megatron_focusft.focusft.config import INNER_OBJECTIVES, FocusftConfig
@@ -69,7 +70,7 @@ def _model(args: argparse.Namespace) -> MethodModel:
     return MethodModel(mask_kind="focusft", fast_weights=focusft_config(vars(args)).fast_weights)
 
 
-def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int) -> MethodRun:
+def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset) -> MethodRun:
     config = focusft_config(vars(args))
     fast = config.fast_weights
     # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.

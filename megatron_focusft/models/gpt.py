@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_layer import BaseTransformerLayer
 from megatron.core.utils import unwrap_model
 
 from megatron_focusft.fastweights import FastWeightConfig
+from megatron_focusft.models.block_sinks import add_block_sinks
 from megatron_focusft.models.presets import Llama3RopeScaling, ModelPreset
 from megatron_focusft.models.spec import get_decoder_block_spec
 
@@ -51,6 +52,7 @@ def build_gpt_model(
     )
     if scaling is not None and scaling != Llama3RopeScaling(factor=scaling.factor):
         _rescale_rope(model, preset.rotary_base, scaling)
+    add_block_sinks(model, preset.block_sink_tokens)
     setattr(model, _SHAPE_ATTR, preset)
     return model
 

@@ -28,7 +28,8 @@ class ModelPreset:
     Also what a checkpoint records about its model (engine/checkpoint.py), so a checkpoint
     is loaded without a preset. kv_channels None: hidden_size / num_attention_heads.
     add_qkv_bias: biases on q/k/v only (Qwen2). share_embeddings_and_output_weights: the
-    output layer is the input embedding (tied; Qwen2's small sizes).
+    output layer is the input embedding (tied; Qwen2's small sizes). block_sink_tokens: k
+    learned block sink embeddings (block attention, models/block_sinks.py; 0: none).
     """
 
     num_layers: int
@@ -44,6 +45,7 @@ class ModelPreset:
     add_qkv_bias: bool = False
     share_embeddings_and_output_weights: bool = False
     rope_scaling: Llama3RopeScaling | None = None
+    block_sink_tokens: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -55,7 +57,8 @@ class ModelPreset:
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_hidden_size,
                 "num_attention_heads": self.num_attention_heads, "num_query_groups": self.num_query_groups,
                 "vocab_size": self.vocab_size, "kv_channels": self.head_dim, "add_qkv_bias": self.add_qkv_bias,
-                "share_embeddings_and_output_weights": self.share_embeddings_and_output_weights}
+                "share_embeddings_and_output_weights": self.share_embeddings_and_output_weights,
+                "block_sink_tokens": self.block_sink_tokens}
 
     def to_dict(self) -> dict:
         """Plain values (checkpoint common state, JSON)."""

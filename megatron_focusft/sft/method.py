@@ -7,6 +7,7 @@ import argparse
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
+from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.sft.step import sft_forward_step
 
 SFT_MASKS: tuple[str, ...] = ("causal", "focusft")
@@ -22,7 +23,7 @@ def _model(args: argparse.Namespace) -> MethodModel:
     return MethodModel(mask_kind=args.sft_mask, fast_weights=None)
 
 
-def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int) -> MethodRun:
+def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset) -> MethodRun:
     return MethodRun(sft_forward_step)
 
 

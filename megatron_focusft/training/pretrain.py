@@ -15,6 +15,7 @@ line on stderr and an exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,14 +36,18 @@ from megatron_focusft.training.interrupts import SignalHandling, TrainingInterru
 from megatron_focusft.training.lr_schedule import LrSchedule, ResumedSchedule, resume_schedule
 from megatron_focusft.training.progress import attention_line, progress_line
 
+if TYPE_CHECKING:
+    from megatron_focusft.engine.method import MethodModel
+
 # bf16 dense peak FLOP/s by device name fragment, for MFU (others: MFU not reported).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, dp_rank: int, dp_size: int,
+def _build_data(args: argparse.Namespace, preset: ModelPreset, needs: MethodModel, dp_rank: int, dp_size: int,
                 device: torch.device, log: Callable[[str], None], seed_offset: int = 0):
     from megatron_focusft.training.data_source import ChatDataSource, MockDataSource
 
+    mask_kind = needs.mask_kind
     if args.mock_data:
         from megatron_focusft.data.synthetic import RetrievalTaskConfig
 
@@ -59,8 +64,10 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, mask_kind: str, d
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{preset.vocab_size}: set --vocab-size >= {tokenizer.vocab_size}")
     blend = DataBlend.parse(args.data_path)
+    forms = needs.sample_forms(tokenizer, args.seq_length) if needs.sample_forms is not None else None
     samples = load_chat_samples(ChatDataConfig(blend.paths, args.seq_length, args.bad_sample_policy,
-                                               args.data_cache_dir), tokenizer, log=log if seed_offset == 0 else None)
+                                               args.data_cache_dir), tokenizer, log=log if seed_offset == 0 else None,
+                                forms=forms)
     packing = PackingConfig(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                             seed=args.seed + seed_offset, mask_kind=mask_kind)
     return ChatDataSource(samples, packing, dp_rank, dp_size, device, blend)
@@ -186,7 +193,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
     from megatron_focusft.data.cp_split import split_batch_for_cp
     from megatron_focusft.engine.checkpoint import copy_model_assets, load_checkpoint, save_checkpoint
     from megatron_focusft.engine.pipeline import collect_stage_times, format_stage_times, schedule_timers
-    from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.engine.setup import OptimizerSetup, build_model, build_optimizer, model_setup_from_args
     from megatron_focusft.engine.train_step import train_step
     from megatron_focusft.training.methods import METHODS
     from megatron_focusft.training.starting_point import starting_point
@@ -208,18 +215,11 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
                                        args.override_opt_param_scheduler, args.use_checkpoint_opt_param_scheduler)
         if schedule.note:
             log(schedule.note)
-        preset = start.shape
         method = METHODS[args.training_mode]
         needs = method.model(args)
-        model, model_config = build_model(ModelSetup(
-            preset=preset, attention_backend=args.attention_backend,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-            num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-            context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-            recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-            recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=needs.fast_weights))
+        # Block sink embeddings are the method's: a checkpoint without them gets fresh ones.
+        preset = dataclasses.replace(start.shape, block_sink_tokens=needs.block_sink_tokens)
+        model, model_config = build_model(model_setup_from_args(args, preset, needs.fast_weights))
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()
@@ -233,9 +233,9 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
         scheduler = built.build(optimizer)
         mask_kind = needs.mask_kind
-        data = _build_data(args, preset, mask_kind, dp_rank, dp_size, device, log)
-        probe = _build_data(args, preset, mask_kind, 0, 1, device, log, seed_offset=7919).next_micro_batch()
-        run = method.run(args, model_config, dp_rank)
+        data = _build_data(args, preset, needs, dp_rank, dp_size, device, log)
+        probe = _build_data(args, preset, needs, 0, 1, device, log, seed_offset=7919).next_micro_batch()
+        run = method.run(args, model_config, dp_rank, preset)
         run_config = {key: getattr(args, key) for key in (*_RESUME_KEYS, *method.resume_keys)}
         cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
         # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
