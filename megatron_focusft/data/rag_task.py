@@ -142,10 +142,13 @@ def _entries(rng: random.Random, count: int) -> list[_Entry]:
 
 def _fill(entry: _Entry, budget: int, count_tokens: Callable[[str], int]) -> str:
     """The entry's text with the most filler sentences that keeps it within `budget` tokens."""
-    fits = lambda n: count_tokens(entry.text(n)) <= budget  # noqa: E731
+    def fits(sentences: int) -> bool:
+        return count_tokens(entry.text(sentences)) <= budget
+
     if not fits(0):
-        raise ValueError(f"a passage budget of {budget} tokens is too small: the fact alone needs "
-                         f"{count_tokens(entry.text(0))}; raise --target-tokens or lower --passages")
+        raise ValueError(f"the target length leaves {budget} tokens per passage, too few: a passage's fact alone "
+                         f"needs {count_tokens(entry.text(0))}; raise the target (--target-tokens, or --lengths of "
+                         f"focusft eval) or use fewer passages")
     low, high = 0, 1
     while fits(high):
         low, high = high, 2 * high
@@ -189,5 +192,4 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
 def write_rag_jsonl(path: str | os.PathLike, samples: Sequence[RagSample]) -> None:
     """One block row per sample (module doc), in order."""
     with open(path, "w", encoding="utf-8") as f:
-        for sample in samples:
-            f.write(json.dumps(sample.row(), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(sample.row(), ensure_ascii=False) + "\n" for sample in samples)
