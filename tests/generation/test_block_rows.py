@@ -25,7 +25,7 @@ def tokenizer(request, tmp_path):
 
 
 def test_rag_rows_read_back_as_the_block_prompts_they_imply(tmp_path, tokenizer):
-    samples = rag_samples(RagTaskConfig(num_samples=3, passages=4, target_tokens=500, pool_size=6), lambda t: len(t))
+    samples = rag_samples(RagTaskConfig(num_samples=3, passages=4, target_tokens=500, pool_size=6), len)
     path = tmp_path / "rag.jsonl"
     write_rag_jsonl(path, samples)
     prompts = read_prompts(path, tokenizer, 300, blocks=True)
