@@ -1,5 +1,5 @@
 """The ``focusft`` command line: ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``
-``bench attention | step | ttft`` and ``segment``.
+``bench attention | step | ttft``, ``segment`` and ``data rag``.
 
 train            the training entry point (``pretrain_focusft.py``), with its own Megatron-style flags.
 convert          ``import-hf`` / ``export-hf`` (``megatron_focusft.convert.cli``).
@@ -15,10 +15,12 @@ bench step       a FocuSFT training step against a plain SFT step (``megatron_fo
 bench ttft       time to first token with cached blocks vs a full prefill (``megatron_focusft.bench.ttft``).
 segment          automatic segmentation into blocks: apply, train, eval, bench, synthetic
                  (``megatron_focusft.segment.cli``, which holds its flags).
+data rag         write the offline RAG-style block-attention task as JSONL block rows
+                 (``megatron_focusft.data.rag_task``).
 
 Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``,
 ``bench step`` and ``bench ttft``: ``bench attention`` needs torch and the masks alone, ``segment``
-torch and the tokenizers.
+and ``data`` torch and the tokenizers.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="focusft", description="megatron-focusft command line")
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{train,convert,generate,eval,analyze,demo,bench,segment}")
+                                     metavar="{train,convert,generate,eval,analyze,demo,bench,segment,data}")
     commands.add_parser("train", help="FocuSFT / SFT training (same flags as pretrain_focusft.py; see train --help)",
                         add_help=False)
     commands.add_parser("convert", help="import-hf / export-hf: Hugging Face <-> Megatron checkpoints "
@@ -137,7 +139,43 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_focusft.segment.cli import add_segment_commands
 
     add_segment_commands(commands)
+
+    from megatron_focusft.data.rag_task import RagTaskConfig
+
+    rag_defaults = _defaults(RagTaskConfig)
+    data = commands.add_parser("data", help="write synthetic data sets")
+    data_commands = data.add_subparsers(dest="data", required=True, metavar="{rag}")
+    rag = data_commands.add_parser(
+        "rag", help="the RAG-style block-attention task: passages as local blocks, a question as the global block",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="JSONL block rows {blocks, messages, meta} for block fine-tuning and `focusft eval --rag-file` "
+                    "(megatron_focusft/data/rag_task.py).")
+    rag.add_argument("--output", required=True, help="JSONL file to write")
+    rag.add_argument("--num-samples", type=int, default=rag_defaults.num_samples)
+    rag.add_argument("--passages", type=int, default=rag_defaults.passages,
+                     help="passages (local blocks) per sample, one of them holding the answer")
+    rag.add_argument("--target-tokens", type=int, default=rag_defaults.target_tokens,
+                     help="tokens per sample (blocks and question text; the chat template adds its few)")
+    rag.add_argument("--pool-size", type=int, default=rag_defaults.pool_size,
+                     help="draw every sample's passages from one pool of this many (default: passages of its own)")
+    rag.add_argument("--no-header", action="store_true", help="no instruction-header block")
+    rag.add_argument("--seed", type=int, default=rag_defaults.seed)
+    rag.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer_model", default=None, metavar="DIR",
+                     help="Hugging Face tokenizer directory whose tokens size the samples (default: the built-in "
+                          "byte tokenizer)")
     return parser
+
+
+def _run_data_rag(args: argparse.Namespace) -> None:
+    from megatron_focusft.data.rag_task import RagTaskConfig, rag_samples, write_rag_jsonl
+    from megatron_focusft.data.tokenizer import load_chat_tokenizer
+
+    config = RagTaskConfig(num_samples=args.num_samples, passages=args.passages, target_tokens=args.target_tokens,
+                           pool_size=args.pool_size, header=not args.no_header, seed=args.seed)
+    tokenizer = load_chat_tokenizer(args.tokenizer_model)
+    samples = rag_samples(config, lambda text: len(tokenizer.encode(text)))
+    write_rag_jsonl(args.output, samples)
+    print(f"{len(samples)} samples ({config.passages} passages each) -> {args.output}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run_segment_command(args)
         except (ValueError, OSError) as exc:  # bad settings, bad rows, missing files: usage errors
+            parser.error(str(exc))
+        return 0
+    if args.command == "data":
+        try:
+            _run_data_rag(args)
+        except (ValueError, OSError) as exc:  # bad settings, a missing tokenizer, an unwritable output
             parser.error(str(exc))
         return 0
     # Settings are validated here, before any work starts, so a bad flag is a usage error.

@@ -57,7 +57,9 @@ def _probe_chats(args: argparse.Namespace, tokenizer) -> list[list[dict]]:
     from megatron_focusft.evaluation.long_context_tasks import generate_samples
 
     count = lambda text: len(tokenizer.encode(text))  # noqa: E731
-    return [[{"role": "user", "content": s.prompt}, {"role": "assistant", "content": " ".join(s.references)}]
+    # A block task's probe is its full-attention form: the blocks, then the question, one user turn.
+    return [[{"role": "user", "content": "\n\n".join((*s.blocks, s.prompt))},
+             {"role": "assistant", "content": " ".join(s.references)}]
             for task in args.tasks for length in args.lengths
             for s in generate_samples(task, length, args.samples, count, args.seed)]
 

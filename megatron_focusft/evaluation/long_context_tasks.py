@@ -11,6 +11,11 @@ BABILong (arXiv 2406.10149: bAbI QA1-QA5 facts spread through long filler text).
 
 Haystacks: `noise` (a few plain sentences repeated), `essay` (essay-like sentences generated
 from word lists), `needle` (distractor needles with other keys).
+
+Block tasks (`RagTaskSpec`): the RAG-style task of data/rag_task.py, passages as local blocks
+and the question as the global block; `length` bounds its blocks and question text (its size
+bound is in that module's doc), and its samples are those `focusft data rag` writes for the same
+seed, length and layout.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from megatron_focusft.evaluation.samples import EvalSample
+from megatron_focusft.data.rag_task import RagTaskConfig, rag_samples
+from megatron_focusft.evaluation.samples import EvalSample, sample_of_rag_row
 
 _NOISE = ("The path along the river is quiet in the morning.", "Boats drift slowly under the old stone bridge.",
           "A light wind moves through the tall grass.", "The town clock strikes every hour on the hour.",
@@ -193,7 +199,21 @@ class TaskSpec:
     family: str = "ruler"
 
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+@dataclass(frozen=True)
+class RagTaskSpec:
+    """A block task: `passages` passages per sample (data/rag_task.py), drawn from one pool of
+    `pool_size` shared by the samples (so block attention reuses cached passages), or each
+    sample's own (None)."""
+
+    name: str
+    passages: int
+    pool_size: int | None
+    metric: str = "part"
+    max_new_tokens: int = 16
+    family: str = "rag"
+
+
+TASKS: dict[str, TaskSpec | RagTaskSpec] = {spec.name: spec for spec in (
     TaskSpec("niah_single_noise", _niah("single", "noise"), "all", 16),
     TaskSpec("niah_single_essay", _niah("single", "essay"), "all", 16),
     TaskSpec("niah_multikey_essay", _niah("multikey", "essay", keys=4), "all", 16),
@@ -205,6 +225,8 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("fwe", _frequent_words(), "all", 24),
     TaskSpec("qa_passages", _passage_qa(), "part", 16),
     *(TaskSpec(f"babilong_qa{i}", _babilong(i), "babilong", 8, "babilong") for i in range(1, 6)),
+    RagTaskSpec("rag", passages=8, pool_size=None),
+    RagTaskSpec("rag_shared", passages=8, pool_size=32),
 )}
 
 
@@ -216,10 +238,15 @@ def _fits(spec: TaskSpec, seed: str, n: int, length: int, count_tokens: Callable
 def generate_samples(task: str, length: int, num_samples: int, count_tokens: Callable[[str], int],
                      seed: int = 0) -> list[EvalSample]:
     """`num_samples` prompts of `task` of at most `length` tokens (as counted by `count_tokens`,
-    the model's tokenizer; the chat template adds its few tokens on top)."""
+    the model's tokenizer; the chat template adds its few tokens on top). A block task's blocks
+    and question together are at most `length` tokens."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     spec = TASKS[task]
+    if isinstance(spec, RagTaskSpec):
+        config = RagTaskConfig(num_samples, spec.passages, length, spec.pool_size, seed=seed)
+        return [sample_of_rag_row(s.row(), task, spec.metric, spec.max_new_tokens, f"{task} sample {s.index}")
+                for s in rag_samples(config, count_tokens)]
     samples = []
     for index in range(num_samples):
         sample_seed = f"{seed}:{task}:{length}:{index}"

@@ -1,8 +1,10 @@
-"""One evaluation item, and the readers of the official pre-generated files.
+"""One evaluation item, and the readers of the official pre-generated files and of block rows.
 
 RULER's JSONL (one row per sample: `input` the whole prompt, `outputs` the reference strings,
-`length` the target token count, optional `index` and `answer_prefix`) and BABILong rows
-(`input` the long context, `question`, `target`).
+`length` the target token count, optional `index` and `answer_prefix`), BABILong rows (`input`
+the long context, `question`, `target`), and the RAG task's block rows (`focusft data rag`,
+data/rag_task.py: `blocks` texts, `messages` [user question, assistant answer], optional
+`meta` with `index` and `target_tokens`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 class EvalSample:
     """task: the task name (results are grouped by task and length). length: the target prompt
     size in tokens. prompt: the user turn given to the model. references: the answers; `metric`
-    (evaluation/scoring.py) scores a prediction against them."""
+    (evaluation/scoring.py) scores a prediction against them. blocks: a block task's local
+    blocks (texts, each encoded alone), which come before the user turn (then the global block)."""
 
     task: str
     length: int
@@ -27,6 +30,7 @@ class EvalSample:
     metric: str
     max_new_tokens: int = 64
     answer_prefix: str = ""
+    blocks: tuple[str, ...] = ()
 
 
 class SampleFileError(ValueError):
@@ -77,3 +81,31 @@ def read_babilong_jsonl(path: str | os.PathLike, task: str, length: int, max_new
         samples.append(EvalSample(task, length, len(samples), f"{context}\n\nQuestion: {question}\nAnswer:",
                                   (target,), "babilong", max_new_tokens))
     return samples
+
+
+def sample_of_rag_row(row: object, task: str, metric: str, max_new_tokens: int, where: str,
+                      index: int = 0) -> EvalSample:
+    """A block row (`blocks` texts, `messages` [user question, assistant answer], optional `meta`)
+    as an EvalSample: the answer is the reference, meta's `target_tokens` the length (0 when
+    absent), its `index` the index (else `index`)."""
+    blocks = _field(row, "blocks", list, where)
+    for i, block in enumerate(blocks):
+        if not isinstance(block, str) or not block:
+            raise SampleFileError(f"{where}: block {i + 1} must be a non-empty text (evaluation reads texts)")
+    messages = _field(row, "messages", list, where)
+    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+    contents = [m.get("content") if isinstance(m, dict) else None for m in messages]
+    if roles != ["user", "assistant"] or not all(isinstance(c, str) and c for c in contents):
+        raise SampleFileError(f"{where}: 'messages' must be a user question and the assistant's answer (non-empty "
+                              f"texts), got roles {roles}")
+    meta = row.get("meta", {})
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k, 0), int) for k in ("index", "target_tokens")):
+        raise SampleFileError(f"{where}: 'meta' must be an object whose 'index' and 'target_tokens' are integers")
+    return EvalSample(task, meta.get("target_tokens", 0), meta.get("index", index), contents[0], (contents[1],),
+                      metric, max_new_tokens, blocks=tuple(blocks))
+
+
+def read_rag_jsonl(path: str | os.PathLike, task: str, metric: str, max_new_tokens: int) -> list[EvalSample]:
+    """The RAG task's block rows (`focusft data rag`), one EvalSample each."""
+    return [sample_of_rag_row(row, task, metric, max_new_tokens, f"{path}:{line_number}", index)
+            for index, (line_number, row) in enumerate(_rows(Path(path)))]

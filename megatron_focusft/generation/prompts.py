@@ -6,10 +6,14 @@ Input JSONL, one prompt per row, one of:
                                         blocks under the `focusft` prefill)
   {"input_ids": [1, 2, ...]}            raw token ids
   {"prompt": "text"}                    raw text (`--prompt` too)
-With --blocks (block attention with KV reuse) a row is
+With --blocks (block attention with KV reuse) a row is one of
   {"blocks": [text or ids, ...], "global": text or ids}
-local blocks (encoded alone, cached, reused at any offset) and the global block (the question and
-the assistant header: written as the model expects them). Texts are encoded as they are.
+  {"blocks": [text or ids, ...], "messages": [...], "tools": [...]?}
+local blocks (encoded alone with `tokenizer.encode`, no chat template, so a cached block's tokens
+never depend on its neighbours; cached, reused at any offset) and the global block: `global` as
+the model expects it (the question and the assistant header), or the rendered prompt of
+`messages` (the chat template up to the assistant header; a final assistant message, the
+training rows' response, is left out). Texts are encoded as they are.
 Output JSONL, one row per prompt, in input order: index, prompt_tokens, output_ids, text,
 finish_reason.
 """
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from megatron_focusft.data.chat import BadSample, parse_chat_row
 from megatron_focusft.data.tokenizer import ChatTemplateError, ChatTokenizer, flatten_segments
 from megatron_focusft.generation.blocks import BlockPrompt
 from megatron_focusft.generation.decode import Generation, Prompt
@@ -29,6 +34,12 @@ from megatron_focusft.generation.decode import Generation, Prompt
 
 class PromptError(ValueError):
     """A prompt row that cannot be used; the message names the file and line."""
+
+
+def _in_vocabulary(ids: Sequence[int], vocab_size: int, where: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise PromptError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
 
 
 def prompt_of_row(row: Any, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> Prompt:
@@ -54,9 +65,7 @@ def prompt_of_row(row: Any, tokenizer: ChatTokenizer, vocab_size: int, where: st
         if not isinstance(row["prompt"], str) or not row["prompt"]:
             raise PromptError(f"{where}: 'prompt' must be a non-empty string")
         prompt = Prompt.of_tokens(tokenizer.encode_prompt(row["prompt"]))
-    bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise PromptError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    _in_vocabulary(prompt.token_ids, vocab_size, where)
     return prompt
 
 
@@ -67,21 +76,43 @@ def _ids(value: Any, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> t
         ids = value
     else:
         raise PromptError(f"{where}: expected a non-empty text or list of token ids")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise PromptError(f"{where}: token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    _in_vocabulary(ids, vocab_size, where)
+    return tuple(ids)
+
+
+def _rendered_prompt(row: dict, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> tuple[int, ...]:
+    """The prompt of a block row's `messages` (and `tools`): rendered up to the assistant header,
+    a final assistant message left out."""
+    try:
+        messages, tools = parse_chat_row(row)
+    except BadSample as e:
+        raise PromptError(f"{where}: {e.detail}") from None
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise PromptError(f"{where}: 'messages' holds only the answer; the global block needs the turns before it")
+    try:
+        ids, _ = flatten_segments(tokenizer.render_prompt(messages, tools))
+    except ChatTemplateError as e:
+        raise PromptError(f"{where}: {e}") from None
+    _in_vocabulary(ids, vocab_size, where)
     return tuple(ids)
 
 
 def block_prompt_of_row(row: Any, tokenizer: ChatTokenizer, vocab_size: int, where: str) -> BlockPrompt:
-    if not isinstance(row, dict) or "global" not in row:
-        raise PromptError(f"{where}: a block row needs 'global' (and 'blocks'), got "
-                          f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+    """A block row (module doc) as token ids; PromptError names `where` and the part at fault."""
+    forms = [key for key in ("global", "messages") if key in row] if isinstance(row, dict) else []
+    if len(forms) != 1:
+        got = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise PromptError(f"{where}: a block row needs 'blocks' and exactly one of 'global' (the global block) or "
+                          f"'messages' (a chat whose rendered prompt is the global block), got {got}")
     blocks = row.get("blocks", [])
     if not isinstance(blocks, list):
         raise PromptError(f"{where}: 'blocks' must be a list")
-    return BlockPrompt(tuple(_ids(b, tokenizer, vocab_size, f"{where} block {i + 1}") for i, b in enumerate(blocks)),
-                       _ids(row["global"], tokenizer, vocab_size, f"{where} global block"))
+    local = tuple(_ids(b, tokenizer, vocab_size, f"{where} block {i + 1}") for i, b in enumerate(blocks))
+    if forms[0] == "global":
+        return BlockPrompt(local, _ids(row["global"], tokenizer, vocab_size, f"{where} global block"))
+    return BlockPrompt(local, _rendered_prompt(row, tokenizer, vocab_size, f"{where} messages"))
 
 
 def read_prompts(path: str | os.PathLike, tokenizer: ChatTokenizer, vocab_size: int,

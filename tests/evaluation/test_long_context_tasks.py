@@ -20,8 +20,8 @@ def count(text: str) -> int:
     return len(TOKENIZER.encode(text))
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
-def test_samples_fit_their_length_and_hold_their_answers(task):
+@pytest.mark.parametrize("task", sorted(name for name, spec in TASKS.items() if spec.family != "rag"))
+def test_samples_fit_their_length_and_hold_their_answers(task):  # block tasks: tests/evaluation/test_rag_eval.py
     for length in (1200, 2400):
         samples = generate_samples(task, length, 3, count, seed=4)
         for sample in samples:
