@@ -76,10 +76,6 @@ def _validate(args: argparse.Namespace) -> None:
 def _validate_distill(args: argparse.Namespace) -> None:
     _validate(args)
     _distill_config(args)
-    if args.pipeline_model_parallel_size > 1:
-        raise ValueError("--training-mode block-distill does not run under pipeline parallelism yet (the teacher's "
-                         "forward-only pipeline schedule inside the student's step is not finished); use TP / SP / "
-                         "CP, or block-sft under PP")
     if args.teacher_checkpoint is None and args.pretrained_checkpoint is None:
         raise ValueError("--training-mode block-distill needs a teacher: --teacher-checkpoint DIR (or "
                          "--pretrained-checkpoint, whose model then teaches)")

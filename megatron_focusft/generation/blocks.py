@@ -7,7 +7,12 @@ by its cache slot's position at attention time, so a block's cached keys and val
 into slots [o, o + L), are those a full forward over the assembled prompt computes for it
 (inside a local block attention sees only the block, and RoPE attention depends only on the
 distance between positions: any RoPE variant whose rotations compose, llama3 scaling
-included). The global block and the reply see every earlier token. No sink tokens yet.
+included). The global block and the reply see every earlier token.
+
+Block sink tokens (a model trained with `--block-sink-tokens k`, models/block_sinks.py): every
+local block is encoded as k sink slots (the model's sink embeddings) then its tokens, at local
+positions 0..k+L-1, and its cache entry holds k + L keys and values; in the assembled prompt the
+sink keys stay private to their block, as in training (the global block never sees them).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from megatron_focusft.attention.core_attention import SegmentCoreAttention
 from megatron_focusft.generation.decode import Generation, GenerationConfig, _results
 from megatron_focusft.generation.sampling import next_tokens
 from megatron_focusft.masks import SegmentMask, segment_mask
+from megatron_focusft.models.block_sinks import block_sinks_of, sink_slots
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # pre-RoPE keys, values: [L, groups/tp, head_dim] each
 
@@ -51,18 +57,44 @@ class BlockPrompt:
         rest = tuple(t for block in self.blocks[max_blocks:] for t in block)
         return BlockPrompt(self.blocks[:max_blocks], rest + self.global_block)
 
-    def tokens(self) -> list[int]:
-        return [t for block in self.blocks for t in block] + list(self.global_block)
+    def tokens(self, sink_tokens: int = 0) -> list[int]:
+        """The assembled prompt's token ids; each local block opens with `sink_tokens` slots
+        (id SINK_SLOT_ID: the model writes its sink embeddings there)."""
+        sinks = [SINK_SLOT_ID] * sink_tokens
+        return [t for block in self.blocks for t in (*sinks, *block)] + list(self.global_block)
 
-    def block_ids(self) -> list[int]:
-        """Block number of every token; the global block has the highest."""
-        ids = [i for i, block in enumerate(self.blocks) for _ in block]
+    def block_ids(self, sink_tokens: int = 0) -> list[int]:
+        """Block number of every token of `tokens(sink_tokens)`; the global block has the highest."""
+        ids = [i for i, block in enumerate(self.blocks) for _ in range(sink_tokens + len(block))]
         return ids + [len(self.blocks)] * len(self.global_block)
 
+    def sink_flags(self, sink_tokens: int = 0) -> list[int]:
+        """1 on the sink slots of `tokens(sink_tokens)`."""
+        flags = [f for block in self.blocks for f in [1] * sink_tokens + [0] * len(block)]
+        return flags + [0] * len(self.global_block)
 
-def block_mask(block_ids: Sequence[int], device: torch.device | str) -> SegmentMask:
+
+SINK_SLOT_ID = 0  # any valid id: the sink embedding replaces its embedding
+
+
+def block_mask(block_ids: Sequence[int], device: torch.device | str, sink_flags: Sequence[int] | None = None,
+               ) -> SegmentMask:
     ids = torch.tensor([list(block_ids)], device=device)
-    return segment_mask("block", doc_ids=torch.zeros_like(ids), block_ids=ids)
+    sinks = None if sink_flags is None or not any(sink_flags) else torch.tensor([list(sink_flags)], device=device)
+    return segment_mask("block", doc_ids=torch.zeros_like(ids), block_ids=ids, sink_mask=sinks)
+
+
+def sink_count(model: GPTModel) -> int:
+    sinks = block_sinks_of(model)
+    return 0 if sinks is None else sinks.num_tokens
+
+
+def embed_with_sinks(model: GPTModel, tokens: torch.Tensor, positions: torch.Tensor,
+                     sink_flags: torch.Tensor) -> torch.Tensor:
+    """The decoder input [s, b, h] of tokens [b, s] with the model's sink embeddings at the
+    positions flagged in sink_flags [b, s] (slot j = j-th of each run)."""
+    hidden = model.embedding(input_ids=tokens, position_ids=positions)
+    return block_sinks_of(model)(hidden, sink_slots(sink_flags.bool()).t())
 
 
 @dataclass
@@ -93,9 +125,10 @@ class BlockKVCache:
 
 
 def _forward(model: GPTModel, tokens: torch.Tensor, start: int, mask: SegmentMask,
-             context: StaticInferenceContext) -> torch.Tensor:
+             context: StaticInferenceContext, sink_flags: torch.Tensor | None = None) -> torch.Tensor:
     positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-    logits = model(tokens, positions, attention_mask=mask, inference_context=context)
+    decoder_input = None if sink_flags is None else embed_with_sinks(model, tokens, positions, sink_flags)
+    logits = model(tokens, positions, attention_mask=mask, inference_context=context, decoder_input=decoder_input)
     context.sequence_len_offset += tokens.shape[1]
     return gather_from_tensor_model_parallel_region(logits[:, -1:].contiguous())[:, -1].float()
 
@@ -106,11 +139,14 @@ def _layer_numbers(model: GPTModel) -> list[int]:
 
 @torch.no_grad()
 def encode_block(model: GPTModel, block: Sequence[int]) -> dict[int, LayerKV]:
-    """One block alone at positions 0..L-1, causal: every layer's pre-RoPE keys and values."""
+    """One block alone at positions 0..k+L-1 (after the model's k sink slots), causal: every
+    layer's pre-RoPE keys and values, [k + L, ...]."""
     device = next(model.parameters()).device
-    tokens = torch.tensor([list(block)], device=device)
-    context = StaticInferenceContext(1, len(block))
-    _forward(model, tokens, 0, segment_mask("causal", doc_ids=torch.zeros_like(tokens)), context)
+    num_sinks = sink_count(model)
+    tokens = torch.tensor([[SINK_SLOT_ID] * num_sinks + list(block)], device=device)
+    flags = torch.tensor([[1] * num_sinks + [0] * len(block)], device=device) if num_sinks else None
+    context = StaticInferenceContext(1, tokens.shape[1])
+    _forward(model, tokens, 0, segment_mask("causal", doc_ids=torch.zeros_like(tokens)), context, flags)
     return {layer: (k[:, 0].clone(), v[:, 0].clone()) for layer, (k, v) in context.key_value_memory_dict.items()}
 
 
@@ -123,7 +159,8 @@ def generate_with_blocks(model: GPTModel, prompt: BlockPrompt, config: Generatio
         raise ValueError("block generation runs without sequence or context parallelism")
     model.eval()
     device = next(model.parameters()).device
-    prefix = sum(len(b) for b in prompt.blocks)
+    num_sinks = sink_count(model)
+    prefix = sum(num_sinks + len(b) for b in prompt.blocks)
     total = prefix + len(prompt.global_block) + config.max_new_tokens
     context = StaticInferenceContext(1, total)
     cached = [cache.get(model, block) for block in prompt.blocks]
@@ -140,9 +177,9 @@ def generate_with_blocks(model: GPTModel, prompt: BlockPrompt, config: Generatio
             offset += k.shape[0]
         context.key_value_memory_dict[layer] = (keys, values)
     context.sequence_len_offset = prefix
-    block_ids = prompt.block_ids()
+    block_ids, sinks = prompt.block_ids(num_sinks), prompt.sink_flags(num_sinks)
     global_tokens = torch.tensor([list(prompt.global_block)], device=device)
-    logits = _forward(model, global_tokens, prefix, block_mask(block_ids, device), context)
+    logits = _forward(model, global_tokens, prefix, block_mask(block_ids, device, sinks), context)
     if generator is None:
         generator = torch.Generator().manual_seed(config.sampling.seed)
     stop = set(config.stop_token_ids)
@@ -156,6 +193,7 @@ def generate_with_blocks(model: GPTModel, prompt: BlockPrompt, config: Generatio
         if token in stop or step == config.max_new_tokens - 1:
             break
         block_ids.append(block_ids[-1])  # the reply continues the global block
+        sinks.append(0)
         logits = _forward(model, torch.tensor([[token]], device=device), len(block_ids) - 1,
-                          block_mask(block_ids, device), context)
+                          block_mask(block_ids, device, sinks), context)
     return _results(torch.tensor([tokens]), kept, config)[0]

@@ -18,6 +18,7 @@ from megatron.core.models.gpt import GPTModel
 
 ATTRIBUTE = "block_sinks"
 STATE_PREFIX = f"{ATTRIBUTE}."
+SEED_OFFSET = 7_777
 
 
 class BlockSinks(torch.nn.Module):
@@ -28,8 +29,11 @@ class BlockSinks(torch.nn.Module):
         super().__init__()
         if num_tokens < 1:
             raise ValueError(f"block sinks need at least one token, got {num_tokens}")
-        self.weight = torch.nn.Parameter(torch.empty(num_tokens, hidden_size, dtype=dtype))
-        torch.nn.init.normal_(self.weight, std=init_std)
+        # Drawn from a generator of their own (seeded by the run's torch seed), so the values do
+        # not depend on how many layers this pipeline stage built before them.
+        generator = torch.Generator().manual_seed(torch.initial_seed() + SEED_OFFSET)
+        values = torch.randn(num_tokens, hidden_size, generator=generator) * init_std
+        self.weight = torch.nn.Parameter(values.to(dtype))
         self.weight.sequence_parallel = sequence_parallel
 
     @property
@@ -45,7 +49,9 @@ class BlockSinks(torch.nn.Module):
             raise ValueError(f"a block has more sink slots than the model's {self.num_tokens} sink tokens")
         is_sink = (slots >= 0).unsqueeze(-1)
         sinks = self.weight.to(hidden.dtype)[slots.clamp(min=0)]
-        return torch.where(is_sink, sinks, hidden)
+        # where() keeps the strides of the embedding's transposed output; the residual stream
+        # inherits them, and a pipeline stage can only send a contiguous tensor.
+        return torch.where(is_sink, sinks, hidden).contiguous()
 
 
 def add_block_sinks(model: GPTModel, num_tokens: int) -> None:

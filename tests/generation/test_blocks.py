@@ -93,3 +93,42 @@ def test_generate_cli_with_blocks(single_rank, tmp_path, capsys):
 
     with pytest.raises(PromptError, match=r"blocks.jsonl:1 global block: expected a non-empty text"):
         cli_main(["generate", "--hf-path", str(tmp_path / "llama"), "--input", str(path), "--blocks"])
+
+
+def test_sink_tokens_are_private_to_their_block_and_reused_with_it(single_rank, tmp_path):
+    """A model with 2 sink tokens: the assembled prompt (sinks + block per local block, cached,
+    reused at another offset) equals a full forward whose embeddings hold the sink vectors at
+    the sink slots, under the block mask with the sinks private; the sinks change the answer."""
+    from megatron_focusft.models.block_sinks import add_block_sinks
+
+    _, model = _hf_model(tmp_path)
+    add_block_sinks(model, 2)
+    with torch.no_grad():
+        model.block_sinks.weight.normal_(generator=torch.Generator().manual_seed(4))
+    cache = BlockKVCache()
+    config = GenerationConfig(max_new_tokens=STEPS, keep_logits=True)
+    a, b, question = _blocks(5, (7, 9, 5))
+    for layout in ((a, b), (b, a)):
+        prompt = BlockPrompt(layout, question)
+        result = generate_with_blocks(model, prompt, config, cache)
+        expected = []
+        for step in range(len(result.token_ids)):
+            tokens = prompt.tokens(2) + result.token_ids[:step]
+            ids = prompt.block_ids(2) + [len(layout)] * step
+            flags = prompt.sink_flags(2) + [0] * step
+            positions = torch.arange(len(tokens))[None]
+            with torch.no_grad():
+                hidden = model.embedding(input_ids=torch.tensor([tokens]), position_ids=positions).clone()
+                slot = 0
+                for p, flag in enumerate(flags):
+                    slot = slot + 1 if flag and p > 0 and flags[p - 1] else 0
+                    if flag:
+                        hidden[p, 0] = model.block_sinks.weight[slot]
+                logits = model(torch.tensor([tokens]), positions, block_mask(ids, "cpu", flags), decoder_input=hidden)
+            expected.append(logits[0, -1].float())
+        torch.testing.assert_close(result.logits, torch.stack(expected), atol=TOL, rtol=0)
+    assert (cache.misses, cache.hits) == (2, 2)
+    with torch.no_grad():
+        model.block_sinks.weight.zero_()
+    zeroed = generate_with_blocks(model, BlockPrompt((b, a), question), config, BlockKVCache())
+    assert (zeroed.logits[0] - result.logits[0]).abs().max() > 1e-3  # the blocks' keys saw their sinks
