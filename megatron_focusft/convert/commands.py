@@ -31,7 +31,13 @@ from megatron_focusft.convert.hf_files import (
     staging_dir,
     write_hf_directory,
 )
-from megatron_focusft.convert.state_dict import hf_state_dict, megatron_tensor, tp_slice
+from megatron_focusft.convert.state_dict import (
+    SINKS_HF_NAME,
+    SINKS_MEGATRON_NAME,
+    hf_state_dict,
+    megatron_tensor,
+    tp_slice,
+)
 from megatron_focusft.engine.checkpoint import (
     ASSETS_DIR,
     CheckpointError,
@@ -151,7 +157,8 @@ def export_hf(megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *, t
     weights = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}
     torch_dtype = _export_dtype(dtype, source)
     stage = staging_dir(out)
-    write_hf_directory(stage, config, hf_state_dict(weights, shape), assets, torch_dtype)
+    sinks = [(SINKS_HF_NAME, weights.pop(SINKS_MEGATRON_NAME))] if shape.block_sink_tokens else []
+    write_hf_directory(stage, config, [*hf_state_dict(weights, shape), *sinks], assets, torch_dtype)
     commit_dir(stage, out)
     log(f"exported iteration {iteration} of {checkpoint} as {family} ({str(torch_dtype).removeprefix('torch.')}) "
         f"to {out}")

@@ -71,6 +71,14 @@ def _refuse_features(config: dict[str, Any], family: str, source: str) -> None:
         raise UnsupportedModelError(f"{source}: pretraining_tp = {config['pretraining_tp']} is not supported")
 
 
+# Keys of an exported config.json that transformers ignores: the block sink tokens of a model
+# trained with them (their embeddings are in hf_files.SINKS_FILE) and a note saying so.
+SINK_TOKENS_KEY = "focusft_block_sink_tokens"
+SINK_NOTE_KEY = "focusft_note"
+SINK_NOTE = ("block sink embeddings [focusft_block_sink_tokens, hidden_size] are in block_sinks.safetensors: "
+             "transformers does not use them; `focusft generate --blocks --hf-path` does")
+
+
 def shape_from_hf_config(config: dict[str, Any], source: str = "config.json") -> ModelPreset:
     """The ModelPreset of an HF config dict; UnsupportedModelError names what we cannot convert."""
     family = family_of(config, source)
@@ -89,7 +97,7 @@ def shape_from_hf_config(config: dict[str, Any], source: str = "config.json") ->
             kv_channels=int(head_dim) if head_dim and int(head_dim) != hidden // heads else None,
             add_qkv_bias=family == "qwen2",
             share_embeddings_and_output_weights=bool(config.get("tie_word_embeddings", False)),
-            rope_scaling=scaling)
+            rope_scaling=scaling, block_sink_tokens=int(config.get(SINK_TOKENS_KEY, 0)))
     except KeyError as e:
         raise UnsupportedModelError(f"{source}: missing {e.args[0]!r}") from None
 
@@ -107,7 +115,8 @@ def hf_config_from_shape(shape: ModelPreset, family: str, source: dict[str, Any]
     if shape.add_qkv_bias != (family == "qwen2"):
         raise UnsupportedModelError(f"a model with add_qkv_bias = {shape.add_qkv_bias} cannot be exported as {family}")
     keep = {k: v for k, v in (source or {}).items()
-            if k not in ("rope_scaling", "rope_theta", "rope_parameters", "architectures", "transformers_version")}
+            if k not in ("rope_scaling", "rope_theta", "rope_parameters", "architectures", "transformers_version",
+                         SINK_TOKENS_KEY, SINK_NOTE_KEY)}
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": shape.rotary_base}
     if shape.rope_scaling is not None:
         s = shape.rope_scaling
@@ -123,4 +132,6 @@ def hf_config_from_shape(shape: ModelPreset, family: str, source: dict[str, Any]
         tie_word_embeddings=shape.share_embeddings_and_output_weights, hidden_act="silu", rope_parameters=rope)
     if family == "mistral":
         fields["sliding_window"] = None
+    if shape.block_sink_tokens:
+        fields.update({SINK_TOKENS_KEY: shape.block_sink_tokens, SINK_NOTE_KEY: SINK_NOTE})
     return transformers.CONFIG_MAPPING[family](**fields)

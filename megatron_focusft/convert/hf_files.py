@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from megatron_focusft.convert.hf_config import family_of, shape_from_hf_config
-from megatron_focusft.convert.state_dict import hf_tensor_shapes
+from megatron_focusft.convert.state_dict import SINKS_HF_NAME, hf_tensor_shapes
 from megatron_focusft.engine.checkpoint import MODEL_ASSET_FILES
 from megatron_focusft.models.presets import ModelPreset
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SINKS_FILE = "block_sinks.safetensors"  # block sink embeddings, beside the weights (state_dict.SINKS_HF_NAME)
 # Files besides the weights and config that travel with a model: tokenizer, chat template,
 # generation defaults.
 ASSET_FILES = tuple(name for name in MODEL_ASSET_FILES if name != "config.json")
@@ -136,7 +137,23 @@ def open_hf_directory(path: str | os.PathLike) -> HFDirectory:
         if found[name] != want:
             raise HFCheckpointError(f"{files[name]}: tensor {name} has shape {list(found[name])}, but config.json "
                                     f"implies {list(want)}")
-    return HFDirectory(path, config, family, shape, {n: files[n] for n in expected})
+    tensors = {n: files[n] for n in expected}
+    if shape.block_sink_tokens:
+        tensors[SINKS_HF_NAME] = _sinks_file(path, shape)
+    return HFDirectory(path, config, family, shape, tensors)
+
+
+def _sinks_file(path: Path, shape: ModelPreset) -> Path:
+    """The checked SINKS_FILE of a directory whose config names block sink tokens."""
+    sinks = path / SINKS_FILE
+    if not sinks.is_file():
+        raise HFCheckpointError(f"{path / 'config.json'} names {shape.block_sink_tokens} block sink tokens but "
+                                f"{SINKS_FILE} is missing")
+    found = _check_shards({SINKS_HF_NAME: sinks}).get(SINKS_HF_NAME)
+    if found != (shape.block_sink_tokens, shape.hidden_size):
+        raise HFCheckpointError(f"{sinks}: {SINKS_HF_NAME} has shape {None if found is None else list(found)}, "
+                                f"config.json says [{shape.block_sink_tokens}, {shape.hidden_size}]")
+    return sinks
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -175,13 +192,17 @@ def write_hf_directory(path: Path, config: Any, tensors: Iterable[tuple[str, tor
                        assets: Iterable[Path] = (), dtype: torch.dtype = torch.float32,
                        max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write config.json, safetensors shards (with an index when there are several) and the
-    asset files into `path` (which `staging_dir` made; it must not exist)."""
+    asset files into `path` (which `staging_dir` made; it must not exist). A SINKS_HF_NAME
+    tensor goes to SINKS_FILE instead of the shards."""
     from safetensors.torch import save_file
 
     path.mkdir()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors:
+        if name == SINKS_HF_NAME:
+            save_file({name: tensor.detach().to(dtype).contiguous()}, str(path / SINKS_FILE), metadata={"format": "pt"})
+            continue
         nbytes = tensor.numel() * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})

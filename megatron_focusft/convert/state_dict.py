@@ -78,8 +78,16 @@ def hf_tensor_shapes(shape: ModelPreset) -> dict[str, tuple[int, ...]]:
     return out
 
 
+# Block sink embeddings [k, hidden] (models/block_sinks.py) have no place in a transformers model:
+# they travel in a file of their own beside the weights (convert/hf_files.SINKS_FILE).
+SINKS_HF_NAME = "focusft.block_sinks"
+SINKS_MEGATRON_NAME = "block_sinks.weight"
+
+
 def megatron_tensor(name: str, read_hf: Callable[[str], torch.Tensor], shape: ModelPreset) -> torch.Tensor:
     """The full Megatron tensor `name` (global layer numbers), built from HF tensors read by `read_hf`."""
+    if name == SINKS_MEGATRON_NAME:
+        return read_hf(SINKS_HF_NAME)
     if name == "output_layer.weight" and shape.share_embeddings_and_output_weights:
         return read_hf("model.embed_tokens.weight")  # a tied output layer's copy on the last stage
     for hf, megatron in _GLOBAL:
@@ -101,7 +109,8 @@ def megatron_tensor(name: str, read_hf: Callable[[str], torch.Tensor], shape: Mo
 
 
 def hf_state_dict(megatron: Mapping[str, torch.Tensor], shape: ModelPreset) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of a full Megatron state dict (TP = PP = 1 names), in HF order."""
+    """(HF name, tensor) pairs of a full Megatron state dict (TP = PP = 1 names), in HF order;
+    the block sinks are not among them (SINKS_HF_NAME, written to a file of their own)."""
     for hf, name in _globals(shape)[:1]:
         yield hf, megatron[name]
     for i in range(shape.num_layers):

@@ -119,10 +119,50 @@ def test_block_sft_and_distill_train_resume_and_keep_their_sinks(single_rank, ba
     resumed = _train(_argv(base, "block-sft", "--train-iters", "3", "--block-sink-tokens", "2", "--save", str(run),
                            "--load", str(run), "--override-opt_param-scheduler"))
     assert resumed["start_iteration"] == 2 and len(resumed["losses"]) == 1
+    _check_sinks_export(run, tmp_path / "export")
     distill = _train(_argv(base, "block-distill", "--train-iters", "2", "--block-sink-tokens", "1",
                            "--block-dropout", "0.5", "--distill-token-weighting", "--distill-ce-weight", "0.5"))
     assert len(distill["losses"]) == 2 and all(x == x and x > 0 for x in distill["losses"])
     assert {"kd_loss", "ce_loss"} <= set(distill["history"][0])
+
+
+def _check_sinks_export(run: Path, export: Path) -> None:
+    """The sinks leave in a file of their own with a note in config.json; transformers loads the
+    export without unexpected keys; loading the export for generation restores the same sinks,
+    and block generation from it equals block generation from the checkpoint."""
+    import transformers
+
+    from megatron_focusft.cli import main as cli_main
+    from megatron_focusft.convert.hf_config import SINK_TOKENS_KEY
+    from megatron_focusft.generation.blocks import BlockKVCache, BlockPrompt, generate_with_blocks
+    from megatron_focusft.generation.decode import GenerationConfig
+    from megatron_focusft.generation.loading import load_inference_model
+    from megatron_focusft.models.block_sinks import block_sinks_of
+    from megatron_focusft.runtime import release_model_parallel
+    from tests.helpers.distributed import init_model_parallel
+
+    release_model_parallel()
+    assert cli_main(["convert", "export-hf", "--megatron-path", str(run), "--hf-path", str(export)]) == 0
+    assert (export / "block_sinks.safetensors").is_file()
+    assert json.loads((export / "config.json").read_text())[SINK_TOKENS_KEY] == 2
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(str(export), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    init_model_parallel()
+    from_hf, from_ckpt = load_inference_model(hf_path=export).model, load_inference_model(load=run).model
+    torch.testing.assert_close(block_sinks_of(from_hf).weight, block_sinks_of(from_ckpt).weight, atol=0, rtol=0)
+    assert block_sinks_of(from_hf).weight.abs().max() > 0
+    prompt, config = BlockPrompt(((5, 6, 7), (8, 9)), (10, 11)), GenerationConfig(max_new_tokens=3, keep_logits=True)
+    a = generate_with_blocks(from_hf, prompt, config, BlockKVCache())
+    b = generate_with_blocks(from_ckpt, prompt, config, BlockKVCache())
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    import shutil
+
+    from megatron_focusft.convert.hf_files import HFCheckpointError, open_hf_directory
+
+    shutil.copytree(export, export.with_name("no-sinks"))
+    (export.with_name("no-sinks") / "block_sinks.safetensors").unlink()
+    with pytest.raises(HFCheckpointError, match="names 2 block sink tokens but block_sinks.safetensors is missing"):
+        open_hf_directory(export.with_name("no-sinks"))
 
 
 def test_block_flags_are_checked_before_anything_starts(base):
