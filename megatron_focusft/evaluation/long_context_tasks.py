@@ -156,7 +156,7 @@ def _passage_qa():
                     + " ".join(_filler(rng, "essay", 6)) for i, person in enumerate(people)]
         target = rng.randrange(len(people))
         city = passages[target].split(" lives in ", 1)[1].split(" ", 1)[0]
-        prompt = (f"Answer the question using the passages.\n\n" + "\n\n".join(passages)
+        prompt = ("Answer the question using the passages.\n\n" + "\n\n".join(passages)
                   + f"\n\nQuestion: In which city does {people[target]} live?")
         return prompt, (city,)
     return build
