@@ -165,6 +165,26 @@ def _check_sinks_export(run: Path, export: Path) -> None:
         open_hf_directory(export.with_name("no-sinks"))
 
 
+def test_a_teacher_of_another_vocabulary_or_tokenizer_is_refused_before_training(single_rank, base, tmp_path):
+    from megatron_focusft.blockattn.teacher import TeacherMismatch, check_teacher
+    from megatron_focusft.engine.checkpoint import read_checkpoint_info
+    from megatron_focusft.runtime import release_model_parallel
+
+    hf, ckpt, _ = base
+    save_tiny_hf_model("qwen2", tmp_path / "hf-wide", vocab_size=256)
+    _import(str(tmp_path / "hf-wide"), str(tmp_path / "wide"))
+    release_model_parallel()
+    with pytest.raises(TeacherMismatch, match="vocabulary of 256 tokens, the student 128"):
+        _train(_argv(base, "block-distill", "--train-iters", "1", "--teacher-checkpoint", str(tmp_path / "wide")))
+    shape = read_checkpoint_info(ckpt).shape
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    (other / "tokenizer.json").write_text((hf / "tokenizer.json").read_text().replace("river", "ocean"))
+    check_teacher(str(ckpt), shape, shape, str(hf))  # the same files: accepted
+    with pytest.raises(TeacherMismatch, match="other tokenizer files"):
+        check_teacher(str(ckpt), shape, shape, str(other))
+
+
 def test_block_flags_are_checked_before_anything_starts(base):
     with pytest.raises(SystemExit):
         parse_training_args(_argv(base, "block-sft", "--block-ratio", "1.5"))

@@ -120,3 +120,24 @@ def test_block_samples_through_cache_and_packing(tmp_path) -> None:
                 pos += n
                 seen += 1
     assert seen == len(samples)
+
+
+def test_bad_block_rows_name_the_row(tmp_path) -> None:
+    from megatron_focusft.data.chat import BadSampleError
+
+    def load(row: dict, seq_length: int = 256):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        return load_chat_samples(ChatDataConfig((str(path),), seq_length), TOKENIZER, log=None,
+                                 forms=forms(BlockFormConfig(sink_tokens=4)))
+
+    chat = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    with pytest.raises(BadSampleError, match="row 1: malformed: no 'messages' field"):
+        load({"blocks": ["passage"]})  # no global block
+    with pytest.raises(BadSampleError, match="row 1: malformed: block 2 must be a non-empty text"):
+        load({"blocks": ["passage", ""], "messages": chat})
+    with pytest.raises(BadSampleError, match="token id 999 is outside"):
+        load({"blocks": [[999]], "messages": chat})
+    # 2 x 8 block tokens + 7 of the chat fit 24 in full form; with 2 x 4 sink slots they do not.
+    with pytest.raises(BadSampleError, match=r"row 1: too_long: 31 tokens in block form > seq_length 24"):
+        load({"blocks": ["12345678", "abcdefgh"], "messages": chat}, seq_length=24)
