@@ -128,12 +128,6 @@ def run_analyze(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    from megatron_focusft.convert.cli import check_world_size
-    from megatron_focusft.runtime import megatron_session, quiet_megatron_import_warnings
+    from megatron_focusft.generation.cli import run_inference_command
 
-    args = parse_analyze_args(argv)
-    check_world_size(argparse.ArgumentParser(prog="focusft analyze"), args.tensor_model_parallel_size)
-    quiet_megatron_import_warnings()
-    with megatron_session(args.tensor_model_parallel_size, args.seed):
-        run_analyze(args)
-    return 0
+    return run_inference_command("focusft analyze", parse_analyze_args(argv), run_analyze)

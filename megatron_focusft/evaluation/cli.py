@@ -151,12 +151,6 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-    from megatron_focusft.convert.cli import check_world_size
-    from megatron_focusft.runtime import megatron_session, quiet_megatron_import_warnings
+    from megatron_focusft.generation.cli import run_inference_command
 
-    args = parse_eval_args(argv)
-    check_world_size(argparse.ArgumentParser(prog="focusft eval"), args.tensor_model_parallel_size)
-    quiet_megatron_import_warnings()
-    with megatron_session(args.tensor_model_parallel_size, args.seed):
-        run_eval(args)
-    return 0
+    return run_inference_command("focusft eval", parse_eval_args(argv), run_eval)

@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,14 +213,18 @@ def _run_blocks(args: argparse.Namespace, setup: LoadedForInference, prompts: li
         torch.save(logits, args.output_logits)
 
 
-def main(argv: Sequence[str]) -> int:
+def run_inference_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], object]) -> int:
+    """The main() of an inference command (generate, eval, analyze): the launch's world size must
+    be the TP size, then `run(args)` inside one Megatron session."""
+    from megatron_focusft.convert.cli import check_world_size
     from megatron_focusft.runtime import megatron_session, quiet_megatron_import_warnings
 
-    from megatron_focusft.convert.cli import check_world_size
-
-    args = parse_generate_args(argv)
-    check_world_size(argparse.ArgumentParser(prog="focusft generate"), args.tensor_model_parallel_size)
+    check_world_size(argparse.ArgumentParser(prog=prog), args.tensor_model_parallel_size)
     quiet_megatron_import_warnings()
     with megatron_session(args.tensor_model_parallel_size, args.seed):
-        run_generate(args)
+        run(args)
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    return run_inference_command("focusft generate", parse_generate_args(argv), run_generate)
