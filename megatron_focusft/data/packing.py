@@ -124,10 +124,24 @@ class PackedChats:
 
     def row_tensors(self, rows: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens, doc_ids, response), each [len(rows), s] long; None gives an empty row."""
+        placed = self._place(rows, {"tokens": (self.samples.tokens, self.samples.pad_id),
+                                    "response": (self.samples.response, 0)})
+        return placed["tokens"], placed["doc_ids"], placed["response"]
+
+    def row_blocks(self, rows: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_ids long, sink bool), each [len(rows), s], of samples that carry blocks; padding
+        and empty rows hold block 0 and no sink."""
+        if not self.samples.has_blocks:
+            raise ValueError("these samples carry no block ids: load them with block-attention sample forms")
+        placed = self._place(rows, {"block_ids": (self.samples.block_ids, 0), "sink": (self.samples.sink, 0)})
+        return placed["block_ids"], placed["sink"].bool()
+
+    def _place(self, rows: Sequence[int | None], fields: dict[str, tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+        """Each field's per-token values [num_tokens] laid out as the rows hold their samples,
+        [len(rows), s] long, `fill` elsewhere; and "doc_ids" (0, 1, ... per row, -1 = padding)."""
         b, s = len(rows), self.seq_length
-        tokens = torch.full((b, s), self.samples.pad_id, dtype=torch.long)
-        doc_ids = torch.full((b, s), -1, dtype=torch.long)
-        response = torch.zeros((b, s), dtype=torch.long)
+        out = {name: torch.full((b, s), fill, dtype=torch.long) for name, (_, fill) in fields.items()}
+        out["doc_ids"] = torch.full((b, s), -1, dtype=torch.long)
         offsets = self.samples.offsets
         for r, row in enumerate(rows):
             if row is None:
@@ -135,32 +149,11 @@ class PackedChats:
             pos = 0
             for doc, index in enumerate(self.rows[row]):
                 lo, hi = int(offsets[index]), int(offsets[index + 1])
-                n = hi - lo
-                tokens[r, pos:pos + n] = self.samples.tokens[lo:hi]
-                response[r, pos:pos + n] = self.samples.response[lo:hi]
-                doc_ids[r, pos:pos + n] = doc
-                pos += n
-        return tokens, doc_ids, response
-
-    def row_blocks(self, rows: Sequence[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block_ids long, sink bool), each [len(rows), s], of samples that carry blocks; padding
-        and empty rows hold block 0 and no sink."""
-        if not self.samples.has_blocks:
-            raise ValueError("these samples carry no block ids: load them with block-attention sample forms")
-        b, s = len(rows), self.seq_length
-        block_ids = torch.zeros((b, s), dtype=torch.long)
-        sink = torch.zeros((b, s), dtype=torch.bool)
-        offsets = self.samples.offsets
-        for r, row in enumerate(rows):
-            if row is None:
-                continue
-            pos = 0
-            for index in self.rows[row]:
-                lo, hi = int(offsets[index]), int(offsets[index + 1])
-                block_ids[r, pos:pos + hi - lo] = self.samples.block_ids[lo:hi]
-                sink[r, pos:pos + hi - lo] = self.samples.sink[lo:hi].bool()
+                for name, (values, _) in fields.items():
+                    out[name][r, pos:pos + hi - lo] = values[lo:hi]
+                out["doc_ids"][r, pos:pos + hi - lo] = doc
                 pos += hi - lo
-        return block_ids, sink
+        return out
 
 
 def pack_chats(samples: ChatSamples, config: PackingConfig, epoch: int = 0,

@@ -5,7 +5,7 @@ text, its block boundaries as character offsets (strictly increasing, in (0, len
 ``identity`` is a string that changes whenever the boundaries of any text could change (method,
 settings, tokenizer, model weights): a tokenised-data cache keyed by it never serves blocks of
 another segmenter. The CLI (`focusft segment apply --method M`) reads the methods from here, as
-the block-attention data path (`--block-segmenter M`, not built yet) is meant to: a new method
+the block-attention data path does (`--block-segmenter M`, blockattn/method.py): a new method
 is one factory plus one `register_segmenter` call below.
 """
 

@@ -17,8 +17,8 @@ import torch
 
 from megatron_focusft.training.arguments import parse_training_args
 from megatron_focusft.training.pretrain import pretrain
-from tests.convert.test_import_export import _import, _load
-from tests.helpers.hf_models import WORDS, save_tiny_hf_model
+from tests.convert.test_import_export import _load
+from tests.helpers.hf_models import WORDS, import_tiny_model
 
 
 def _rag_rows(count: int) -> list[dict]:
@@ -35,20 +35,14 @@ def _rag_rows(count: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from megatron_focusft.runtime import release_model_parallel
-
     root = tmp_path_factory.mktemp("blocks")
-    save_tiny_hf_model("qwen2", root / "hf")
-    _import(str(root / "hf"), str(root / "mcore"))
-    release_model_parallel()
+    hf, ckpt = import_tiny_model(root, "mcore")
     # A second model as the teacher of the loss check: the student's own weights under the
     # causal mask differ from it under the block mask by ~1e-6 in a random tiny model.
-    save_tiny_hf_model("qwen2", root / "hf-teacher", seed=1)
-    _import(str(root / "hf-teacher"), str(root / "teacher"))
-    release_model_parallel()
+    import_tiny_model(root, "teacher", seed=1)
     data = root / "rag.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rag_rows(8)))
-    return root / "hf", root / "mcore", data
+    return hf, ckpt, data
 
 
 def _argv(base, mode: str, *extra: str) -> list[str]:
@@ -79,7 +73,7 @@ def test_distillation_loss_equals_a_plain_kl_of_teacher_and_student(single_rank,
     row = _rag_rows(1)[0]
     one = tmp_path / "one.jsonl"
     one.write_text(json.dumps(row) + "\n")
-    teacher_ckpt = ckpt.parent / "teacher"
+    teacher_ckpt = ckpt.parent / "teacher"  # the fixture's second model
     argv = _argv((hf, ckpt, one), "block-distill", "--micro-batch-size", "1", "--train-iters", "1",
                  "--distill-temperature", "2", "--teacher-checkpoint", str(teacher_ckpt))
     loss = _first_loss(argv)
@@ -168,14 +162,11 @@ def _check_sinks_export(run: Path, export: Path) -> None:
 def test_a_teacher_of_another_vocabulary_or_tokenizer_is_refused_before_training(single_rank, base, tmp_path):
     from megatron_focusft.blockattn.teacher import TeacherMismatch, check_teacher
     from megatron_focusft.engine.checkpoint import read_checkpoint_info
-    from megatron_focusft.runtime import release_model_parallel
 
     hf, ckpt, _ = base
-    save_tiny_hf_model("qwen2", tmp_path / "hf-wide", vocab_size=256)
-    _import(str(tmp_path / "hf-wide"), str(tmp_path / "wide"))
-    release_model_parallel()
+    _, wide = import_tiny_model(tmp_path, "wide", vocab_size=256)
     with pytest.raises(TeacherMismatch, match="vocabulary of 256 tokens, the student 128"):
-        _train(_argv(base, "block-distill", "--train-iters", "1", "--teacher-checkpoint", str(tmp_path / "wide")))
+        _train(_argv(base, "block-distill", "--train-iters", "1", "--teacher-checkpoint", str(wide)))
     shape = read_checkpoint_info(ckpt).shape
     other = tmp_path / "other-tokenizer"
     other.mkdir()

@@ -74,3 +74,18 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """[b, s] -> [b, s, vocab] fp32, causal, no padding."""
     with torch.no_grad():
         return model(tokens).logits.float()
+
+
+def import_tiny_model(root: Path, name: str, family: str = "qwen2", seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """A tiny HF model at root/hf-NAME imported as a one-rank checkpoint at root/NAME (the model
+    parallel state is released afterwards): (HF directory, checkpoint)."""
+    from megatron_focusft.convert.commands import import_hf
+    from megatron_focusft.runtime import release_model_parallel
+    from tests.helpers.distributed import init_model_parallel
+
+    hf, ckpt = root / f"hf-{name}", root / name
+    save_tiny_hf_model(family, hf, seed=seed, **overrides)
+    init_model_parallel()
+    import_hf(hf, ckpt, log=lambda *a: None)
+    release_model_parallel()
+    return hf, ckpt

@@ -17,8 +17,8 @@ import torch
 from megatron_focusft.cli import main as cli_main
 from megatron_focusft.training.arguments import parse_training_args
 from megatron_focusft.training.pretrain import pretrain
-from tests.convert.test_import_export import TOKENS, TOL, _import, _load, megatron_logits
-from tests.helpers.hf_models import WORDS, hf_logits, save_tiny_hf_model
+from tests.convert.test_import_export import TOKENS, TOL, _load, megatron_logits
+from tests.helpers.hf_models import WORDS, hf_logits, import_tiny_model
 
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--lr", "1e-3", "--training-mode", "focusft",
          "--focusft-inner-objective", "context"]
@@ -37,13 +37,9 @@ def _chats(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """(HF directory, its import, chat data)."""
-    from megatron_focusft.runtime import release_model_parallel
-
     root = tmp_path_factory.mktemp("workflow")
-    save_tiny_hf_model("qwen2", root / "hf")
-    _import(str(root / "hf"), str(root / "mcore"))
-    release_model_parallel()
-    return root / "hf", root / "mcore", _chats(root / "chats.jsonl")
+    hf, ckpt = import_tiny_model(root, "mcore")
+    return hf, ckpt, _chats(root / "chats.jsonl")
 
 
 def _finetune(hf: Path, ckpt: Path, data: Path, *extra: str) -> dict:
