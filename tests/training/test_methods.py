@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 
+from megatron_focusft.blockattn.sample_forms import BlockFormConfig
+from megatron_focusft.blockattn.step import DistillConfig
 from megatron_focusft.engine.setup import OptimizerSetup
 from megatron_focusft.fastweights import FastWeightConfig
 from megatron_focusft.focusft import FocusftConfig
@@ -15,11 +17,17 @@ from megatron_focusft.training.methods import METHODS
 BASE = ["--train-iters", "1", "--mock-data"]
 
 
-def test_every_method_is_a_training_mode_and_declares_flags_that_exist():
+def test_every_method_is_a_training_mode_and_declares_flags_that_exist(tmp_path):
     args = parse_training_args(BASE)
-    assert set(METHODS) == {"focusft", "sft"}
+    assert set(METHODS) == {"focusft", "sft", "block-sft", "block-distill"}
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    # The block methods read chat data and block-distill a teacher checkpoint.
+    needs = {"block-sft": ["--train-iters", "1", "--data-path", str(chats)],
+             "block-distill": ["--train-iters", "1", "--data-path", str(chats), "--teacher-checkpoint", str(tmp_path)]}
     for method in METHODS.values():
-        assert parse_training_args([*BASE, "--training-mode", method.name]).training_mode == method.name
+        argv = [*needs.get(method.name, BASE), "--training-mode", method.name]
+        assert parse_training_args(argv).training_mode == method.name
         for key in method.resume_keys:
             assert hasattr(args, key), f"{method.name} resume key {key} is not a flag"
 
@@ -34,6 +42,11 @@ def test_flag_defaults_are_the_configs_defaults():
         fast.rank, fast.alpha, fast.layer_fraction, fast.targets)
     for field in dataclasses.fields(OptimizerSetup):
         assert getattr(args, field.name) == getattr(opt, field.name), field.name
+    forms, distill = BlockFormConfig(), DistillConfig()
+    assert (args.block_ratio, args.block_sink_tokens) == (forms.block_ratio, forms.sink_tokens)
+    assert (args.distill_temperature, args.distill_ce_weight, args.block_dropout, args.distill_token_weighting,
+            args.distill_weight_clip) == (distill.temperature, distill.ce_weight, distill.block_dropout,
+                                          distill.token_weighting, distill.weight_clip)
 
 
 @pytest.mark.parametrize("mode, mask_kind, adapted", [("focusft", "focusft", True), ("sft", "causal", False)])
