@@ -44,17 +44,22 @@ def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
     return range(offset + 1, offset + 1 + get_num_layers_to_build(config, pp_rank=pp_rank))
 
 
+def first_adapted_stage(config: TransformerConfig, fast_weights: FastWeightConfig) -> int:
+    """The pipeline stage holding the lowest adapted layer (the adapted layers are the top ones)."""
+    first = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)[0]
+    pp = config.pipeline_model_parallel_size
+    return next(s for s in range(pp) if first <= stage_layer_numbers(config, s)[-1])
+
+
 def fast_weights_span_stages(config: TransformerConfig, fast_weights: FastWeightConfig) -> bool:
     """Whether some adapted layer sits on a pipeline stage before the last.
 
-    If not, the inner loop runs inside the last stage's forward (focusft/step.py); if so, in
-    schedule calls of its own before the outer one (focusft/pipelined_inner.py).
+    With the sequential schedule: if not, the inner loop runs inside the last stage's forward
+    (focusft/step.py); if so, in schedule calls of its own before the outer one
+    (focusft/pipelined_inner.py).
     """
     pp = config.pipeline_model_parallel_size
-    if pp == 1:
-        return False
-    adapted = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)
-    return adapted[0] < stage_layer_numbers(config, pp - 1)[0]
+    return pp > 1 and first_adapted_stage(config, fast_weights) < pp - 1
 
 
 def schedule_timers() -> Timers:
