@@ -5,12 +5,15 @@ PP = 2 on the tiny model (4 layers), three packed micro-batches, one forward/bac
 averaging, against the PP = 1, TP = 1 run (Megatron's no-pipelining schedule, the bilevel step in
 one forward): every micro-batch's loss, inner loss before and after, skipped steps and update
 norm, and every slow-weight gradient (main_grad after finalize_model_grads). Placements:
-- layer fraction 0.5 (layers 3-4 adapted), even split: every adapted layer on the last stage;
-- layer fraction 0.75 (layers 2-4 adapted): the adapted layers span both stages (stage 0 holds
-  layer 1 below them and layer 2 with fast weights), so inner gradients, the guard's status and
-  its decision cross the stages;
-- layer fraction 0.75 with one layer on the last stage: stage 0 holds a bottom layer and two
-  adapted ones.
+- response objective, layer fraction 0.5 (layers 3-4 adapted), even split: every adapted layer on
+  the last stage;
+- context objective, layer fraction 0.75 (layers 2-4 adapted): the adapted layers span both
+  stages (stage 0 holds layer 1 below them and layer 2 with fast weights), so inner gradients, the
+  guard's status and its decision cross the stages, and the causal activations travel beside the
+  outer ones;
+- response objective, layer fraction 0.75 with one layer on the last stage: stage 0 holds a
+  bottom layer and two adapted ones (uneven stages).
+Three cases keep the file near 50 s on two cores (each reference is four one-process runs).
 
 Tolerance: the one-process run's own noise band (tests/helpers/noise_band.py): the reference
 repeated from weights moved by one ulp (three seeds), each tensor's relative error x10, at least
@@ -29,10 +32,8 @@ from tests.helpers.pipeline import check_parity, pipeline_batches, reference_ste
 
 
 @pytest.mark.parametrize("objective, fraction, last_stage_layers", [
-    ("response", 0.5, None), ("context", 0.5, None), ("response", 0.75, None), ("context", 0.75, None),
-    ("context", 0.75, 1)],
-    ids=["response-adapted-on-last-stage", "context-adapted-on-last-stage", "response-adapted-on-both-stages",
-         "context-adapted-on-both-stages", "context-three-adapted-layers-on-stage-0"])
+    ("response", 0.5, None), ("context", 0.75, None), ("response", 0.75, 1)],
+    ids=["response-adapted-on-last-stage", "context-adapted-on-both-stages", "response-three-adapted-layers-on-stage-0"])
 def test_interleaved_schedule_matches_one_process(worker_pool, objective, fraction, last_stage_layers):
     pool = worker_pool(2)
     batches = pipeline_batches("focusft")
