@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 attention_backend=args.attention_backend, inner_steps=args.inner_steps, bf16=args.bf16,
                 recompute_num_layers=args.recompute_num_layers, iters=args.iters, warmup=args.warmup)
         elif args.bench == "pipeline":
+            from megatron_focusft.bench.pipeline import PipelineBenchConfig
+
             pipeline_config = PipelineBenchConfig(
                 preset=args.preset, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                 num_micro_batches=args.num_micro_batches, inner_steps=args.inner_steps,

@@ -72,8 +72,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.fastweights.linear import fast_weight_layout
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron_focusft.focusft.interleaved import focusft_pipeline
-    from megatron_focusft.focusft.pipeline_cost import balance
-    from megatron_focusft.focusft.pipeline_measure import gather_layer_costs, measure_stage_costs
+    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance
+    from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
     from megatron_focusft.models.presets import get_preset
 
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -102,7 +102,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
 
     even = build(None, None, "sequential")
     probe_source = SeededFastWeights(fast_weight_layout(even[1], fast), fast.rank, config.seed + 1)
-    costs = gather_layer_costs(measure_stage_costs(even[0].module, batches[0], even[3].config, probe_source(batches[0])))
+    costs = measure_layer_costs(even[0].module, batches[0], even[3].config, probe_source(batches[0]))
     chosen = balance(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
                      costs)
     runs = {"sequential, even split": even,
@@ -131,7 +131,9 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
                 for record in forward_step.forward_backward_func(model).records:
                     unit_s[(record.unit.stage, _unit_kind(record.unit, pipeline))].append(record.seconds)
     measured_units = _gather_units(unit_s)
-    predicted = pipeline.simulate(lambda u: measured_units[(u.stage, _unit_kind(u, pipeline))]).makespan
+    # The order the executor ran (planned from nominal costs), replayed with the measured unit times.
+    planned = pipeline.simulate(NOMINAL_COSTS).order
+    predicted = pipeline.simulate(lambda u: measured_units[(u.stage, _unit_kind(u, pipeline))], planned).makespan
     tokens = config.num_micro_batches * config.micro_batch_size * config.seq_length
     base = statistics.median(step_s["sequential, even split"])
     records = []

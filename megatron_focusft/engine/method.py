@@ -43,7 +43,9 @@ class TrainingMethod:
     model(args) -> MethodModel; run(args, model_config, dp_rank) -> MethodRun, after the model is
     built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds). validate(args):
     ValueError naming the flag for values of the method's flags it cannot run, called with the
-    other flag checks before anything starts."""
+    other flag checks before anything starts. balance(args, model, micro_batch, num_micro_batches):
+    `--pipeline-balance auto`'s (first, last) stage layer counts and a line describing the split,
+    from costs measured on the model as built (even stages); None: the method cannot balance."""
 
     name: str
     help: str
@@ -52,3 +54,4 @@ class TrainingMethod:
     model: Callable[[argparse.Namespace], MethodModel]
     run: Callable[[argparse.Namespace, TransformerConfig, int], MethodRun]
     validate: Callable[[argparse.Namespace], None] = lambda args: None
+    balance: Callable[..., tuple[int, int, str]] | None = None

@@ -119,8 +119,10 @@ def default_window(num_stages: int, group_size: int) -> list[int]:
 
 
 def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], float],
-             window: Sequence[int]) -> Timeline:
+             window: Sequence[int], order: Sequence[Sequence[Unit]] | None = None) -> Timeline:
     """Replay the module's rule from unit costs (seconds, or any unit); communication is free.
+    With `order` (each stage's units, e.g. a plan an executor ran), each stage runs exactly that
+    order instead, as early as its dependencies allow.
 
     Raises RuntimeError when the rule cannot progress (a window too small for the passes' order).
     """
@@ -153,7 +155,7 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
 
     start: dict[Unit, float] = {}
     end: dict[Unit, float] = {}
-    order: list[list[Unit]] = [[] for _ in range(num_stages)]
+    ran: list[list[Unit]] = [[] for _ in range(num_stages)]
     next_f, next_b = [0] * num_stages, [0] * num_stages
     free = [0.0] * num_stages
     opened: list[set[int]] = [set() for _ in range(num_stages)]
@@ -167,11 +169,17 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
         best: tuple[float, int, Unit] | None = None
         for s in range(num_stages):
             candidates = []
-            if next_b[s] < len(backwards[s]):
+            if order is not None:
+                done = next_f[s] + next_b[s]
+                if done < len(order[s]):
+                    t = ready_at(order[s][done])
+                    if t is not None:
+                        candidates.append((t, 0, order[s][done]))
+            elif next_b[s] < len(backwards[s]):
                 t = ready_at(backwards[s][next_b[s]])
                 if t is not None:
                     candidates.append((t, 0, backwards[s][next_b[s]]))  # 0: backward first on a tie
-            if next_f[s] < len(forwards[s]):
+            if order is None and next_f[s] < len(forwards[s]):
                 unit = forwards[s][next_f[s]]
                 if unit.micro_batch in opened[s] or len(opened[s]) < window[s]:
                     t = ready_at(unit)
@@ -187,7 +195,7 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
         t, s, unit = best
         start[unit], end[unit] = t, t + cost(unit)
         free[s] = end[unit]
-        order[s].append(unit)
+        ran[s].append(unit)
         if unit.backward:
             next_b[s] += 1
             if last_backward[(s, unit.micro_batch)] == unit:
@@ -195,4 +203,4 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
         else:
             next_f[s] += 1
             opened[s].add(unit.micro_batch)
-    return Timeline(num_stages, tuple(tuple(units) for units in order), start, end)
+    return Timeline(num_stages, tuple(tuple(units) for units in ran), start, end)

@@ -90,8 +90,27 @@ def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int
     return MethodRun(make_focusft_forward_step(config, source), resume)
 
 
+def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> tuple[int, int, str]:
+    """`--pipeline-balance auto`: layer costs measured on each stage, then the split whose simulated
+    iteration is shortest (focusft/pipeline_cost.balance)."""
+    from megatron_focusft.fastweights.config import adapted_layer_numbers
+    from megatron_focusft.focusft.pipeline_cost import balance
+    from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
+
+    config = focusft_config(vars(args))
+    gpt = model.module
+    layout = fast_weight_layout(gpt.config, config.fast_weights)
+    initial = SeededFastWeights(layout, config.fast_weights.rank, args.seed, dtype=gpt.config.params_dtype)
+    costs = measure_layer_costs(gpt, micro_batch, config, initial(micro_batch))
+    num_layers = gpt.config.num_layers
+    chosen = balance(num_layers, gpt.config.pipeline_model_parallel_size,
+                     adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
+                     config.inner_objective == "context", num_micro_batches, costs)
+    return chosen.first, chosen.last, chosen.describe()
+
+
 FOCUSFT = TrainingMethod(
     "focusft", "FocuSFT bilevel step", add_focusft_arguments,
     ("focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective", "focusft_rank", "focusft_alpha",
      "focusft_layer_fraction", "focusft_targets"),
-    _model, _run, _validate)
+    _model, _run, _validate, _balance)

@@ -92,12 +92,14 @@ class FocusftPipeline:
             cost += layers.adapted * costs.adapted_inner_forward + head * costs.head_inner_forward
         return cost
 
-    def simulate(self, cost) -> Timeline:
-        """The iteration replayed with `cost(unit)` (a LayerCosts, or a function of the unit)."""
+    def simulate(self, cost, order=None) -> Timeline:
+        """The iteration replayed with `cost(unit)` (a LayerCosts, or a function of the unit); with
+        `order`, each stage's units in that order (engine.pipeline_plan.simulate)."""
         unit_cost = (lambda u: self.unit_cost(u, cost)) if isinstance(cost, LayerCosts) else cost
         passes = focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps,
                                 self.num_micro_batches, self.group_size)
-        return simulate(passes, len(self.stages), unit_cost, default_window(len(self.stages), self.group_size))
+        return simulate(passes, len(self.stages), unit_cost, default_window(len(self.stages), self.group_size),
+                        order)
 
 
 def stage_layers(num_layers: int, first_adapted_layer: int, counts: list[int]) -> tuple[StageLayers, ...]:

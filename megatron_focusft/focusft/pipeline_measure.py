@@ -4,9 +4,10 @@ Each pipeline stage times what it holds on one micro-batch: a layer below the fa
 (forward with grad, backward), an adapted layer (an inner step's forward with the slow weights
 frozen and fast weights as leaves, its backward; the outer forward with the fast weights bound as
 constants, its backward), and on the last stage the scored LM head (on the inner objective's
-targets and on the response targets). Medians of `reps` runs after one warm-up. The stages'
-figures are gathered over the world (the slowest rank of each kind), so every rank gets the same
-LayerCosts. A kind no stage holds (no layer below the fast weights) costs 0.
+targets and on the response targets). The fastest of `reps` runs after one warm-up; the stages
+measure one after the other (a barrier between them), so two ranks sharing cores do not slow each
+other's figures. They are gathered over the world (the slowest rank of each kind), so every rank
+gets the same LayerCosts. A kind no stage holds (no layer below the fast weights) costs 0.
 
 The slow-weight gradients these backwards leave in Megatron's grad buffers are not cleared here:
 train_step zeroes the buffers before every step.
@@ -14,7 +15,6 @@ train_step zeroes the buffers before every step.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -32,32 +32,22 @@ from megatron_focusft.focusft.step import inner_targets, layer_ranges
 from megatron_focusft.parallel.context import ParallelContext
 
 
-def _median_seconds(fn: Callable[[], None], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _forward_backward(forward: Callable[[], torch.Tensor], reps: int) -> tuple[float, float]:
-    """(median forward seconds, median backward seconds) of a scalar-valued forward."""
-    outputs: list[torch.Tensor] = []
-    fwd = _median_seconds(lambda: outputs.append(forward()), reps)
-    bwd_times = []
+    """(forward seconds, backward seconds) of a scalar-valued forward: the fastest of `reps` runs
+    after one warm-up (the least disturbed by other work on the machine)."""
+    fwd, bwd = [], []
     for _ in range(reps + 1):
-        out = forward()
         t0 = time.perf_counter()
+        out = forward()
+        t1 = time.perf_counter()
         out.backward()
-        bwd_times.append(time.perf_counter() - t0)
-    outputs.clear()
-    return fwd, statistics.median(bwd_times[1:])
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+    return min(fwd[1:]), min(bwd[1:])
 
 
 def measure_stage_costs(gpt: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights,
-                        reps: int = 3) -> dict[str, float]:
+                        reps: int = 5) -> dict[str, float]:
     """This stage's LayerCosts fields it can measure (one layer of each kind it holds, the head on
     the last stage); initial: unsharded fast weights of the batch's samples (focusft_forward's)."""
     parallel = ParallelContext.of(gpt)
@@ -79,8 +69,8 @@ def measure_stage_costs(gpt: GPTModel, batch: SegmentBatch, config: FocusftConfi
             layer_out(range(bottom[0], bottom[0] + 1), batch.attention), reps)
     if top:
         one = range(top[0], top[0] + 1)
-        number = gpt.decoder.layers[top[0]].layer_number
-        local = shard_fast_weights({k: v for k, v in initial.items() if k[0] == number}, parallel.tp_rank,
+        mine = {gpt.decoder.layers[index].layer_number for index in top}  # a binding covers the stage's layers
+        local = shard_fast_weights({k: v for k, v in initial.items() if k[0] in mine}, parallel.tp_rank,
                                    parallel.tp_size)
         leaves = {k: tuple(t.detach().clone().requires_grad_() for t in pair) for k, pair in local.items()}
         with frozen_slow_weights(gpt), bind_fast_weights(gpt, FastWeightBinding(batch.sample_index, leaves)):
@@ -98,7 +88,19 @@ def measure_stage_costs(gpt: GPTModel, batch: SegmentBatch, config: FocusftConfi
     return costs
 
 
-def gather_layer_costs(stage_costs: dict[str, float]) -> LayerCosts:
+def measure_layer_costs(gpt: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights,
+                        reps: int = 5) -> LayerCosts:
+    """measure_stage_costs on every pipeline stage in turn, gathered (a collective over the world)."""
+    stage = gpt.pg_collection.pp.rank()
+    costs: dict[str, float] = {}
+    for turn in range(gpt.pg_collection.pp.size()):
+        if turn == stage:
+            costs = measure_stage_costs(gpt, batch, config, initial, reps)
+        dist.barrier()
+    return _gather(costs)
+
+
+def _gather(stage_costs: dict[str, float]) -> LayerCosts:
     """Every rank's measured fields -> one LayerCosts (max over the ranks that measured a field)."""
     gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, stage_costs)

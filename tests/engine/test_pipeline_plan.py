@@ -57,3 +57,14 @@ def test_focusft_passes_cover_the_right_stages():
 def test_a_window_too_small_is_an_error():
     with pytest.raises(RuntimeError, match="cannot progress"):
         simulate(focusft_passes(2, 0, 1, 2, group_size=2), 2, lambda unit: 1.0, [1, 1])
+
+
+def test_a_given_order_is_replayed_as_early_as_dependencies_allow():
+    # 1F1B's own order replayed with other costs: each unit starts when its stage is free and its
+    # inputs are there. P = 2, M = 2, stage 1 forward 2, everything else 1:
+    # s0 F0 [0,1] F1 [1,2]; s1 F0 [1,3] B0 [3,4]; s0 B0 [4,5]; s1 F1 [4,6] B1 [6,7]; s0 B1 [7,8].
+    plan = simulate(one_f_one_b_passes(2, 2), 2, lambda unit: 1.0, default_window(2, 1)).order
+    timeline = simulate(one_f_one_b_passes(2, 2), 2, lambda u: 2.0 if (u.stage, u.backward) == (1, False) else 1.0,
+                        default_window(2, 1), order=plan)
+    assert timeline.order == plan
+    assert timeline.start[Unit(0, 1, 0, True)] == 7.0 and timeline.makespan == 8.0
