@@ -83,39 +83,37 @@ def one_f_one_b_passes(num_stages: int, num_micro_batches: int) -> list[Pass]:
 
 
 def focusft_passes(num_stages: int, first_adapted_stage: int, inner_steps: int, num_micro_batches: int,
-                   group_size: int) -> list[Pass]:
+                   stride: int) -> list[Pass]:
     """FocuSFT's passes in priority order (focusft/interleaved.py).
 
     Inner pass j of micro-batch m: forward over stages k..P-1 (pass 0 over 0..P-1: the stages
     below k run their outer forward there, once, and send stage k the input it keeps for every
     inner step), backward over P-1..k (fast-weight gradients). Outer pass: forward over k..P-1,
-    backward over P-1..0. Micro-batches go in groups of `group_size`, step-major inside a group
-    (m0 j0, m1 j0, ..., m0 j1, ...), so two passes of one micro-batch are `group_size` passes
-    apart: with group_size >= P - k a stage has other micro-batches' passes to run while one
-    micro-batch's update travels down to stage k and back up.
+    backward over P-1..0. Priority: a wavefront, pass (m, j) at position m + j x stride (the
+    older micro-batch's pass first on a tie), so a micro-batch's consecutive passes are `stride`
+    passes apart and the next micro-batches' passes fill the gap: with stride >= P - k a stage has
+    other work while one micro-batch's update travels down to stage k and back up, and the stages
+    below k run later micro-batches' outer forwards and earlier ones' outer backwards meanwhile.
     """
     if not 0 <= first_adapted_stage < num_stages:
         raise ValueError(f"first_adapted_stage must be in [0, {num_stages}), got {first_adapted_stage}")
-    if inner_steps < 1 or num_micro_batches < 1 or group_size < 1:
-        raise ValueError(f"inner_steps, num_micro_batches and group_size must be >= 1, got {inner_steps}, "
-                         f"{num_micro_batches}, {group_size}")
-    k, last = first_adapted_stage, num_stages
+    if inner_steps < 1 or num_micro_batches < 1 or stride < 1:
+        raise ValueError(f"inner_steps, num_micro_batches and stride must be >= 1, got {inner_steps}, "
+                         f"{num_micro_batches}, {stride}")
+    k, every = first_adapted_stage, range(num_stages)
     passes = []
-    for first in range(0, num_micro_batches, group_size):
-        group = range(first, min(first + group_size, num_micro_batches))
-        for step in range(inner_steps + 1):
-            for m in group:
-                if step == inner_steps:
-                    passes.append(Pass(m, step, range(k, last), range(0, last)))
-                else:
-                    passes.append(Pass(m, step, range(0 if step == 0 else k, last), range(k, last)))
-    return passes
+    for m in range(num_micro_batches):
+        passes += [Pass(m, step, range(0 if step == 0 else k, num_stages), range(k, num_stages))
+                   for step in range(inner_steps)]
+        passes.append(Pass(m, inner_steps, range(k, num_stages), every))
+    return sorted(passes, key=lambda p: (p.micro_batch + p.step * stride, -p.step))
 
 
-def default_window(num_stages: int, group_size: int) -> list[int]:
-    """Open micro-batches allowed per stage: 1F1B's P - s, plus group_size - 1 so that a whole
-    group is open at once (group_size 1: exactly 1F1B's bound)."""
-    return [group_size + num_stages - 1 - s for s in range(num_stages)]
+def default_window(num_stages: int, stride: int = 1, inner_steps: int = 0) -> list[int]:
+    """Open micro-batches allowed per stage: a micro-batch's passes span stride x (inner_steps + 1)
+    positions of the priority order, plus 1F1B's depth P - 1 - s (stride 1, no inner steps: exactly
+    1F1B's bound P - s)."""
+    return [stride * (inner_steps + 1) + num_stages - 1 - s for s in range(num_stages)]
 
 
 def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], float],

@@ -26,17 +26,20 @@ outer pass (engine/pipeline_plan.focusft_passes), each a forward and a backward 
   outer pass, backward P-1..0  Megatron's backward_step: every slow-weight gradient
 
 Order: engine.pipeline_plan.simulate plans each stage's unit order from NOMINAL_COSTS (1F1B rules:
-backward first, forwards and backwards in pass order); a micro-batch's passes are group_size = P - k
-passes apart, so while one micro-batch's update goes down to stage k and back up, the stages run the
-other micro-batches of its group. Megatron's p2p helper (`p2p_communication._p2p_ops`, the ranks of
-its P2PCommunicator) carries every message; shapes are known on both ends, so nothing is exchanged
-but the tensors; sends are waited for at the end of the iteration.
+backward first, forwards and backwards in pass order). Passes are ordered as a wavefront
+(pipeline_plan.focusft_passes): pass j of micro-batch m at position m + j x stride, stride = P - k,
+so while one micro-batch's update goes down to stage k and back up the stages run the next
+micro-batches' passes, and the stages below k run later outer forwards and earlier outer backwards.
+Megatron's p2p helper (`p2p_communication._p2p_ops`, the ranks of its P2PCommunicator) carries every
+message; shapes are known on both ends, so nothing is exchanged but the tensors; sends are waited for
+at the end of the iteration.
 
-In-flight bound: stage s holds the outer activations of at most W_s = group_size + P - 1 - s
-micro-batches (engine.pipeline_plan.default_window: opened by their first forward there, freed by
-their outer backward there), plus, on the adapted stages, the activations of at most one inner pass
-of each of them (slow weights frozen: the adapted layers only). With group_size 1 that is 1F1B's
-P - s.
+In-flight bound: stage s holds the outer activations of at most W_s = stride x (inner_steps + 1) +
+P - 1 - s micro-batches (engine.pipeline_plan.default_window: opened by their first forward there,
+freed by their outer backward there), plus, on the adapted stages, the activations of at most one
+inner pass of each of them (slow weights frozen: the adapted layers only). With no inner steps and
+stride 1 that would be 1F1B's P - s; the inner steps lengthen each micro-batch's stay by
+stride x inner_steps positions.
 
 Not done here: the guard's outer re-run of a sample whose outer loss is not finite (as with the
 sequential schedule's pipelined inner loop, the outer pass is one pass over the stages); virtual

@@ -70,9 +70,13 @@ class FocusftPipeline:
         return next(s for s, layers in enumerate(self.stages) if layers.adapted)
 
     @property
-    def group_size(self) -> int:
-        """Micro-batches interleaved step by step (focusft_passes): the adapted stages' depth."""
+    def stride(self) -> int:
+        """Passes between a micro-batch's consecutive passes (focusft_passes): the adapted stages' depth."""
         return len(self.stages) - self.first_adapted_stage
+
+    @property
+    def window(self) -> list[int]:
+        return default_window(len(self.stages), self.stride, self.inner_steps)
 
     def unit_cost(self, unit: Unit, costs: LayerCosts) -> float:
         """A unit's cost from per-layer costs (module doc)."""
@@ -97,9 +101,8 @@ class FocusftPipeline:
         `order`, each stage's units in that order (engine.pipeline_plan.simulate)."""
         unit_cost = (lambda u: self.unit_cost(u, cost)) if isinstance(cost, LayerCosts) else cost
         passes = focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps,
-                                self.num_micro_batches, self.group_size)
-        return simulate(passes, len(self.stages), unit_cost, default_window(len(self.stages), self.group_size),
-                        order)
+                                self.num_micro_batches, self.stride)
+        return simulate(passes, len(self.stages), unit_cost, self.window, order)
 
 
 def stage_layers(num_layers: int, first_adapted_layer: int, counts: list[int]) -> tuple[StageLayers, ...]:

@@ -37,8 +37,8 @@ def test_focusft_two_stages_one_inner_step_by_hand():
     # t=0 s0 F(0,0); t=1 s0 F(1,0), s1 F(0,0); t=2 s1 B(0,0) (backward first); t=3 s0 B(0,0), s1 F(1,0);
     # t=4 s0 F(0,O) (its update is done), s1 B(1,0); t=5 s0 B(1,0), s1 F(0,O); t=6 s0 F(1,O), s1 B(0,O);
     # t=7 s0 B(0,O), s1 F(1,O); t=8 s1 B(1,O); t=9 s0 B(1,O): done at 10, 8 busy units per stage.
-    passes = focusft_passes(2, 0, 1, 2, group_size=2)
-    timeline = simulate(passes, 2, lambda unit: 1.0, default_window(2, 2))
+    passes = focusft_passes(2, 0, 1, 2, stride=2)
+    timeline = simulate(passes, 2, lambda unit: 1.0, default_window(2, 2, 1))
     f, b = (lambda s, m, p: Unit(s, m, p, False)), (lambda s, m, p: Unit(s, m, p, True))
     assert timeline.order[0] == (f(0, 0, 0), f(0, 1, 0), b(0, 0, 0), f(0, 0, 1), b(0, 1, 0), f(0, 1, 1),
                                  b(0, 0, 1), b(0, 1, 1))
@@ -48,15 +48,21 @@ def test_focusft_two_stages_one_inner_step_by_hand():
     assert timeline.efficiency == pytest.approx(16 / 20, abs=1e-12)
 
 
+def test_focusft_passes_form_a_wavefront():
+    # Pass (m, j) at position m + 2 j: (0,0) (1,0) (0,1)/(2,0) (1,1)/(3,0) ... older micro-batch first.
+    order = [(p.micro_batch, p.step) for p in focusft_passes(2, 0, 2, 3, stride=2)]
+    assert order == [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2), (2, 1), (1, 2), (2, 2)]
+
+
 def test_focusft_passes_cover_the_right_stages():
-    passes = focusft_passes(4, 2, 2, 1, group_size=2)
+    passes = focusft_passes(4, 2, 2, 1, stride=2)
     assert [(p.step, p.forward_stages, p.backward_stages) for p in passes] == [
         (0, range(0, 4), range(2, 4)), (1, range(2, 4), range(2, 4)), (2, range(2, 4), range(0, 4))]
 
 
 def test_a_window_too_small_is_an_error():
     with pytest.raises(RuntimeError, match="cannot progress"):
-        simulate(focusft_passes(2, 0, 1, 2, group_size=2), 2, lambda unit: 1.0, [1, 1])
+        simulate(focusft_passes(2, 0, 1, 2, stride=2), 2, lambda unit: 1.0, [1, 1])
 
 
 def test_a_given_order_is_replayed_as_early_as_dependencies_allow():
