@@ -150,17 +150,20 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             "bubble_fraction": 1 - statistics.mean(shares), "forward_backward_s": statistics.median(fb_s[name]),
         })
     measured_fb = statistics.median(fb_s["interleaved, balanced split"])
+    unit_busy = [sum(measured_units[(u.stage, _unit_kind(u, pipeline))] for u in planned[s]) for s in range(pp)]
     records.append({"simulator": "interleaved, balanced split", "stages": pp, "predicted_forward_backward_s": predicted,
-                    "measured_forward_backward_s": measured_fb, "predicted_over_measured": predicted / measured_fb})
+                    "measured_forward_backward_s": measured_fb, "predicted_over_measured": predicted / measured_fb,
+                    "measured_unit_busy_s": unit_busy})
     for stages in config.simulate_stages:
         if stages > preset.num_layers:
             continue
-        sim = balance(preset.num_layers, stages, first_adapted, config.inner_steps, context,
-                      config.simulate_micro_batches, costs)
-        records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
-                        "layers_per_stage": list(sim.counts), "split_flags": sim.describe().split(" | ")[0],
-                        "predicted_efficiency": sim.efficiency, "predicted_stage_busy_s": list(sim.stage_busy),
-                        "predicted_iteration_s": sim.iteration})
+        for any_counts in (False, True):
+            sim = balance(preset.num_layers, stages, first_adapted, config.inner_steps, context,
+                          config.simulate_micro_batches, costs, any_counts=any_counts)
+            records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
+                            "split": "any layer count per stage" if any_counts else "first/last-stage flags",
+                            "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                            "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
     records.append({"layer_costs_s": costs.__dict__, "balanced_split": chosen.describe()})
     if rank0:
         for record in records:
@@ -195,6 +198,7 @@ def _line(record: dict[str, Any]) -> str:
         return (f"simulator, PP {record['stages']}: predicted {record['predicted_forward_backward_s']:.3f} s vs "
                 f"measured {record['measured_forward_backward_s']:.3f} s ({record['predicted_over_measured']:.2f}x)")
     if "simulated_stages" in record:
-        return (f"simulated PP {record['simulated_stages']}, {record['micro_batches']} micro-batches: efficiency "
-                f"{100 * record['predicted_efficiency']:.0f}%, layers {record['layers_per_stage']}")
+        return (f"simulated PP {record['simulated_stages']}, {record['micro_batches']} micro-batches, "
+                f"{record['split']}: efficiency {100 * record['predicted_efficiency']:.0f}%, layers "
+                f"{record['layers_per_stage']}")
     return f"layer costs (s): {record['layer_costs_s']}; balanced: {record['balanced_split']}"

@@ -154,11 +154,58 @@ class Balance:
                 f" | predicted iteration {self.iteration:.3f} s, efficiency {100 * self.efficiency:.0f}% | {loads}")
 
 
+def layer_loads(num_layers: int, first_adapted_layer: int, inner_steps: int, context_objective: bool,
+                costs: LayerCosts) -> list[float]:
+    """Each layer's whole work per micro-batch (all its units' shares), in layer order."""
+    causal = 2.0 if context_objective else 1.0
+    bottom = causal * costs.bottom_forward + costs.bottom_backward
+    adapted = (inner_steps * (costs.adapted_inner_forward + costs.adapted_inner_backward)
+               + costs.adapted_outer_forward + costs.adapted_outer_backward
+               + (costs.adapted_inner_forward if context_objective else 0.0))
+    return [adapted if n >= first_adapted_layer else bottom for n in range(1, num_layers + 1)]
+
+
+def min_max_split(loads: list[float], num_stages: int, last_extra: float = 0.0) -> list[int]:
+    """Contiguous layer counts (each >= 1) minimising the busiest stage's load (`last_extra`, the
+    head, added to the last stage): the classic linear-partition dynamic programme."""
+    n = len(loads)
+    prefix = [0.0]
+    for load in loads:
+        prefix.append(prefix[-1] + load)
+    inf = float("inf")
+    # best[p][i]: the lowest max load of the first i layers on p stages; cut[p][i]: where stage p starts.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for p in range(1, num_stages + 1):
+        for i in range(p, n + 1):
+            extra = last_extra if (p == num_stages and i == n) else 0.0
+            for j in range(p - 1, i):
+                value = max(best[p - 1][j], prefix[i] - prefix[j] + extra)
+                if value < best[p][i]:
+                    best[p][i], cut[p][i] = value, j
+    counts, i = [], n
+    for p in range(num_stages, 0, -1):
+        counts.append(i - cut[p][i])
+        i = cut[p][i]
+    return counts[::-1]
+
+
 def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_steps: int, context_objective: bool,
-            num_micro_batches: int, costs: LayerCosts) -> Balance:
-    """The split (of megatron_splits) with the shortest simulated iteration; ties: the lowest busiest stage."""
+            num_micro_batches: int, costs: LayerCosts, any_counts: bool = False) -> Balance:
+    """The split with the shortest simulated iteration among those Megatron's first/last-stage flags
+    can express (megatron_splits; ties: the lowest busiest stage); with `any_counts`, the split of
+    min_max_split instead (any layer count per stage: Megatron's pipeline_model_parallel_layout,
+    which the training flags do not expose yet)."""
+    splits = megatron_splits(num_layers, num_stages)
+    if any_counts:
+        head = costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
+            costs.head_inner_forward + costs.head_inner_backward)
+        counts = min_max_split(layer_loads(num_layers, first_adapted_layer, inner_steps, context_objective, costs),
+                               num_stages, head)
+        splits = [(counts[0], counts[-1], counts)]
     best = None
-    for first, last, counts in megatron_splits(num_layers, num_stages):
+    for first, last, counts in splits:
         pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, counts), inner_steps,
                                    context_objective, num_micro_batches)
         timeline = pipeline.simulate(costs)

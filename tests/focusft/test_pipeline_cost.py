@@ -16,6 +16,7 @@ from megatron_focusft.focusft.pipeline_cost import (
     StageLayers,
     balance,
     megatron_splits,
+    min_max_split,
     stage_layers,
 )
 
@@ -58,3 +59,14 @@ def test_balance_moves_layers_off_the_adapted_stage():
     assert (chosen.first, chosen.last, chosen.counts) == (3, 1, (3, 1))
     assert chosen.stage_busy == (16 * 15.0, 16 * 9.0)
     assert "--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 1" in chosen.describe()
+
+
+def test_min_max_split_by_hand():
+    # Loads 1 1 1 1 4 4 over 3 stages: [1 1 1 1 | 4 | 4] has max 4; every other cut is worse.
+    assert min_max_split([1, 1, 1, 1, 4, 4], 3) == [4, 1, 1]
+    # 4 1 1 1 1 over 2 stages: [4 | 1 1 1 1] (max 4); with 2 more on the last stage (the head)
+    # [4 1 | 1 1 1 + 2] (max 5) beats [4 | 6] and [4 1 1 | 1 1 + 2] (max 6).
+    assert min_max_split([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert min_max_split([4, 1, 1, 1, 1], 2, last_extra=2) == [2, 3]
+    chosen = balance(4, 2, 3, 2, False, 16, LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0), any_counts=True)
+    assert chosen.counts == (3, 1)
