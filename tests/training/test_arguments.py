@@ -49,7 +49,7 @@ CASES = [
     (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
      {"WORLD_SIZE": "2"}, "--pipeline-balance auto has no cost model for --training-mode sft"),
     (["--focusft-pipeline-schedule", "zigzag"], {},
-     "argument --focusft-pipeline-schedule: invalid choice: 'zigzag' (choose from interleaved, sequential)"),
+     "argument --focusft-pipeline-schedule: invalid choice: 'zigzag' (choose from 'interleaved', 'sequential')"),
 ]
 
 
