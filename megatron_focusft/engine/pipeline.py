@@ -1,7 +1,10 @@
 """Pipeline parallelism for the bilevel step: where the fast weights sit, and per-stage busy time.
 
-The schedule is Megatron's own 1F1B (`forward_backward_pipelining_without_interleaving`), in one
-of two arrangements, chosen by where the adapted layers sit (`fast_weights_span_stages`):
+With FocuSFT's interleaved schedule (the default, focusft/interleaved.py) every micro-batch's inner
+steps and outer pass are units of one schedule, wherever the adapted layers sit. With the
+sequential one, the schedule is Megatron's own 1F1B
+(`forward_backward_pipelining_without_interleaving`), in one of two arrangements, chosen by where
+the adapted layers sit (`fast_weights_span_stages`):
 - all on the last stage: the earlier stages run their layers once per micro-batch with no
   knowledge of the method, and the last stage runs, inside its forward of micro-batch m, its own
   bottom layers, the inner loop and the outer pass (focusft/step.py). In the 1F1B steady state
@@ -72,8 +75,9 @@ class StageTime:
     """Seconds one pipeline stage spent since the last collection (max over its ranks).
 
     inner is the time in the inner loop: inside forward when it runs in the last stage's forward;
-    when the adapted layers span stages, the wall time of its own schedule calls, whose compute
-    is also counted in forward and backward. idle = total - forward - backward is waiting for
+    with the sequential schedule and adapted layers spanning stages, the wall time of its own
+    schedule calls; with the interleaved schedule (focusft/interleaved.py), the compute of the
+    inner units. In the last two cases that compute is also counted in forward and backward. idle = total - forward - backward is waiting for
     neighbours (bubbles and transfers).
     """
 
