@@ -61,7 +61,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_focusft.engine.pipeline import INNER, first_adapted_stage, stage_layer_numbers
 from megatron_focusft.engine.pipeline_plan import Unit
-from megatron_focusft.engine.split_model import forward_layers, lm_head_loss
+from megatron_focusft.engine.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.fastweights.config import adapted_layer_numbers
 from megatron_focusft.fastweights.linear import FastWeightBinding, bind_fast_weights
 from megatron_focusft.focusft.inner_loop import (
@@ -286,7 +286,8 @@ class _Run:
             slot.inner_in = received[0].requires_grad_()
             get_attr_wrapped_model(self.model, "set_input_tensor")([slot.inner_in])
             hidden = slot.inner_in
-            slot.rotary = slot.rotary if slot.rotary is not None else self._rotary(batch)
+            if slot.rotary is None:
+                slot.rotary = self._rotary(batch)
         self._timer("forward-compute", True)
         self._timer(INNER, True)
         state.leaves = {key: [t.detach().requires_grad_(True) for t in pair] for key, pair in state.tensors.items()}
@@ -301,8 +302,7 @@ class _Run:
             self.link.send([slot.inner_out] + ([decision.to(_CONTROL)] if unit.step else []), to_next=True)
 
     def _rotary(self, batch) -> torch.Tensor:
-        from megatron_focusft.engine.split_model import stage_input
-
+        """The rotary table at this stage's input (the input tensor set on the model)."""
         return stage_input(self.gpt, batch.tokens, batch.position_ids)[1]
 
     def _entry(self, slot: _Slot, received: torch.Tensor | None) -> None:
@@ -394,9 +394,7 @@ class _Run:
             self._apply(slot, decision, self.steps - 1)
             b = batch.tokens.shape[0]
             hidden, inner_hidden = received[:, :b], received[:, b:].detach()
-            slot.stage_in = received
-            if slot.rotary is None:
-                slot.rotary = self._rotary(batch)
+            slot.stage_in = received  # slot.rotary: set by the inner passes
         own = update_sq_norm(state.initial, state.tensors, self.parallel)
         slot.sq_sum = sq_sum + own.to(device=sq_sum.device, dtype=_CONTROL)
         slot.outer_out = self._megatron_forward(slot, functools.partial(self._outer, slot, hidden, inner_hidden),
