@@ -13,14 +13,16 @@ bench attention  forward / forward+backward time of an attention backend on a re
                  (``megatron_focusft.bench.attention``).
 bench step       a FocuSFT training step against a plain SFT step (``megatron_focusft.bench.step``).
 bench ttft       time to first token with cached blocks vs a full prefill (``megatron_focusft.bench.ttft``).
+bench pipeline   FocuSFT's pipeline schedules side by side under torchrun, and the simulator
+                 (``megatron_focusft.bench.pipeline``).
 segment          automatic segmentation into blocks: apply, train, eval, bench, synthetic
                  (``megatron_focusft.segment.cli``, which holds its flags).
 data rag         write the offline RAG-style block-attention task as JSONL block rows
                  (``megatron_focusft.data.rag_task``).
 
 Megatron-Core is imported only by ``train``, ``convert``, ``generate``, ``eval``, ``analyze``, ``demo``,
-``bench step`` and ``bench ttft``: ``bench attention`` needs torch and the masks alone, ``segment``
-and ``data`` torch and the tokenizers.
+``bench step``, ``bench ttft`` and ``bench pipeline``: ``bench attention`` needs torch and the masks alone,
+``segment`` and ``data`` torch and the tokenizers.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(see demo --help)", add_help=False)
 
     bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention,step,ttft}")
+    bench_commands = bench.add_subparsers(dest="bench", required=True, metavar="{attention,step,ttft,pipeline}")
     bench_defaults = _defaults(AttentionBenchConfig)
     attn = bench_commands.add_parser(
         "attention", help="attention backend time and visible-area TFLOP/s per mask kind",
@@ -135,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     ttft.add_argument("--iters", type=int, default=ttft_defaults.iters, help="timed runs (median)")
     ttft.add_argument("--warmup", type=int, default=ttft_defaults.warmup, help="untimed runs first")
     ttft.add_argument("--json", action="store_true", help="one JSON object per length on stdout")
+
+    from megatron_focusft.bench.pipeline import PipelineBenchConfig
+    from megatron_focusft.focusft.config import INNER_OBJECTIVES
+
+    pipe_defaults = _defaults(PipelineBenchConfig)
+    pipe = bench_commands.add_parser(
+        "pipeline", help="FocuSFT pipeline schedules side by side (under torchrun, one rank per stage) and the "
+        "simulator", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pipe.add_argument("--preset", default=pipe_defaults.preset, help="model preset")
+    pipe.add_argument("--seq-length", type=int, default=pipe_defaults.seq_length)
+    pipe.add_argument("--micro-batch-size", type=int, default=pipe_defaults.micro_batch_size)
+    pipe.add_argument("--num-micro-batches", type=int, default=pipe_defaults.num_micro_batches,
+                      help="micro-batches per iteration")
+    pipe.add_argument("--inner-steps", type=int, default=pipe_defaults.inner_steps)
+    pipe.add_argument("--inner-objective", choices=INNER_OBJECTIVES, default=pipe_defaults.inner_objective)
+    pipe.add_argument("--iters", type=int, default=pipe_defaults.iters, help="timed steps per schedule (median)")
+    pipe.add_argument("--warmup", type=int, default=pipe_defaults.warmup, help="untimed steps first")
+    pipe.add_argument("--simulate-stages", type=_int_list, default=",".join(map(str, pipe_defaults.simulate_stages)),
+                      help="PP sizes to simulate from the measured layer costs")
+    pipe.add_argument("--simulate-micro-batches", type=int, default=pipe_defaults.simulate_micro_batches)
+    pipe.add_argument("--json", action="store_true", help="one JSON object per record on stdout")
 
     from megatron_focusft.segment.cli import add_segment_commands
 
@@ -238,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 preset=args.preset, seq_lengths=args.seq_lengths, micro_batch_size=args.micro_batch_size,
                 attention_backend=args.attention_backend, inner_steps=args.inner_steps, bf16=args.bf16,
                 recompute_num_layers=args.recompute_num_layers, iters=args.iters, warmup=args.warmup)
+        elif args.bench == "pipeline":
+            from megatron_focusft.bench.pipeline import PipelineBenchConfig
+
+            pipeline_config = PipelineBenchConfig(
+                preset=args.preset, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                num_micro_batches=args.num_micro_batches, inner_steps=args.inner_steps,
+                inner_objective=args.inner_objective, iters=args.iters, warmup=args.warmup,
+                simulate_stages=args.simulate_stages, simulate_micro_batches=args.simulate_micro_batches)
         else:
             from megatron_focusft.bench.attention import AttentionBenchConfig
 
@@ -257,6 +288,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_megatron_import_warnings()
         with megatron_session(seed=ttft_config.seed):
             run_bench_ttft(ttft_config, as_json=args.json)
+    elif args.bench == "pipeline":
+        import os
+
+        from megatron_focusft.bench.pipeline import run_bench_pipeline
+
+        quiet_megatron_import_warnings()
+        with megatron_session(seed=pipeline_config.seed,
+                              pipeline_model_parallel_size=int(os.environ.get("WORLD_SIZE", "1"))):
+            try:
+                run_bench_pipeline(pipeline_config, as_json=args.json)
+            except ValueError as exc:
+                parser.error(str(exc))
     elif args.bench == "step":
         from megatron_focusft.bench.step import run_bench_step
 

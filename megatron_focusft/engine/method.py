@@ -53,7 +53,9 @@ class TrainingMethod:
     model is built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds; shape: the
     model's ModelPreset). validate(args):
     ValueError naming the flag for values of the method's flags it cannot run, called with the
-    other flag checks before anything starts."""
+    other flag checks before anything starts. balance(args, model, micro_batch, num_micro_batches):
+    `--pipeline-balance auto`'s (first, last) stage layer counts and a line describing the split,
+    from costs measured on the model as built (even stages); None: the method cannot balance."""
 
     name: str
     help: str
@@ -62,3 +64,4 @@ class TrainingMethod:
     model: Callable[[argparse.Namespace], MethodModel]
     run: Callable[[argparse.Namespace, TransformerConfig, int, ModelPreset], MethodRun]
     validate: Callable[[argparse.Namespace], None] = lambda args: None
+    balance: Callable[..., tuple[int, int, str]] | None = None

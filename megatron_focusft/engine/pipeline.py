@@ -1,7 +1,10 @@
 """Pipeline parallelism for the bilevel step: where the fast weights sit, and per-stage busy time.
 
-The schedule is Megatron's own 1F1B (`forward_backward_pipelining_without_interleaving`), in one
-of two arrangements, chosen by where the adapted layers sit (`fast_weights_span_stages`):
+With FocuSFT's interleaved schedule (the default, focusft/interleaved.py) every micro-batch's inner
+steps and outer pass are units of one schedule, wherever the adapted layers sit. With the
+sequential one, the schedule is Megatron's own 1F1B
+(`forward_backward_pipelining_without_interleaving`), in one of two arrangements, chosen by where
+the adapted layers sit (`fast_weights_span_stages`):
 - all on the last stage: the earlier stages run their layers once per micro-batch with no
   knowledge of the method, and the last stage runs, inside its forward of micro-batch m, its own
   bottom layers, the inner loop and the outer pass (focusft/step.py). In the 1F1B steady state
@@ -44,17 +47,22 @@ def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
     return range(offset + 1, offset + 1 + get_num_layers_to_build(config, pp_rank=pp_rank))
 
 
+def first_adapted_stage(config: TransformerConfig, fast_weights: FastWeightConfig) -> int:
+    """The pipeline stage holding the lowest adapted layer (the adapted layers are the top ones)."""
+    first = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)[0]
+    pp = config.pipeline_model_parallel_size
+    return next(s for s in range(pp) if first <= stage_layer_numbers(config, s)[-1])
+
+
 def fast_weights_span_stages(config: TransformerConfig, fast_weights: FastWeightConfig) -> bool:
     """Whether some adapted layer sits on a pipeline stage before the last.
 
-    If not, the inner loop runs inside the last stage's forward (focusft/step.py); if so, in
-    schedule calls of its own before the outer one (focusft/pipelined_inner.py).
+    With the sequential schedule: if not, the inner loop runs inside the last stage's forward
+    (focusft/step.py); if so, in schedule calls of its own before the outer one
+    (focusft/pipelined_inner.py).
     """
     pp = config.pipeline_model_parallel_size
-    if pp == 1:
-        return False
-    adapted = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)
-    return adapted[0] < stage_layer_numbers(config, pp - 1)[0]
+    return pp > 1 and first_adapted_stage(config, fast_weights) < pp - 1
 
 
 def schedule_timers() -> Timers:
@@ -67,8 +75,9 @@ class StageTime:
     """Seconds one pipeline stage spent since the last collection (max over its ranks).
 
     inner is the time in the inner loop: inside forward when it runs in the last stage's forward;
-    when the adapted layers span stages, the wall time of its own schedule calls, whose compute
-    is also counted in forward and backward. idle = total - forward - backward is waiting for
+    with the sequential schedule and adapted layers spanning stages, the wall time of its own
+    schedule calls; with the interleaved schedule (focusft/interleaved.py), the compute of the
+    inner units. In the last two cases that compute is also counted in forward and backward. idle = total - forward - backward is waiting for
     neighbours (bubbles and transfers).
     """
 

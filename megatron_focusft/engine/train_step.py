@@ -3,7 +3,7 @@ method's forward step, then the optimizer; the stats come back on every pipeline
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,12 +21,18 @@ class ForwardStep:
 
     `__call__(data_iterator, model)` -> (output, loss_func), as Megatron's schedules expect.
     `prepare(model, micro_batches)` runs once per optimizer step before the schedule, with every
-    micro-batch of the step (FocuSFT with adapted layers on several stages runs its inner loop
-    there); the default does nothing.
+    micro-batch of the step (FocuSFT's sequential pipeline schedule with adapted layers on several
+    stages runs its inner loop there); the default does nothing. `forward_backward_func(model)` is
+    the schedule (FocuSFT under PP: its interleaved one).
     """
 
     def prepare(self, model: torch.nn.Module, micro_batches: list[SegmentBatch]) -> None:
         return None
+
+    def forward_backward_func(self, model: torch.nn.Module) -> Callable[..., list]:
+        """The schedule train_step runs this step with (the signature of Megatron's
+        `get_forward_backward_func()` result); the default is Megatron's own."""
+        return get_forward_backward_func()
 
     def __call__(self, data_iterator: Iterator[SegmentBatch], model: torch.nn.Module) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -48,7 +54,7 @@ def train_step(
     forward_step.prepare(model, micro_batches)
     # Under context parallelism tokens are this rank's share; Megatron's schedules take the global length.
     b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
-    logs = get_forward_backward_func()(
+    logs = forward_step.forward_backward_func(model)(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),
         model=[model],

@@ -12,7 +12,7 @@ from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMetho
 from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.fastweights import FastWeightConfig, fast_weight_layout
 from megatron_focusft.fastweights.config import TARGETS
-from megatron_focusft.focusft.config import INNER_OBJECTIVES, FocusftConfig
+from megatron_focusft.focusft.config import INNER_OBJECTIVES, PIPELINE_SCHEDULES, FocusftConfig
 from megatron_focusft.focusft.step import SeededFastWeights, make_focusft_forward_step
 
 _STEP, _FAST = FocusftConfig(), FastWeightConfig()
@@ -27,6 +27,11 @@ def add_focusft_arguments(group: argparse._ArgumentGroup) -> None:
                        help="a sample's inner steps stop, and it keeps its initial fast weights, once an update "
                             "would move them further than this (L2 over the sample's tensors; inf: no bound)")
     group.add_argument("--focusft-inner-objective", choices=INNER_OBJECTIVES, default=_STEP.inner_objective)
+    group.add_argument("--focusft-pipeline-schedule", choices=PIPELINE_SCHEDULES, default=_STEP.pipeline_schedule,
+                       help="with --pipeline-model-parallel-size > 1: interleaved = every micro-batch's inner "
+                            "steps and outer pass as units of one 1F1B-style schedule; sequential = Megatron's "
+                            "1F1B with the inner loop in the last stage's forward, or in a schedule call per "
+                            "inner step when the adapted layers span stages")
     group.add_argument("--focusft-rank", type=int, default=_FAST.rank)
     group.add_argument("--focusft-alpha", type=float, default=_FAST.alpha)
     group.add_argument("--focusft-layer-fraction", type=float, default=_FAST.layer_fraction)
@@ -46,7 +51,8 @@ def focusft_config(flags: Mapping[str, Any]) -> FocusftConfig:
     return FocusftConfig(inner_steps=get("inner_steps", _STEP.inner_steps), inner_lr=get("inner_lr", _STEP.inner_lr),
                          inner_grad_clip=get("inner_grad_clip", _STEP.inner_grad_clip),
                          inner_objective=get("inner_objective", _STEP.inner_objective),
-                         max_update_norm=get("max_update_norm", _STEP.max_update_norm), fast_weights=fast)
+                         max_update_norm=get("max_update_norm", _STEP.max_update_norm),
+                         pipeline_schedule=get("pipeline_schedule", _STEP.pipeline_schedule), fast_weights=fast)
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -85,8 +91,27 @@ def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int
     return MethodRun(make_focusft_forward_step(config, source), resume)
 
 
+def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> tuple[int, int, str]:
+    """`--pipeline-balance auto`: layer costs measured on each stage, then the split whose simulated
+    iteration is shortest (focusft/pipeline_cost.balance)."""
+    from megatron_focusft.fastweights.config import adapted_layer_numbers
+    from megatron_focusft.focusft.pipeline_cost import balance
+    from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
+
+    config = focusft_config(vars(args))
+    gpt = model.module
+    layout = fast_weight_layout(gpt.config, config.fast_weights)
+    initial = SeededFastWeights(layout, config.fast_weights.rank, args.seed, dtype=gpt.config.params_dtype)
+    costs = measure_layer_costs(gpt, micro_batch, config, initial(micro_batch))
+    num_layers = gpt.config.num_layers
+    chosen = balance(num_layers, gpt.config.pipeline_model_parallel_size,
+                     adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
+                     config.inner_objective == "context", num_micro_batches, costs)
+    return chosen.first, chosen.last, chosen.describe()
+
+
 FOCUSFT = TrainingMethod(
     "focusft", "FocuSFT bilevel step", add_focusft_arguments,
     ("focusft_inner_steps", "focusft_inner_lr", "focusft_inner_objective", "focusft_rank", "focusft_alpha",
      "focusft_layer_fraction", "focusft_targets"),
-    _model, _run, _validate)
+    _model, _run, _validate, _balance)

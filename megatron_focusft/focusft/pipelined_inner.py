@@ -114,6 +114,15 @@ def _stage_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: ra
         hidden = hidden_in
     if not top:
         return hidden
+    return inner_stage_output(gpt, state, hidden, rotary, top, weights, parallel)
+
+
+def inner_stage_output(gpt: GPTModel, state: MicroBatchInner, hidden: torch.Tensor, rotary: torch.Tensor, top: range,
+                       weights: dict[tuple[int, str], list[torch.Tensor]], parallel: ParallelContext) -> torch.Tensor:
+    """The adapted layers of one inner forward, `weights` bound, from their input hidden [s, b, h]:
+    [s, b, h] for the next stage, or on the last stage the sum over samples still adapting of their
+    token-mean inner losses (a scalar; this CP rank's share), with state.step_loss [n] set."""
+    batch = state.batch
     binding = FastWeightBinding(state.sample_index, {k: tuple(v) for k, v in weights.items()})
     with bind_fast_weights(gpt, binding):
         out = forward_layers(gpt, hidden, state.objective.mask, rotary, top)

@@ -91,14 +91,14 @@ def inner_targets(batch: SegmentBatch, objective: str) -> InnerTargets:
     return InnerTargets(context_mask(batch), batch.next_in_document & ~batch.loss_mask.bool())
 
 
-def _layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
+def layer_ranges(model: GPTModel, config: FocusftConfig) -> tuple[range, range]:
     """Indices into this stage's layer list: the layers below the fast weights, the adapted ones."""
     first_adapted = adapted_layer_numbers(model.config.num_layers, config.fast_weights.layer_fraction)[0]
     below = sum(1 for layer in model.decoder.layers if layer.layer_number < first_adapted)
     return range(0, below), range(below, len(model.decoder.layers))
 
 
-def _stage_inputs(
+def stage_inputs(
     model: GPTModel, batch: SegmentBatch, with_causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(hidden [s, b, h], the same under the causal mask (detached) or None, rotary) at this stage's input."""
@@ -119,7 +119,7 @@ def pipeline_stage_forward(model: GPTModel, batch: SegmentBatch, config: Focusft
     """
     layers = range(len(model.decoder.layers))
     with_causal = config.inner_objective == "context"
-    hidden, causal_hidden, rotary = _stage_inputs(model, batch, with_causal)
+    hidden, causal_hidden, rotary = stage_inputs(model, batch, with_causal)
     out = forward_layers(model, hidden, batch.attention, rotary, layers)
     if not with_causal:
         return out
@@ -136,12 +136,12 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
     -> A [n, r, in], B [n, out, r], n = batch.num_samples; samples numbered as
     batch.sample_index numbers them, the same on every CP rank).
     """
-    bottom, top = _layer_ranges(model, config)
+    bottom, top = layer_ranges(model, config)
     sample_index = batch.sample_index
     local = shard_fast_weights(initial, parallel.tp_rank, parallel.tp_size)
     objective = inner_targets(batch, config.inner_objective)
     with_causal = objective.mask is not batch.attention
-    hidden, causal_hidden, rotary = _stage_inputs(model, batch, with_causal)
+    hidden, causal_hidden, rotary = stage_inputs(model, batch, with_causal)
     h_bottom = forward_layers(model, hidden, batch.attention, rotary, bottom)
     if not with_causal:
         h_inner = h_bottom.detach()
@@ -196,7 +196,7 @@ def adapt_to_context(model: GPTModel, batch: SegmentBatch, config: FocusftConfig
                          f"prompt); the config has {config.inner_objective!r}")
     if not (model.pre_process and model.post_process):
         raise ValueError("test-time adaptation needs the whole model on this rank (pipeline size 1)")
-    bottom, top = _layer_ranges(model, config)
+    bottom, top = layer_ranges(model, config)
     objective = inner_targets(batch, "context")
     hidden, rotary = stage_input(model, batch.tokens, batch.position_ids)
     with torch.no_grad():
@@ -251,25 +251,43 @@ class FocusftForwardStep(ForwardStep):
     """A Megatron `forward_step_func` running the bilevel step on each micro-batch.
 
     fast_weights_for(batch) gives a micro-batch's initial fast weights; it is called once per
-    micro-batch on the stages holding adapted layers. When adapted layers sit on several pipeline
-    stages, `prepare(model, micro_batches)` (engine.train_step.train_step calls it before the
-    schedule) runs the inner loop of all micro-batches first (pipelined_inner.py), and the forward
-    step then runs each stage's outer forward with the adapted fast weights.
+    micro-batch on the stages holding adapted layers. Under pipeline parallelism
+    `forward_backward_func(model)` is the interleaved schedule (interleaved.py), unless the config
+    asks for the sequential one: then, when adapted layers sit on several pipeline stages,
+    `prepare(model, micro_batches)` (engine.train_step.train_step calls it before the schedule)
+    runs the inner loop of all micro-batches first (pipelined_inner.py), and the forward step then
+    runs each stage's outer forward with the adapted fast weights.
     """
 
     def __init__(self, config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]) -> None:
         self.config = config
         self.fast_weights_for = fast_weights_for
         self._prepared: collections.deque[MicroBatchInner] | None = None
+        self._schedule = None  # the InterleavedSchedule, made on first use
+
+    def interleaved(self, model: torch.nn.Module) -> bool:
+        """Whether train_step runs the interleaved pipeline schedule (focusft/interleaved.py)."""
+        gpt = model.module if hasattr(model, "module") else model
+        return (gpt.config.pipeline_model_parallel_size > 1 and self.config.pipeline_schedule == "interleaved"
+                and self.config.inner_steps > 0)
+
+    def forward_backward_func(self, model: torch.nn.Module):
+        if not self.interleaved(model):
+            return super().forward_backward_func(model)
+        from megatron_focusft.focusft.interleaved import InterleavedSchedule  # it builds on this module
+
+        if self._schedule is None:
+            self._schedule = InterleavedSchedule(self)
+        return self._schedule
 
     def prepare(self, model: torch.nn.Module, micro_batches: list[SegmentBatch]) -> None:
         gpt = model.module if hasattr(model, "module") else model
-        if not fast_weights_span_stages(gpt.config, self.config.fast_weights):
+        if self.interleaved(model) or not fast_weights_span_stages(gpt.config, self.config.fast_weights):
             self._prepared = None
             return
-        bottom, top = _layer_ranges(gpt, self.config)
+        bottom, top = layer_ranges(gpt, self.config)
         parallel = ParallelContext.of(gpt)
-        states = [self._initial_state(gpt, batch, top, parallel) for batch in micro_batches]
+        states = [self.initial_state(gpt, batch, top, parallel) for batch in micro_batches]
         timers = gpt.config.timers
         if timers is not None:
             timers(INNER, log_level=2).start()
@@ -278,7 +296,7 @@ class FocusftForwardStep(ForwardStep):
             timers(INNER).stop()
         self._prepared = collections.deque(states)
 
-    def _initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range, parallel: ParallelContext) -> MicroBatchInner:
+    def initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range, parallel: ParallelContext) -> MicroBatchInner:
         sample_index, n = batch.sample_index, batch.num_samples
         objective = inner_targets(batch, self.config.inner_objective)
         scored = objective.targets & (sample_index >= 0)
@@ -304,7 +322,7 @@ class FocusftForwardStep(ForwardStep):
                                    "micro_batches) before the schedule, once per optimizer step "
                                    "(engine.train_step.train_step does)")
             state = self._prepared.popleft()
-            bottom, top = _layer_ranges(gpt, self.config)
+            bottom, top = layer_ranges(gpt, self.config)
             out = outer_stage_forward(gpt, state, bottom, top, ParallelContext.of(gpt))
             if not gpt.post_process:
                 return out, sft_loss  # Megatron calls no loss function before the last stage

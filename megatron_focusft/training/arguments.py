@@ -57,12 +57,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     par = parser.add_argument_group("parallelism")
     par.add_argument("--tensor-model-parallel-size", type=int, default=1)
     par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                     help="pipeline stages (Megatron's 1F1B schedule; FocuSFT's inner loop runs on the last stage)")
+                     help="pipeline stages (Megatron's 1F1B schedule; FocuSFT: --focusft-pipeline-schedule)")
     par.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
                      help="layers on the first pipeline stage (default: an even split)")
     par.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                      help="layers on the last pipeline stage, which also runs the FocuSFT inner loop "
                           "(fewer layers there rebalance the stages; default: an even split)")
+    par.add_argument("--pipeline-balance", choices=("manual", "auto"), default="manual",
+                     help="manual: stages as --decoder-first/last-pipeline-num-layers say (even without them); "
+                          "auto: measure each layer kind's cost on the even split, then use the first/last-stage "
+                          "layer counts whose simulated iteration is shortest (printed with the predicted "
+                          "per-stage load)")
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true",
                      help="split activations outside the tensor-parallel regions along the sequence (needs TP > 1)")
@@ -162,6 +167,14 @@ def validate_training_args(args: argparse.Namespace) -> None:
               if getattr(args, flag) is not None]
     if uneven and args.pipeline_model_parallel_size == 1:
         raise ValueError(f"--{uneven[0].replace('_', '-')} needs --pipeline-model-parallel-size > 1")
+    if args.pipeline_balance == "auto":
+        if args.pipeline_model_parallel_size == 1:
+            raise ValueError("--pipeline-balance auto needs --pipeline-model-parallel-size > 1")
+        if uneven:
+            raise ValueError(f"--pipeline-balance auto chooses the stage sizes itself: drop "
+                             f"--{uneven[0].replace('_', '-')}")
+        if METHODS[args.training_mode].balance is None:
+            raise ValueError(f"--pipeline-balance auto has no cost model for --training-mode {args.training_mode}")
     if args.sequence_parallel and args.tensor_model_parallel_size < 2:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits the sequence "
                          "over the tensor-parallel group)")

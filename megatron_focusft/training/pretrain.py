@@ -129,6 +129,25 @@ def _mfu(tokens_per_s: float, n_params: int, device: torch.device) -> float | No
     return None if peak is None else 6 * n_params * tokens_per_s / (peak * dist.get_world_size())
 
 
+def _rng_states() -> tuple:
+    """The random states a model build draws from (torch's, and on CUDA Megatron's tracker)."""
+    from megatron.core import tensor_parallel
+
+    cuda = torch.cuda.is_available()
+    return (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None,
+            tensor_parallel.get_cuda_rng_tracker().get_states() if cuda else None)
+
+
+def _restore_rng_states(states: tuple) -> None:
+    from megatron.core import tensor_parallel
+
+    cpu, cuda, tracker = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+        tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+
+
 @dataclass
 class _Position:
     """Where a run is, for the line an interruption prints."""
@@ -219,7 +238,23 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         needs = method.model(args)
         # Block sink embeddings are the method's: a checkpoint without them gets fresh ones.
         preset = dataclasses.replace(start.shape, block_sink_tokens=needs.block_sink_tokens)
-        model, model_config = build_model(model_setup_from_args(args, preset, needs.fast_weights))
+        setup = model_setup_from_args(args, preset, needs.fast_weights)
+        mask_kind = needs.mask_kind
+        cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
+        # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
+        chunk_multiple = math.lcm(attention_backend(args.attention_backend).chunk_multiple,
+                                  args.tensor_model_parallel_size if args.sequence_parallel else 1)
+        probe = _build_data(args, preset, needs, 0, 1, device, log, seed_offset=7919).next_micro_batch()
+        rng = _rng_states()
+        model, model_config = build_model(setup)
+        if args.pipeline_balance == "auto":
+            first, last, line = method.balance(
+                args, model, probe if cp == 1 else split_batch_for_cp(probe, cp, cp_rank, chunk_multiple=chunk_multiple),
+                num_micro_batches)
+            log(f"pipeline balance: {line}")
+            _restore_rng_states(rng)  # the model is then initialised as a run given these flags would be
+            model, model_config = build_model(dataclasses.replace(
+                setup, num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last))
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()
@@ -232,15 +267,9 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             lr=built.max_lr, min_lr=built.min_lr, weight_decay=built.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
         scheduler = built.build(optimizer)
-        mask_kind = needs.mask_kind
         data = _build_data(args, preset, needs, dp_rank, dp_size, device, log)
-        probe = _build_data(args, preset, needs, 0, 1, device, log, seed_offset=7919).next_micro_batch()
         run = method.run(args, model_config, dp_rank, preset)
         run_config = {key: getattr(args, key) for key in (*_RESUME_KEYS, *method.resume_keys)}
-        cp, cp_rank = args.context_parallel_size, parallel_state.get_context_parallel_rank()
-        # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
-        chunk_multiple = math.lcm(attention_backend(args.attention_backend).chunk_multiple,
-                                  args.tensor_model_parallel_size if args.sequence_parallel else 1)
 
         def next_micro_batch():
             batch = data.next_micro_batch()

@@ -42,6 +42,14 @@ CASES = [
     (["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], {},
      "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are exclusive"),
     (["--ckpt-step", "2"], {}, "--ckpt-step needs --load DIR or --pretrained-checkpoint DIR"),
+    (["--pipeline-balance", "auto"], {}, "--pipeline-balance auto needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "1"],
+     {"WORLD_SIZE": "2"}, "--pipeline-balance auto chooses the stage sizes itself: drop "
+                          "--decoder-last-pipeline-num-layers"),
+    (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
+     {"WORLD_SIZE": "2"}, "--pipeline-balance auto has no cost model for --training-mode sft"),
+    (["--focusft-pipeline-schedule", "zigzag"], {},
+     "argument --focusft-pipeline-schedule: invalid choice: 'zigzag' (choose from 'interleaved', 'sequential')"),
 ]
 
 

@@ -1,0 +1,204 @@
+"""`focusft bench pipeline`: FocuSFT's pipeline schedules side by side, and the simulator's view.
+
+Launched with torchrun over P ranks (PP = P, TP = CP = 1, one rank per stage). One run builds:
+- "sequential, even split": Megatron's 1F1B with the inner loop in the last stage's forward (or in
+  schedule calls of its own, if the adapted layers span stages), layers split evenly (today's default);
+- "sequential, balanced split" and "interleaved, balanced split": the split `balance` picks from the
+  layer costs measured on the first model (focusft/pipeline_measure.py), under each schedule.
+Their optimizer steps on the same micro-batches alternate, repetition by repetition, so a machine
+shared with other work disturbs them alike. Per schedule: the median step time, tokens/s, every
+stage's busy share ((forward + backward compute) / step time, Megatron's schedule timers), pipeline
+efficiency (their mean) and bubble fraction (1 - efficiency).
+
+The simulator (engine/pipeline_plan.py): the interleaved run's measured unit times (mean per stage
+and unit kind) replayed give its predicted forward-backward time, against the measured one; the
+measured layer costs give the balanced split and simulated efficiency at other PP sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_focusft.bench.step import _batch
+
+
+@dataclass(frozen=True)
+class PipelineBenchConfig:
+    preset: str = "small"
+    seq_length: int = 256
+    micro_batch_size: int = 2
+    num_micro_batches: int = 8
+    inner_steps: int = 2
+    inner_objective: str = "response"
+    iters: int = 3
+    warmup: int = 1
+    simulate_stages: tuple[int, ...] = (4, 8)
+    simulate_micro_batches: int = 16
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("seq_length", "micro_batch_size", "num_micro_batches", "inner_steps", "iters",
+                     "simulate_micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def _unit_kind(unit, pipeline) -> str:
+    if unit.backward:
+        return "inner_backward" if unit.step < pipeline.inner_steps else "outer_backward"
+    if unit.step == pipeline.inner_steps:
+        return "outer_forward"
+    return "inner_forward_first" if unit.step == 0 else "inner_forward"
+
+
+def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[str, Any]]:
+    """The records (module doc); parallel state must be initialised with PP = world size."""
+    from megatron.core import parallel_state
+
+    from megatron_focusft.engine.pipeline import collect_stage_times, schedule_timers, stage_layer_numbers
+    from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
+    from megatron_focusft.engine.train_step import train_step
+    from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
+    from megatron_focusft.fastweights.linear import fast_weight_layout
+    from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
+    from megatron_focusft.focusft.interleaved import focusft_pipeline
+    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance
+    from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
+    from megatron_focusft.models.presets import get_preset
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp < 2 or dist.get_world_size() != pp:
+        raise ValueError(f"focusft bench pipeline runs one rank per pipeline stage under torchrun with >= 2 "
+                         f"ranks (e.g. torchrun --nproc-per-node 2); this world has {dist.get_world_size()} "
+                         f"rank(s), PP {pp}")
+    rank0 = dist.get_rank() == 0
+    preset = get_preset(config.preset)
+    fast = FastWeightConfig()
+    first_adapted = adapted_layer_numbers(preset.num_layers, fast.layer_fraction)[0]
+    context = config.inner_objective == "context"
+    batches = [_batch(config.seq_length, config.micro_batch_size, preset.vocab_size, torch.device("cpu"),
+                      config.seed + m) for m in range(config.num_micro_batches)]
+
+    def build(first: int | None, last: int | None, schedule: str):
+        torch.manual_seed(config.seed)
+        model, model_config = build_model(ModelSetup(
+            preset=config.preset, pipeline_model_parallel_size=pp, num_layers_in_first_pipeline_stage=first,
+            num_layers_in_last_pipeline_stage=last, fast_weights=fast))
+        model_config.timers = schedule_timers()
+        focusft = FocusftConfig(inner_steps=config.inner_steps, inner_objective=config.inner_objective,
+                                pipeline_schedule=schedule, fast_weights=fast)
+        source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed)
+        return model, model_config, build_optimizer(model, OptimizerSetup()), make_focusft_forward_step(focusft, source)
+
+    even = build(None, None, "sequential")
+    probe_source = SeededFastWeights(fast_weight_layout(even[1], fast), fast.rank, config.seed + 1)
+    costs = measure_layer_costs(even[0].module, batches[0], even[3].config, probe_source(batches[0]))
+    chosen = balance(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
+                     costs)
+    runs = {"sequential, even split": even,
+            "sequential, balanced split": build(chosen.first, chosen.last, "sequential"),
+            "interleaved, balanced split": build(chosen.first, chosen.last, "interleaved")}
+    step_s: dict[str, list[float]] = defaultdict(list)
+    busy: dict[str, list[list[float]]] = defaultdict(list)
+    fb_s: dict[str, list[float]] = defaultdict(list)
+    unit_s: dict[tuple[int, str], list[float]] = defaultdict(list)
+    interleaved = runs["interleaved, balanced split"]
+    pipeline = focusft_pipeline(interleaved[1], interleaved[3].config, config.num_micro_batches)
+    for rep in range(config.warmup + config.iters):
+        for name, (model, model_config, optimizer, forward_step) in runs.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            train_step(model, optimizer, batches, forward_step)
+            dt = time.perf_counter() - t0
+            dt = max(_all(dt))  # the step ends when its slowest stage does
+            times = collect_stage_times(model_config.timers)
+            if rep < config.warmup:
+                continue
+            step_s[name].append(dt)
+            busy[name].append([(t.forward + t.backward) / dt for t in times])
+            fb_s[name].append(max(t.total for t in times))
+            if forward_step.interleaved(model):
+                for record in forward_step.forward_backward_func(model).records:
+                    unit_s[(record.unit.stage, _unit_kind(record.unit, pipeline))].append(record.seconds)
+    measured_units = _gather_units(unit_s)
+    # The order the executor ran (planned from nominal costs), replayed with the measured unit times.
+    planned = pipeline.simulate(NOMINAL_COSTS).order
+    predicted = pipeline.simulate(lambda u: measured_units[(u.stage, _unit_kind(u, pipeline))], planned).makespan
+    tokens = config.num_micro_batches * config.micro_batch_size * config.seq_length
+    base = statistics.median(step_s["sequential, even split"])
+    records = []
+    for name in runs:
+        shares = [statistics.mean(col) for col in zip(*busy[name])]
+        median = statistics.median(step_s[name])
+        records.append({
+            "schedule": name, "stages": pp, "preset": config.preset, "micro_batches": config.num_micro_batches,
+            "micro_batch_size": config.micro_batch_size, "seq_length": config.seq_length,
+            "inner_steps": config.inner_steps, "inner_objective": config.inner_objective,
+            "layers_per_stage": [len(stage_layer_numbers(runs[name][1], s)) for s in range(pp)],
+            "step_s": median, "tokens_per_s": tokens / median, "speedup_vs_sequential_even": base / median,
+            "stage_busy_share": shares, "pipeline_efficiency": statistics.mean(shares),
+            "bubble_fraction": 1 - statistics.mean(shares), "forward_backward_s": statistics.median(fb_s[name]),
+        })
+    measured_fb = statistics.median(fb_s["interleaved, balanced split"])
+    unit_busy = [sum(measured_units[(u.stage, _unit_kind(u, pipeline))] for u in planned[s]) for s in range(pp)]
+    records.append({"simulator": "interleaved, balanced split", "stages": pp, "predicted_forward_backward_s": predicted,
+                    "measured_forward_backward_s": measured_fb, "predicted_over_measured": predicted / measured_fb,
+                    "measured_unit_busy_s": unit_busy})
+    for stages in config.simulate_stages:
+        if stages > preset.num_layers:
+            continue
+        for any_counts in (False, True):
+            sim = balance(preset.num_layers, stages, first_adapted, config.inner_steps, context,
+                          config.simulate_micro_batches, costs, any_counts=any_counts)
+            records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
+                            "split": "any layer count per stage" if any_counts else "first/last-stage flags",
+                            "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                            "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
+    records.append({"layer_costs_s": costs.__dict__, "balanced_split": chosen.describe()})
+    if rank0:
+        for record in records:
+            print(json.dumps(record) if as_json else _line(record), flush=True)
+    return records
+
+
+def _all(value: float) -> list[float]:
+    gathered: list[float] = [0.0] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _gather_units(unit_s: dict[tuple[int, str], list[float]]) -> dict[tuple[int, str], float]:
+    """(stage, unit kind) -> mean seconds, from every rank's records (the slowest TP rank's view)."""
+    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, {key: statistics.mean(v) for key, v in unit_s.items()})
+    merged: dict[tuple[int, str], float] = {}
+    for part in gathered:
+        for key, value in part.items():
+            merged[key] = max(merged.get(key, 0.0), value)
+    return merged
+
+
+def _line(record: dict[str, Any]) -> str:
+    if "schedule" in record:
+        shares = " / ".join(f"{100 * s:.0f}%" for s in record["stage_busy_share"])
+        return (f"{record['schedule']}: {record['tokens_per_s']:,.0f} tok/s ({record['speedup_vs_sequential_even']:.2f}x),"
+                f" busy {shares}, efficiency {100 * record['pipeline_efficiency']:.0f}%, layers "
+                f"{record['layers_per_stage']}")
+    if "simulator" in record:
+        return (f"simulator, PP {record['stages']}: predicted {record['predicted_forward_backward_s']:.3f} s vs "
+                f"measured {record['measured_forward_backward_s']:.3f} s ({record['predicted_over_measured']:.2f}x)")
+    if "simulated_stages" in record:
+        return (f"simulated PP {record['simulated_stages']}, {record['micro_batches']} micro-batches, "
+                f"{record['split']}: efficiency {100 * record['predicted_efficiency']:.0f}%, layers "
+                f"{record['layers_per_stage']}")
+    return f"layer costs (s): {record['layer_costs_s']}; balanced: {record['balanced_split']}"

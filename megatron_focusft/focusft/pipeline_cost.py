@@ -1,0 +1,218 @@
+"""The cost model of FocuSFT's pipeline units, and the split of layers over stages it implies.
+
+A stage holds `bottom` layers below the fast weights, `adapted` layers with fast weights, and on
+the last stage the scored LM head. Per micro-batch, from `LayerCosts` (seconds per layer, or per
+head, measured by focusft/pipeline_measure.py), the units of engine/pipeline_plan.py cost:
+
+  inner forward, stage s < k (pass 0 only)  bottom x bottom_forward x (2 with the context objective:
+                                            the same layers under the causal mask, no grad)
+  inner forward, stage s >= k               adapted x adapted_inner_forward (+ head_inner_forward),
+                                            + at step 0 stage k's own bottom layers as above
+  inner backward, s >= k                    adapted x adapted_inner_backward (+ head_inner_backward)
+  outer forward, s >= k                     adapted x adapted_outer_forward (+ head_outer_forward);
+                                            context: + the after-adaptation inner forward, no grad
+  outer backward, every stage               bottom x bottom_backward + adapted x adapted_outer_backward
+                                            (+ head_outer_backward)
+
+`balance` tries every split Megatron's uneven-stage flags can express
+(`--decoder-first/last-pipeline-num-layers`, the middle stages even) and keeps the one whose
+simulated iteration (engine.pipeline_plan.simulate) is shortest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_focusft.engine.pipeline_plan import Timeline, Unit, default_window, focusft_passes, simulate
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Seconds per micro-batch of one layer's (or the LM head's) part of each unit kind."""
+
+    bottom_forward: float
+    bottom_backward: float
+    adapted_inner_forward: float
+    adapted_inner_backward: float
+    adapted_outer_forward: float
+    adapted_outer_backward: float
+    head_inner_forward: float
+    head_inner_backward: float
+    head_outer_forward: float
+    head_outer_backward: float
+
+
+# Relative costs used to plan the unit order when nothing was measured: a backward costs about
+# twice its forward; the head is left out (its share depends on the scored tokens).
+NOMINAL_COSTS = LayerCosts(1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class StageLayers:
+    """What one stage holds: layers below the fast weights, adapted layers, the LM head."""
+
+    bottom: int
+    adapted: int
+    head: bool
+
+
+@dataclass(frozen=True)
+class FocusftPipeline:
+    """A FocuSFT pipeline: its stages, inner steps, objective and micro-batches per iteration."""
+
+    stages: tuple[StageLayers, ...]
+    inner_steps: int
+    context_objective: bool
+    num_micro_batches: int
+
+    @property
+    def first_adapted_stage(self) -> int:
+        return next(s for s, layers in enumerate(self.stages) if layers.adapted)
+
+    @property
+    def stride(self) -> int:
+        """Passes between a micro-batch's consecutive passes (focusft_passes): the adapted stages' depth."""
+        return len(self.stages) - self.first_adapted_stage
+
+    @property
+    def window(self) -> list[int]:
+        return default_window(len(self.stages), self.stride, self.inner_steps)
+
+    def unit_cost(self, unit: Unit, costs: LayerCosts) -> float:
+        """A unit's cost from per-layer costs (module doc)."""
+        layers = self.stages[unit.stage]
+        causal = 2.0 if self.context_objective else 1.0
+        head = layers.head
+        if unit.backward:
+            if unit.step < self.inner_steps:
+                return layers.adapted * costs.adapted_inner_backward + head * costs.head_inner_backward
+            return (layers.bottom * costs.bottom_backward + layers.adapted * costs.adapted_outer_backward
+                    + head * costs.head_outer_backward)
+        if unit.step < self.inner_steps:
+            cost = layers.adapted * costs.adapted_inner_forward + head * costs.head_inner_forward
+            return cost + (layers.bottom * costs.bottom_forward * causal if unit.step == 0 else 0.0)
+        cost = layers.adapted * costs.adapted_outer_forward + head * costs.head_outer_forward
+        if self.context_objective:
+            cost += layers.adapted * costs.adapted_inner_forward + head * costs.head_inner_forward
+        return cost
+
+    def simulate(self, cost, order=None) -> Timeline:
+        """The iteration replayed with `cost(unit)` (a LayerCosts, or a function of the unit); with
+        `order`, each stage's units in that order (engine.pipeline_plan.simulate)."""
+        unit_cost = (lambda u: self.unit_cost(u, cost)) if isinstance(cost, LayerCosts) else cost
+        passes = focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps,
+                                self.num_micro_batches, self.stride)
+        return simulate(passes, len(self.stages), unit_cost, self.window, order)
+
+
+def stage_layers(num_layers: int, first_adapted_layer: int, counts: list[int]) -> tuple[StageLayers, ...]:
+    """Layer counts per stage (global order) -> what each stage holds; first_adapted_layer is 1-based."""
+    stages, start = [], 1
+    for s, count in enumerate(counts):
+        numbers = range(start, start + count)
+        adapted = sum(1 for n in numbers if n >= first_adapted_layer)
+        stages.append(StageLayers(count - adapted, adapted, s == len(counts) - 1))
+        start += count
+    if start != num_layers + 1:
+        raise ValueError(f"stage layer counts {counts} do not add up to {num_layers} layers")
+    return tuple(stages)
+
+
+def megatron_splits(num_layers: int, num_stages: int) -> list[tuple[int, int, list[int]]]:
+    """Every (first, last, per-stage counts) Megatron's first/last-stage flags can express: the middle
+    stages get an equal share of the rest, at least one layer each."""
+    if num_stages == 1:
+        return [(num_layers, num_layers, [num_layers])]
+    splits = []
+    for first in range(1, num_layers):
+        for last in range(1, num_layers - first + 1):
+            rest, middle = num_layers - first - last, num_stages - 2
+            if (middle == 0 and rest == 0) or (middle > 0 and rest >= middle and rest % middle == 0):
+                counts = [first, *([rest // middle] * middle if middle else []), last]
+                splits.append((first, last, counts))
+    return splits
+
+
+@dataclass(frozen=True)
+class Balance:
+    """The chosen split: Megatron's flag values, each stage's layers and predicted busy seconds."""
+
+    first: int
+    last: int
+    counts: tuple[int, ...]
+    stage_busy: tuple[float, ...]
+    iteration: float
+
+    @property
+    def efficiency(self) -> float:
+        return sum(self.stage_busy) / (len(self.stage_busy) * self.iteration) if self.iteration > 0 else 1.0
+
+    def describe(self) -> str:
+        loads = ", ".join(f"stage {s}: {n} layers, busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
+                          for s, (n, busy) in enumerate(zip(self.counts, self.stage_busy)))
+        return (f"--decoder-first-pipeline-num-layers {self.first} --decoder-last-pipeline-num-layers {self.last}"
+                f" | predicted iteration {self.iteration:.3f} s, efficiency {100 * self.efficiency:.0f}% | {loads}")
+
+
+def layer_loads(num_layers: int, first_adapted_layer: int, inner_steps: int, context_objective: bool,
+                costs: LayerCosts) -> list[float]:
+    """Each layer's whole work per micro-batch (all its units' shares), in layer order."""
+    causal = 2.0 if context_objective else 1.0
+    bottom = causal * costs.bottom_forward + costs.bottom_backward
+    adapted = (inner_steps * (costs.adapted_inner_forward + costs.adapted_inner_backward)
+               + costs.adapted_outer_forward + costs.adapted_outer_backward
+               + (costs.adapted_inner_forward if context_objective else 0.0))
+    return [adapted if n >= first_adapted_layer else bottom for n in range(1, num_layers + 1)]
+
+
+def min_max_split(loads: list[float], num_stages: int, last_extra: float = 0.0) -> list[int]:
+    """Contiguous layer counts (each >= 1) minimising the busiest stage's load (`last_extra`, the
+    head, added to the last stage): the classic linear-partition dynamic programme."""
+    n = len(loads)
+    prefix = [0.0]
+    for load in loads:
+        prefix.append(prefix[-1] + load)
+    inf = float("inf")
+    # best[p][i]: the lowest max load of the first i layers on p stages; cut[p][i]: where stage p starts.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for p in range(1, num_stages + 1):
+        for i in range(p, n + 1):
+            extra = last_extra if (p == num_stages and i == n) else 0.0
+            for j in range(p - 1, i):
+                value = max(best[p - 1][j], prefix[i] - prefix[j] + extra)
+                if value < best[p][i]:
+                    best[p][i], cut[p][i] = value, j
+    counts, i = [], n
+    for p in range(num_stages, 0, -1):
+        counts.append(i - cut[p][i])
+        i = cut[p][i]
+    return counts[::-1]
+
+
+def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_steps: int, context_objective: bool,
+            num_micro_batches: int, costs: LayerCosts, any_counts: bool = False) -> Balance:
+    """The split with the shortest simulated iteration among those Megatron's first/last-stage flags
+    can express (megatron_splits; ties: the lowest busiest stage); with `any_counts`, the split of
+    min_max_split instead (any layer count per stage: Megatron's pipeline_model_parallel_layout,
+    which the training flags do not expose yet)."""
+    splits = megatron_splits(num_layers, num_stages)
+    if any_counts:
+        head = costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
+            costs.head_inner_forward + costs.head_inner_backward)
+        counts = min_max_split(layer_loads(num_layers, first_adapted_layer, inner_steps, context_objective, costs),
+                               num_stages, head)
+        splits = [(counts[0], counts[-1], counts)]
+    best = None
+    for first, last, counts in splits:
+        pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, counts), inner_steps,
+                                   context_objective, num_micro_batches)
+        timeline = pipeline.simulate(costs)
+        busy = tuple(timeline.busy(s) for s in range(num_stages))
+        key = (round(timeline.makespan, 12), max(busy))
+        if best is None or key < best[0]:
+            best = (key, Balance(first, last, tuple(counts), busy, timeline.makespan))
+    if best is None:
+        raise ValueError(f"{num_layers} layers cannot be split over {num_stages} pipeline stages")
+    return best[1]

@@ -1,0 +1,45 @@
+"""The interleaved FocuSFT pipeline schedule (focusft/interleaved.py) trains exactly like one process.
+
+PP = 2 on the tiny model (4 layers), three packed micro-batches, one forward/backward through
+`FocusftForwardStep.forward_backward_func` (the interleaved schedule) with DDP and per-token loss
+averaging, against the PP = 1, TP = 1 run (Megatron's no-pipelining schedule, the bilevel step in
+one forward): every micro-batch's loss, inner loss before and after, skipped steps and update
+norm, and every slow-weight gradient (main_grad after finalize_model_grads). Placements:
+- response objective, layer fraction 0.5 (layers 3-4 adapted), even split: every adapted layer on
+  the last stage;
+- context objective, layer fraction 0.75 (layers 2-4 adapted): the adapted layers span both
+  stages (stage 0 holds layer 1 below them and layer 2 with fast weights), so inner gradients, the
+  guard's status and its decision cross the stages, and the causal activations travel beside the
+  outer ones;
+- response objective, layer fraction 0.75 with one layer on the last stage: stage 0 holds a
+  bottom layer and two adapted ones (uneven stages).
+Three cases keep the file near 50 s on two cores (each reference is four one-process runs).
+
+Tolerance: the one-process run's own noise band (tests/helpers/noise_band.py): the reference
+repeated from weights moved by one ulp (three seeds), each tensor's relative error x10, at least
+32 fp32 eps. The schedule changes only the order of independent micro-batches' work and the
+order of fp32 sums (the update norm is summed over the stages in float64), so a correct schedule
+lands inside it; a wrong dependency (a stale fast weight, a missed decision, a gradient of the
+wrong micro-batch) moves a loss or gradient by orders of magnitude more. The reference itself
+must adapt (inner loss after < before), so the inner loop is not vacuous.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers.pipeline import check_parity, pipeline_batches, reference_step, run_step
+
+
+@pytest.mark.parametrize("objective, fraction, last_stage_layers", [
+    ("response", 0.5, None), ("context", 0.75, None), ("response", 0.75, 1)],
+    ids=["response-adapted-on-last-stage", "context-adapted-on-both-stages", "response-three-adapted-layers-on-stage-0"])
+def test_interleaved_schedule_matches_one_process(worker_pool, objective, fraction, last_stage_layers):
+    pool = worker_pool(2)
+    batches = pipeline_batches("focusft")
+    focusft = {"inner_objective": objective}
+    reference = reference_step(pool, batches, focusft, layer_fraction=fraction)
+    assert all(log["inner loss after"][0] < log["inner loss before"][0] for log in reference[0]["logs"])
+    parallel = pool.run(run_step, 1, 2, batches, focusft, last_stage_layers, layer_fraction=fraction,
+                        schedule="interleaved")
+    check_parity(reference, parallel, focusft=True)

@@ -1,0 +1,72 @@
+"""The FocuSFT pipeline cost model and the split it picks (focusft/pipeline_cost.py), by hand.
+
+Tiny numbers: bottom layers cost 1 forward and 2 backward, adapted layers 1 + 2 per inner step and
+1 + 2 for the outer pass, the head a distinct cost per kind, so every unit's cost can be added up
+by hand from the module doc's table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_focusft.engine.pipeline_plan import Unit
+from megatron_focusft.focusft.pipeline_cost import (
+    FocusftPipeline,
+    LayerCosts,
+    StageLayers,
+    balance,
+    megatron_splits,
+    min_max_split,
+    stage_layers,
+)
+
+COSTS = LayerCosts(bottom_forward=1, bottom_backward=2, adapted_inner_forward=1, adapted_inner_backward=2,
+                   adapted_outer_forward=1, adapted_outer_backward=2, head_inner_forward=0.25,
+                   head_inner_backward=0.5, head_outer_forward=0.125, head_outer_backward=4)
+
+
+def test_stage_layers_follow_megatron_placement():
+    assert stage_layers(16, 11, [12, 4]) == (StageLayers(10, 2, False), StageLayers(0, 4, True))
+    with pytest.raises(ValueError, match="do not add up"):
+        stage_layers(16, 11, [12, 3])
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_unit_costs_by_hand(context):
+    # Stage 0: 1 bottom layer + 1 adapted; stage 1: 2 adapted + head. k = 0, two inner steps.
+    pipe = FocusftPipeline((StageLayers(1, 1, False), StageLayers(0, 2, True)), 2, context, 4)
+    causal = 2 if context else 1
+    assert pipe.unit_cost(Unit(0, 0, 0, False), COSTS) == 1 + causal * 1  # adapted inner F + own bottom
+    assert pipe.unit_cost(Unit(0, 0, 1, False), COSTS) == 1
+    assert pipe.unit_cost(Unit(1, 0, 1, False), COSTS) == 2 + 0.25
+    assert pipe.unit_cost(Unit(1, 0, 1, True), COSTS) == 4 + 0.5
+    assert pipe.unit_cost(Unit(1, 0, 2, False), COSTS) == 2 + 0.125 + ((2 + 0.25) if context else 0)
+    assert pipe.unit_cost(Unit(1, 0, 2, True), COSTS) == 4 + 4
+    assert pipe.unit_cost(Unit(0, 0, 2, True), COSTS) == 2 + 2
+
+
+def test_megatron_splits_keep_the_middle_stages_even():
+    assert [c for _, _, c in megatron_splits(4, 2)] == [[1, 3], [2, 2], [3, 1]]
+    assert all(len(set(c[1:-1])) <= 1 and sum(c) == 16 for _, _, c in megatron_splits(16, 4))
+    assert [4, 4, 4, 4] in [c for _, _, c in megatron_splits(16, 4)]
+
+
+def test_balance_moves_layers_off_the_adapted_stage():
+    # 4 layers, 3-4 adapted, 2 inner steps, no head cost: per micro-batch a bottom layer costs 3 and
+    # an adapted one 3 x 3 = 9. Splits: 1/3 -> 3 vs 21, 2/2 -> 6 vs 18, 3/1 -> 15 vs 9: 3/1 wins.
+    costs = LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0)
+    chosen = balance(4, 2, 3, 2, False, 16, costs)
+    assert (chosen.first, chosen.last, chosen.counts) == (3, 1, (3, 1))
+    assert chosen.stage_busy == (16 * 15.0, 16 * 9.0)
+    assert "--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 1" in chosen.describe()
+
+
+def test_min_max_split_by_hand():
+    # Loads 1 1 1 1 4 4 over 3 stages: [1 1 1 1 | 4 | 4] has max 4; every other cut is worse.
+    assert min_max_split([1, 1, 1, 1, 4, 4], 3) == [4, 1, 1]
+    # 4 1 1 1 1 over 2 stages: [4 | 1 1 1 1] (max 4); with 2 more on the last stage (the head)
+    # [4 1 | 1 1 1 + 2] (max 5) beats [4 | 6] and [4 1 1 | 1 1 + 2] (max 6).
+    assert min_max_split([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert min_max_split([4, 1, 1, 1, 1], 2, last_extra=2) == [2, 3]
+    chosen = balance(4, 2, 3, 2, False, 16, LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0), any_counts=True)
+    assert chosen.counts == (3, 1)

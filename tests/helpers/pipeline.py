@@ -1,0 +1,146 @@
+"""The pipeline-parity harness: one forward/backward through a schedule at any TP x PP x CP, on every
+rank of a gloo pool, against the PP = 1, TP = 1 run within its noise band.
+
+Every rank builds the whole tiny model at its TP size without PP (the same weights as TP = 1),
+then its pipeline stage, and copies its layers' weights over; the schedule runs three packed
+micro-batches (warm-up, steady state and cool-down all occur) with DDP and per-token loss
+averaging. Compared with the PP = 1, TP = 1 run: the loss of every micro-batch (last stage),
+every slow-weight gradient (main_grad after finalize_model_grads, each stage's own layers,
+unsharded over TP) and, for FocuSFT, the inner losses, skipped steps and update norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.fastweights.config import FastWeightConfig
+from megatron_focusft.parallel.tensor_parallel import unshard
+from tests.helpers.batches import random_batch
+from tests.helpers.distributed import init_model_parallel
+from tests.helpers.model import fast_weights_with_random_b
+from tests.helpers.noise_band import assert_in_band, perturb_by_one_ulp, with_step_band
+
+FAST = FastWeightConfig(rank=8, alpha=16.0)  # tiny: 4 layers, layers 3 and 4 adapted
+VOCAB = 512
+# Gradients are summed in another order (over DP in the reference, TP splits matmuls), so parity
+# is at fp32 noise: within the one-process run's own noise band (tests/helpers/noise_band.py).
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def pipeline_batches(kind: str) -> list[SegmentBatch]:
+    return [random_batch(2, 40, VOCAB, seed=seed, kind=kind, max_doc=20) for seed in (41, 42, 43)]
+
+
+def _renumber(name: str, offset: int) -> str:
+    """A stage-local parameter name -> the whole model's (layer index + offset)."""
+    return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
+
+
+# --- worker functions (every rank of a gloo pool) -------------------------------------------
+
+
+def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
+         timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None,
+         perturb_seed: int | None = None, schedule: str = "sequential") -> dict:
+    """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
+    else Megatron's); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
+    one ulp, for the noise band)."""
+    from megatron.core import parallel_state
+
+    from megatron_focusft.data.cp_split import split_batch_for_cp
+    from megatron_focusft.engine.pipeline import collect_stage_times, schedule_timers, stage_layer_numbers
+    from megatron_focusft.engine.setup import ModelSetup, build_model
+    from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
+    from megatron_focusft.sft import sft_forward_step
+
+    fast = None
+    if focusft is not None:
+        fast = FAST if layer_fraction is None else dataclasses.replace(FAST, layer_fraction=layer_fraction)
+    init_model_parallel(tp=tp, seed=21)
+    whole, _ = build_model(ModelSetup(tensor_model_parallel_size=tp, sequence_parallel=sp, fast_weights=fast))
+    weights = whole.module.state_dict()
+    init_model_parallel(tp=tp, pp=pp, cp=cp, seed=99)  # another seed: the stage's own init is overwritten
+    first_layers = None if last_stage_layers is None else 4 - last_stage_layers
+    model, config = build_model(ModelSetup(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp, fast_weights=fast,
+        context_parallel_size=cp,
+        num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers))
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    # Under CP every rank holds its load-balanced chunks of each row (and the global mask).
+    local = [split_batch_for_cp(batch, cp, cp_rank) for batch in batches] if cp > 1 else batches
+    offset = stage_layer_numbers(config, pp_rank)[0] - 1
+    model.module.load_state_dict({k: weights[_renumber(k, offset)] for k in model.module.state_dict()})
+    if perturb_seed is not None:
+        perturb_by_one_ulp(model.module, perturb_seed)
+    if focusft is None:
+        forward_step = sft_forward_step
+    else:
+        initial = iter([fast_weights_with_random_b(config, fast, batch) for batch in batches]).__next__
+        forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=fast, pipeline_schedule=schedule,
+                                                               **focusft), lambda _: initial())
+    if timed:
+        config.timers = schedule_timers()
+    model.zero_grad_buffer()
+    if focusft is not None:  # as engine.train_step.train_step does
+        forward_step.prepare(model, local)
+    logs = forward_step.forward_backward_func(model)(
+        forward_step_func=forward_step, data_iterator=iter(local), model=[model], num_microbatches=len(local),
+        seq_length=batches[0].tokens.shape[1], micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
+    grads = {_renumber(name, offset): (p.main_grad.clone(), getattr(p, "partition_dim", -1),
+                                       getattr(p, "partition_stride", 1))
+             for name, p in model.module.named_parameters()}
+    return {"logs": logs, "grads": grads, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": pp_rank, "cp_rank": cp_rank, "layers": list(stage_layer_numbers(config, pp_rank)),
+            "stage_times": collect_stage_times(config.timers) if timed else None}
+
+
+# --- comparison ----------------------------------------------------------------------------
+
+
+def reference_step(pool, *args, **kwargs) -> list[dict]:
+    """The PP = 1, TP = 1 run of these arguments, with its noise band (tests/helpers/noise_band.py)."""
+    return with_step_band(lambda seed: pool.run(run_step, 1, 1, *args, perturb_seed=seed, **kwargs))
+
+
+def check_parity(reference: list[dict], parallel: list[dict], focusft: bool) -> None:
+    """reference: _reference's result; parallel: all ranks of the pipelined run. Every loss, inner
+    log and gradient must agree within the reference's band (relative error of the whole tensor).
+
+    Under CP the last stage's CP ranks each hold their tokens' share of the loss [sum, count].
+    """
+    ref = reference[0]
+    band = ref["band"]
+    last_stage = max(r["pp_rank"] for r in parallel)
+    assert last_stage > 0
+    assert all(r["logs"] == [] for r in parallel if r["pp_rank"] != last_stage)  # losses: last stage only
+    last = [r for r in parallel if r["pp_rank"] == last_stage]
+    for mb, ref_logs in enumerate(ref["logs"]):
+        shares = [r["logs"][mb]["lm loss"] for r in last if r["tp_rank"] == 0]
+        total = torch.stack(shares).sum(dim=0)
+        assert int(total[1]) == int(ref_logs["lm loss"][1])
+        assert_in_band(total[0], ref_logs["lm loss"][0], band[f"lm loss/{mb}"], f"micro-batch {mb} lm loss")
+        keys = ("inner loss before", "inner loss after", "inner skipped steps", "fast weight update norm")
+        for r in last if focusft else ():  # the inner logs describe the whole micro-batch on every rank
+            for key in keys:
+                assert int(r["logs"][mb][key][1]) == int(ref_logs[key][1])
+                assert_in_band(r["logs"][mb][key][0], ref_logs[key][0], band[f"{key}/{mb}"], f"micro-batch {mb} {key}")
+    # Every reference gradient is held by exactly one stage (unsharded over its TP ranks; the
+    # same on every CP rank after Megatron's reduction over DP x CP).
+    seen = set()
+    for stage, cp_rank in sorted({(r["pp_rank"], r["cp_rank"]) for r in parallel}):
+        ranks = sorted((r for r in parallel if (r["pp_rank"], r["cp_rank"]) == (stage, cp_rank)),
+                       key=lambda r: r["tp_rank"])
+        for name, (_, dim, stride) in ranks[0]["grads"].items():
+            grad = (ranks[0]["grads"][name][0] if dim < 0 or len(ranks) == 1
+                    else unshard([r["grads"][name][0] for r in ranks], dim, stride))
+            ref_grad = ref["grads"][name][0]
+            assert_in_band(grad, ref_grad, band[f"grad/{name}"], f"stage {stage} cp rank {cp_rank} {name}")
+            seen.add(name)
+    assert seen == set(ref["grads"])
+
+
