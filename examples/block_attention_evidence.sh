@@ -8,7 +8,7 @@
 #
 # A step whose output exists is skipped (a checkpoint's latest_checkpointed_iteration.txt, an
 # eval's results.json), so an interrupted run continues where it stopped. The table is written to
-# $OUT/table.md. Set SEGMENTERS=1 for the segmenter comparison (issue 14) after the main table.
+# $OUT/table.md (a model not trained or evaluated yet: "not run"); TABLE_ONLY=1 writes only the table.
 set -euo pipefail
 
 # ---- parameters ---------------------------------------------------------------------------------
@@ -17,34 +17,38 @@ OUT=${OUT:-runs/block_evidence}
 PASSAGES=${PASSAGES:-4}            # local blocks per sample, one holds the 6-digit code
 TARGET_TOKENS=${TARGET_TOKENS:-288}  # byte tokens per sample (blocks + question)
 TRAIN_ROWS=${TRAIN_ROWS:-4000}
-EVAL_ROWS=${EVAL_ROWS:-200}
+EVAL_ROWS=${EVAL_ROWS:-100}
 TRAIN_SEED=${TRAIN_SEED:-1}
 EVAL_SEED=${EVAL_SEED:-2}
 SEQ=${SEQ:-512}
 MB=${MB:-8}
 SEED=${SEED:-1}
-# base: full-attention SFT from random init, until retrieval forms (measured: see README)
-BASE_ITERS=${BASE_ITERS:-800}      # length of the LR schedule
-BASE_STOP=${BASE_STOP:-800}        # stop (and save) here: --exit-interval
+# base: full-attention SFT from random init (the README says what it reached)
+BASE_ITERS=${BASE_ITERS:-600}      # length of the LR schedule
+BASE_STOP=${BASE_STOP:-400}        # stop (and save) here: --exit-interval
+BASE_SAVE_EVERY=${BASE_SAVE_EVERY:-100}
 BASE_LR=${BASE_LR:-2e-3}
 BASE_MIN_LR=${BASE_MIN_LR:-2e-4}
 BASE_WARMUP=${BASE_WARMUP:-40}
 # fine-tunes from the base: identical data, steps and LR for every variant
-FT_ITERS=${FT_ITERS:-100}
+FT_ITERS=${FT_ITERS:-30}
 FT_LR=${FT_LR:-5e-4}
 FT_MIN_LR=${FT_MIN_LR:-5e-5}
-FT_WARMUP=${FT_WARMUP:-10}
+FT_WARMUP=${FT_WARMUP:-3}
 SINKS=${SINKS:-2}
 DROPOUT=${DROPOUT:-0.3}
 TEMPERATURE=${TEMPERATURE:-2}
 CE_WEIGHT=${CE_WEIGHT:-0.5}
-SEGMENTERS=${SEGMENTERS:-0}
 
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 done_ckpt() { [[ -f "$1/latest_checkpointed_iteration.txt" ]]; }
-quiet() { grep -v -i warn || true; }  # Megatron's import warnings off the console
+quiet() { grep --line-buffered -v -i warn || true; }  # Megatron's import warnings off the console
 
+# the block students, in table order
+ORDER=(block_sft block_distill distill_no_sinks distill_no_dropout distill_no_weighting)
+
+if [[ ${TABLE_ONLY:-0} != 1 ]]; then
 # ---- a. data --------------------------------------------------------------------------------------
 if [[ ! -f "$OUT/rag_train.jsonl" ]]; then
     log "data: train rows"
@@ -57,20 +61,40 @@ if [[ ! -f "$OUT/rag_eval.jsonl" ]]; then
         --passages "$PASSAGES" --target-tokens "$TARGET_TOKENS" --no-header --seed "$EVAL_SEED"
 fi
 
-COMMON=(--data-path "$OUT/rag_train.jsonl" --seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED"
-        --log-interval 10)
+# The base also reads the same rows with a second kind of question, "Repeat the sentence about the
+# <entity>." -> "The code of the <entity> is <code>.": an answer that copies the passage's words after
+# the entity, so the copy mechanism can form (on the code-only answers alone the tiny model sat at
+# the uniform-digit loss for 230 steps; see README). Fine-tuning and evaluation: code-only rows.
+if [[ ! -f "$OUT/rag_train_facts.jsonl" ]]; then
+    log "data: fact-sentence rows"
+    "$PY" - "$OUT/rag_train.jsonl" "$OUT/rag_train_facts.jsonl" <<'PYEOF'
+import json, re, sys
+src, dst = sys.argv[1], sys.argv[2]
+with open(src) as f, open(dst, "w") as g:
+    for line in f:
+        row = json.loads(line)
+        entity = re.fullmatch(r"What is the code of the (.+)\?", row["messages"][0]["content"]).group(1)
+        passage = row["blocks"][row["meta"]["answer_block"]]
+        fact = re.search(rf"The code of the {re.escape(entity)} is \d{{6}}\.", passage).group(0)
+        row["messages"] = [{"role": "user", "content": f"Repeat the sentence about the {entity}."},
+                           {"role": "assistant", "content": fact}]
+        g.write(json.dumps(row) + "\n")
+PYEOF
+fi
+
+COMMON=(--seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED" --log-interval 10)
 
 # ---- b. base (teacher): full attention, causal SFT on the RAG rows --------------------------------
 if ! done_ckpt "$OUT/base"; then
     log "train: base"
     "$PY" pretrain_focusft.py --model-preset tiny --training-mode sft --sft-mask causal "${COMMON[@]}" \
-        --train-iters "$BASE_ITERS" --exit-interval "$BASE_STOP" --lr "$BASE_LR" --min-lr "$BASE_MIN_LR" \
-        --lr-warmup-iters "$BASE_WARMUP" --save "$OUT/base" --save-interval "$BASE_STOP" 2>&1 \
+        --data-path "$OUT/rag_train.jsonl" "$OUT/rag_train_facts.jsonl" --train-iters "$BASE_ITERS" --exit-interval "$BASE_STOP" --lr "$BASE_LR" --min-lr "$BASE_MIN_LR" \
+        --lr-warmup-iters "$BASE_WARMUP" --save "$OUT/base" --save-interval "$BASE_SAVE_EVERY" 2>&1 \
         | quiet | tee "$OUT/base.log"
 fi
 
 # ---- c. block students from the base ----------------------------------------------------------------
-FT=(--pretrained-checkpoint "$OUT/base" --finetune "${COMMON[@]}" --train-iters "$FT_ITERS" --lr "$FT_LR"
+FT=(--pretrained-checkpoint "$OUT/base" --finetune "${COMMON[@]}" --data-path "$OUT/rag_train.jsonl" --train-iters "$FT_ITERS" --lr "$FT_LR"
     --min-lr "$FT_MIN_LR" --lr-warmup-iters "$FT_WARMUP")
 DISTILL=(--training-mode block-distill --distill-temperature "$TEMPERATURE" --distill-ce-weight "$CE_WEIGHT")
 declare -A VARIANT=(
@@ -80,7 +104,6 @@ declare -A VARIANT=(
     [distill_no_dropout]="${DISTILL[*]} --block-sink-tokens $SINKS --block-dropout 0 --distill-token-weighting"
     [distill_no_weighting]="${DISTILL[*]} --block-sink-tokens $SINKS --block-dropout $DROPOUT"
 )
-ORDER=(block_sft block_distill distill_no_sinks distill_no_dropout distill_no_weighting)
 for name in "${ORDER[@]}"; do
     if ! done_ckpt "$OUT/$name"; then
         log "train: $name"
@@ -103,6 +126,8 @@ for name in base "${ORDER[@]}"; do
     done
 done
 
+fi  # TABLE_ONLY
+
 # ---- e. table ---------------------------------------------------------------------------------------
 "$PY" - "$OUT" "${ORDER[@]}" <<'EOF' | tee "$OUT/table.md"
 import json, sys
@@ -112,14 +137,18 @@ labels = {"base": "base (teacher, full-attention SFT)", "block_sft": "block-sft"
           "block_distill": "block-distill (sinks + dropout + weighting)", "distill_no_sinks": "block-distill, no sinks",
           "distill_no_dropout": "block-distill, no block dropout", "distill_no_weighting": "block-distill, no token weighting"}
 def cell(name, attention):
-    res = json.loads((out / "eval" / f"{name}-{attention}" / "results.json").read_text())["results"]["rag"]
-    (r,) = res.values()
+    path = out / "eval" / f"{name}-{attention}" / "results.json"
+    if not path.is_file():
+        return "not run", None
+    (r,) = json.loads(path.read_text())["results"]["rag"].values()
     return f"{r['score']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]", r["samples"]
 print("| model | full attention | block attention (KV reuse) |")
 print("| --- | --- | --- |")
+counts = set()
 for name in names:
-    (full, n), (block, _) = cell(name, "full"), cell(name, "block")
+    (full, n_full), (block, n_block) = cell(name, "full"), cell(name, "block")
+    counts |= {n for n in (n_full, n_block) if n}
     print(f"| {labels[name]} | {full} | {block} |")
-print(f"\naccuracy in % (answer code in the reply), 95% bootstrap interval, {n} held-out samples")
+print(f"\naccuracy in % (answer code in the reply), 95% bootstrap interval, {sorted(counts)} held-out samples")
 EOF
 log "done: $OUT/table.md"

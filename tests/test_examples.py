@@ -69,7 +69,9 @@ printf '%s\x1f' "$@" >> "$RECORD"; printf '\n' >> "$RECORD"
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
-        --output) echo '{}' > "${args[i+1]}" ;;
+        --output) echo '{"blocks": ["The code of the red owl safe is 123456."], "messages": [{"role": "user",'\
+            '"content": "What is the code of the red owl safe?"}, {"role": "assistant", "content": "123456"}],'\
+            '"meta": {"answer_block": 0}}' > "${args[i+1]}" ;;
         --save) mkdir -p "${args[i+1]}"; echo 1 > "${args[i+1]}/latest_checkpointed_iteration.txt" ;;
         --output-dir) mkdir -p "${args[i+1]}"
             echo '{"results": {"rag": {"288": {"score": 50.0, "ci95": [40.0, 60.0], "samples": 2}}}}' \
