@@ -59,3 +59,57 @@ def test_launcher_flags_parse(tmp_path, script, env, expected, monkeypatch):
     args = parse_training_args(argv)
     assert args.data_path == ["chats.jsonl"] and args.tokenizer_model == "tokenizer-dir"
     assert {key: getattr(args, key) for key in expected} == expected
+
+
+_FAKE_PY = r'''#!/usr/bin/env bash
+# Stand-in interpreter for examples/block_attention_evidence.sh: records each command, makes the
+# files the real one would (data rows, a checkpoint marker, results.json); the table step runs.
+if [[ "$1" == "-" ]]; then exec "$REAL_PY" "$@"; fi
+printf '%s\x1f' "$@" >> "$RECORD"; printf '\n' >> "$RECORD"
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+        --output) echo '{"blocks": ["The code of the red owl safe is 123456."], "messages": [{"role": "user",'\
+            '"content": "What is the code of the red owl safe?"}, {"role": "assistant", "content": "123456"}],'\
+            '"meta": {"answer_block": 0}}' > "${args[i+1]}" ;;
+        --save) mkdir -p "${args[i+1]}"; echo 1 > "${args[i+1]}/latest_checkpointed_iteration.txt" ;;
+        --output-dir) mkdir -p "${args[i+1]}"
+            echo '{"results": {"rag": {"288": {"score": 50.0, "ci95": [40.0, 60.0], "samples": 2}}}}' \
+                > "${args[i+1]}/results.json" ;;
+    esac
+done
+'''
+
+
+def test_block_attention_evidence_commands(tmp_path, monkeypatch):
+    """examples/block_attention_evidence.sh: every training and eval command it builds passes its
+    parser; the fine-tunes share data, steps and LR; each ablation drops exactly one part."""
+    import sys
+
+    from megatron_focusft.evaluation.cli import parse_eval_args
+
+    fake, record, out = tmp_path / "python", tmp_path / "argv.txt", tmp_path / "out"
+    fake.write_text(_FAKE_PY)
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "REAL_PY": sys.executable, "RECORD": str(record), "OUT": str(out)}
+    subprocess.run(["bash", str(ROOT / "examples" / "block_attention_evidence.sh")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    calls = [line.split("\x1f")[:-1] for line in record.read_text().splitlines()]
+    train = {Path(c[c.index("--save") + 1]).name: c[1:] for c in calls if c[0] == "pretrain_focusft.py"}
+    evals = [c[3:] for c in calls if c[:3] == ["-m", "megatron_focusft.cli", "eval"]]
+    assert sorted(train) == sorted(["base", "block_sft", "block_distill", "distill_no_sinks", "distill_no_dropout",
+                                    "distill_no_weighting"])
+    assert len(evals) == 12 and "| block-sft |" in (out / "table.md").read_text()
+    parsed = {name: parse_training_args(argv) for name, argv in train.items()}
+    assert parsed["base"].training_mode == "sft" and parsed["base"].sft_mask == "causal"
+    assert parsed["block_sft"].training_mode == "block-sft"
+    parts = {name: (a.block_sink_tokens > 0, a.block_dropout > 0, a.distill_token_weighting)
+             for name, a in parsed.items() if a.training_mode == "block-distill"}
+    assert parts == {"block_distill": (True, True, True), "distill_no_sinks": (False, True, True),
+                     "distill_no_dropout": (True, False, True), "distill_no_weighting": (True, True, False)}
+    shared = {(tuple(a.data_path), a.train_iters, a.lr, a.micro_batch_size, a.seq_length, a.seed,
+               a.pretrained_checkpoint, a.finetune) for name, a in parsed.items() if name != "base"}
+    assert len(shared) == 1 and next(iter(shared))[-1] is True
+    for argv in evals:
+        args = parse_eval_args(argv)
+        assert args.attention in ("full", "block") and args.rag_file
