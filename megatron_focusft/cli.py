@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import Any
 from collections.abc import Sequence
 
 from megatron_focusft.masks import MASK_KINDS
@@ -52,6 +53,13 @@ def _mask_list(text: str) -> tuple[str, ...]:
     if not kinds or unknown:
         raise argparse.ArgumentTypeError(f"expected comma-separated mask kinds from {MASK_KINDS}, got {text!r}")
     return kinds
+
+
+def _add_timing_flags(parser: argparse.ArgumentParser, defaults: Any, unit: str, per: str) -> None:
+    """A benchmark's --iters / --warmup (from its config's defaults) and --json flags."""
+    parser.add_argument("--iters", type=int, default=defaults.iters, help=f"timed {unit} (median)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help=f"untimed {unit} first")
+    parser.add_argument("--json", action="store_true", help=f"one JSON object per {per} on stdout")
 
 
 def _defaults(cls: type) -> argparse.Namespace:
@@ -98,10 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--kv-heads", type=int, default=bench_defaults.kv_heads, help="key/value heads (GQA)")
     attn.add_argument("--head-dim", type=int, default=bench_defaults.head_dim, help="head dimension")
     attn.add_argument("--dtype", choices=sorted(DTYPES), default=bench_defaults.dtype, help="q/k/v dtype")
-    attn.add_argument("--iters", type=int, default=bench_defaults.iters, help="timed iterations (median)")
-    attn.add_argument("--warmup", type=int, default=bench_defaults.warmup, help="untimed iterations first")
+    _add_timing_flags(attn, bench_defaults, "iterations", "case")
     attn.add_argument("--device", default=bench_defaults.device, help="torch device")
-    attn.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
 
     from megatron_focusft.bench.step import StepBenchConfig
 
@@ -119,9 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
     step.add_argument("--recompute-num-layers", type=int, default=step_defaults.recompute_num_layers,
                       help="full activation recomputation in uniform groups of N layers (0: off)")
-    step.add_argument("--iters", type=int, default=step_defaults.iters, help="timed steps (median)")
-    step.add_argument("--warmup", type=int, default=step_defaults.warmup, help="untimed steps first")
-    step.add_argument("--json", action="store_true", help="one JSON object per case on stdout")
+    _add_timing_flags(step, step_defaults, "steps", "case")
     from megatron_focusft.bench.ttft import TtftBenchConfig
 
     ttft_defaults = _defaults(TtftBenchConfig)
@@ -134,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     ttft.add_argument("--num-blocks", type=int, default=ttft_defaults.num_blocks, help="local blocks per prompt")
     ttft.add_argument("--global-tokens", type=int, default=ttft_defaults.global_tokens, help="global block size")
     ttft.add_argument("--attention-backend", choices=attention_backend_names(), default=ttft_defaults.attention_backend)
-    ttft.add_argument("--iters", type=int, default=ttft_defaults.iters, help="timed runs (median)")
-    ttft.add_argument("--warmup", type=int, default=ttft_defaults.warmup, help="untimed runs first")
-    ttft.add_argument("--json", action="store_true", help="one JSON object per length on stdout")
+    _add_timing_flags(ttft, ttft_defaults, "runs", "length")
 
     from megatron_focusft.bench.pipeline import PipelineBenchConfig
     from megatron_focusft.focusft.config import INNER_OBJECTIVES
