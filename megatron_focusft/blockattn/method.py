@@ -15,7 +15,7 @@ from megatron_focusft.data.tokenizer import ChatTokenizer
 from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
 from megatron_focusft.engine.setup import model_setup_from_args
 from megatron_focusft.models.presets import ModelPreset
-from megatron_focusft.segment.registry import SegmenterSettings, build_segmenter, segmenter_names
+from megatron_focusft.segment.registry import SegmenterSettings, build_segmenter, segmenter_method, segmenter_names
 
 _FORMS, _DISTILL = BlockFormConfig(), DistillConfig()
 
@@ -49,7 +49,7 @@ def _add_distill_arguments(group: argparse._ArgumentGroup) -> None:
 def _forms(args: argparse.Namespace, full_form: bool):
     config = BlockFormConfig(full_form=full_form, block_ratio=args.block_ratio, sink_tokens=args.block_sink_tokens,
                              seed=args.seed)
-    settings = SegmenterSettings(max_block_tokens=args.block_segmenter_max_tokens, model=args.block_segmenter_model)
+    settings = _segmenter_settings(args)
 
     def make(tokenizer: ChatTokenizer, seq_length: int) -> BlockSampleForms:
         return BlockSampleForms(config, build_segmenter(args.block_segmenter, settings, tokenizer), seq_length)
@@ -57,20 +57,23 @@ def _forms(args: argparse.Namespace, full_form: bool):
     return make
 
 
+# The segmenter settings the block flags set (segment/registry.SegmenterSettings fields).
+_SEGMENTER_FLAGS = {"max_block_tokens": "--block-segmenter-max-tokens", "model": "--block-segmenter-model"}
+
+
+def _segmenter_settings(args: argparse.Namespace) -> SegmenterSettings:
+    return SegmenterSettings(max_block_tokens=args.block_segmenter_max_tokens, model=args.block_segmenter_model)
+
+
 def _validate(args: argparse.Namespace) -> None:
     if args.mock_data:
         raise ValueError(f"--training-mode {args.training_mode} reads chat data (--data-path): the mock task has "
                          f"no blocks")
     BlockFormConfig(block_ratio=args.block_ratio, sink_tokens=args.block_sink_tokens)
-    settings = SegmenterSettings(max_block_tokens=args.block_segmenter_max_tokens, model=args.block_segmenter_model)
-    from megatron_focusft.segment.registry import segmenter_method
-
-    method = segmenter_method(args.block_segmenter)
-    ignored = [name for name in ("max_block_tokens", "model") if getattr(settings, name) is not None
-               and name not in method.accepts]
+    ignored = segmenter_method(args.block_segmenter).unaccepted(_segmenter_settings(args))
     if ignored:
         raise ValueError(f"--block-segmenter {args.block_segmenter} does not take "
-                         f"{', '.join('--block-segmenter-' + n.replace('_', '-').replace('-block', '') for n in ignored)}")
+                         f"{', '.join(_SEGMENTER_FLAGS[name] for name in ignored)}")
 
 
 def _validate_distill(args: argparse.Namespace) -> None:

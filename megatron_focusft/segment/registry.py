@@ -75,8 +75,12 @@ class SegmenterMethod:
     accepts: frozenset[str]
     help: str
 
+    def unaccepted(self, settings: SegmenterSettings) -> list[str]:
+        """The settings of TUNABLE that are set but that this method does not read."""
+        return [f for f in TUNABLE if getattr(settings, f) is not None and f not in self.accepts]
+
     def build(self, settings: SegmenterSettings, tokenizer: ChatTokenizer) -> Segmenter:
-        ignored = [f for f in TUNABLE if getattr(settings, f) is not None and f not in self.accepts]
+        ignored = self.unaccepted(settings)
         if ignored:
             raise ValueError(f"method {self.name!r} does not take {', '.join(ignored)}; it takes "
                              f"{', '.join(sorted(self.accepts)) or 'none of ' + ', '.join(TUNABLE)}")
