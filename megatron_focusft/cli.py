@@ -165,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_segment_commands(commands)
 
-    from megatron_focusft.data.rag_task import RagTaskConfig
+    from megatron_focusft.data.rag_task import ANSWER_FORMS, RagTaskConfig
 
     rag_defaults = _defaults(RagTaskConfig)
     data = commands.add_parser("data", help="write synthetic data sets")
-    data_commands = data.add_subparsers(dest="data", required=True, metavar="{rag}")
+    data_commands = data.add_subparsers(dest="data", required=True, metavar="{rag,tokenizer}")
     rag = data_commands.add_parser(
         "rag", help="the RAG-style block-attention task: passages as local blocks, a question as the global block",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -184,11 +184,32 @@ def build_parser() -> argparse.ArgumentParser:
     rag.add_argument("--pool-size", type=int, default=rag_defaults.pool_size,
                      help="draw every sample's passages from one pool of this many (default: passages of its own)")
     rag.add_argument("--no-header", action="store_true", help="no instruction-header block")
+    rag.add_argument("--answer-form", choices=ANSWER_FORMS, default=rag_defaults.answer_form,
+                     help="code: the answer is the code alone; sentence: repeat the passage's fact sentence")
+    rag.add_argument("--questions", type=int, default=rag_defaults.questions,
+                     help="questions per sample about distinct passages, each answered (training rows)")
     rag.add_argument("--seed", type=int, default=rag_defaults.seed)
     rag.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer_model", default=None, metavar="DIR",
                      help="Hugging Face tokenizer directory whose tokens size the samples (default: the built-in "
                           "byte tokenizer)")
+    words = data_commands.add_parser(
+        "tokenizer", help="a word-level Hugging Face tokenizer of a corpus, for tiny models of synthetic tasks",
+        description="Writes a tokenizer directory (tokenizer.json, tokenizer_config.json with a chat template) whose "
+                    "vocabulary is the words of the given JSONL rows and, with --rag-vocabulary, every word of the "
+                    "RAG task (megatron_focusft/data/word_tokenizer.py). Use it with --tokenizer-model.")
+    words.add_argument("--output", required=True, metavar="DIR", help="tokenizer directory to write")
+    words.add_argument("--input", nargs="*", default=[], metavar="JSONL",
+                       help="rows whose blocks, global and message texts the vocabulary must cover")
+    words.add_argument("--rag-vocabulary", action="store_true", help="also every word `focusft data rag` can write")
     return parser
+
+
+def _run_data_tokenizer(args: argparse.Namespace) -> None:
+    from megatron_focusft.data.rag_task import vocabulary_texts
+    from megatron_focusft.data.word_tokenizer import save_word_tokenizer
+
+    size = save_word_tokenizer(args.output, args.input, vocabulary_texts() if args.rag_vocabulary else ())
+    print(f"word-level tokenizer of {size} tokens -> {args.output}", file=sys.stderr)
 
 
 def _run_data_rag(args: argparse.Namespace) -> None:
@@ -196,7 +217,8 @@ def _run_data_rag(args: argparse.Namespace) -> None:
     from megatron_focusft.data.tokenizer import load_chat_tokenizer
 
     config = RagTaskConfig(num_samples=args.num_samples, passages=args.passages, target_tokens=args.target_tokens,
-                           pool_size=args.pool_size, header=not args.no_header, seed=args.seed)
+                           pool_size=args.pool_size, header=not args.no_header, seed=args.seed,
+                           answer_form=args.answer_form, questions=args.questions)
     tokenizer = load_chat_tokenizer(args.tokenizer_model)
     samples = rag_samples(config, lambda text: len(tokenizer.encode(text)))
     write_rag_jsonl(args.output, samples)
@@ -243,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "data":
         try:
-            _run_data_rag(args)
+            _run_data_rag(args) if args.data == "rag" else _run_data_tokenizer(args)
         except (ValueError, OSError) as exc:  # bad settings, a missing tokenizer, an unwritable output
             parser.error(str(exc))
         return 0

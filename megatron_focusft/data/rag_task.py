@@ -72,12 +72,36 @@ def _question(entity: str) -> str:
     return f"What is the code of the {entity}?"
 
 
+ANSWER_FORMS = ("code", "sentence")
+
+
+def _turns(entity: str, value: str, answer_form: str) -> tuple[str, str]:
+    """(question, answer): the code alone, or the passage's whole fact sentence repeated."""
+    if answer_form == "code":
+        return _question(entity), value
+    return f"Repeat the sentence about the {entity}.", _fact(entity, value)
+
+
+def vocabulary_texts() -> list[str]:
+    """Texts holding every word any sample of the task can contain, both opening a text and after
+    a space (for `focusft data tokenizer`, whose words keep the space before them)."""
+    words = " ".join([*_ADJECTIVES, *_ANIMALS, *_CONTAINERS])
+    texts = [HEADER, *FILLER_SENTENCES, _fact(words, "0123456789"),
+             *(_turns(words, "0", form)[0] for form in ANSWER_FORMS)]
+    return [*texts, *(" " + text for text in texts)]
+
+
 @dataclass(frozen=True)
 class RagTaskConfig:
     """num_samples samples of `passages` passages (one holds the answer), at most `target_tokens`
     tokens each (blocks and question text). pool_size: the samples draw their passages from one
     pool of this many passages (None: every sample has passages of its own). header: an
-    instruction-header block first."""
+    instruction-header block first. answer_form: "code" asks for the code alone; "sentence" asks
+    to repeat the fact ("Repeat the sentence about the <entity>." -> "The code of the <entity> is
+    <code>."), an answer a model can copy word by word from the passage. questions: the user asks
+    about this many distinct passages in turn, each answered (training rows with more supervision
+    per sample; evaluation reads one-question rows); the earlier turns come on top of
+    target_tokens, which bounds the blocks and the last question."""
 
     num_samples: int = 100
     passages: int = 8
@@ -85,6 +109,8 @@ class RagTaskConfig:
     pool_size: int | None = None
     header: bool = True
     seed: int = 0
+    answer_form: str = "code"
+    questions: int = 1
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "passages", "target_tokens"):
@@ -95,12 +121,17 @@ class RagTaskConfig:
         if self.pool_size is not None and not self.passages <= self.pool_size <= len(ENTITIES):
             raise ValueError(f"--pool-size must be in [--passages {self.passages}, {len(ENTITIES)}] (the distinct "
                              f"entities), got {self.pool_size}")
+        if not 1 <= self.questions <= self.passages:
+            raise ValueError(f"--questions must be in [1, --passages {self.passages}], got {self.questions}")
+        if self.answer_form not in ANSWER_FORMS:
+            raise ValueError(f"--answer-form must be one of {ANSWER_FORMS}, got {self.answer_form!r}")
 
 
 @dataclass(frozen=True)
 class RagSample:
-    """blocks: the local blocks (the header, then the passages); question and answer: the user and
-    assistant turns; answer_block: the index in `blocks` of the passage holding the answer."""
+    """blocks: the local blocks (the header, then the passages); question and answer: the last user
+    and assistant turns; answer_block: the index in `blocks` of the passage holding that answer;
+    earlier: (question, answer) turns before them (RagTaskConfig.questions)."""
 
     index: int
     blocks: tuple[str, ...]
@@ -108,9 +139,11 @@ class RagSample:
     answer: str
     answer_block: int
     target_tokens: int
+    earlier: tuple[tuple[str, str], ...] = ()
 
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.question}, {"role": "assistant", "content": self.answer}]
+        return [{"role": role, "content": text} for turn in (*self.earlier, (self.question, self.answer))
+                for role, text in zip(("user", "assistant"), turn)]
 
     def row(self) -> dict[str, Any]:
         return {"blocks": list(self.blocks), "messages": self.messages(),
@@ -164,7 +197,8 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
     room = config.target_tokens - sum(count_tokens(h) for h in header)  # for the passages and the question
     if config.pool_size is not None:
         pool = _entries(random.Random(f"{config.seed}:rag:pool:{config.pool_size}"), config.pool_size)
-        pool_budget = (room - max(count_tokens(_question(e.entity)) for e in pool)) // config.passages
+        largest = max(count_tokens(_turns(e.entity, e.value, config.answer_form)[0]) for e in pool)
+        pool_budget = (room - largest) // config.passages
         pool_texts: dict[int, str] = {}  # filled when first drawn
     samples = []
     for index in range(config.num_samples):
@@ -174,8 +208,10 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
         else:
             chosen = rng.sample(range(config.pool_size), config.passages)
             entries = [pool[i] for i in chosen]
-        answer = rng.randrange(config.passages)
-        asked = _question(entries[answer].entity)
+        order = [rng.randrange(config.passages)] if config.questions == 1 else rng.sample(range(config.passages),
+                                                                                          config.questions)
+        turns = [_turns(entries[i].entity, entries[i].value, config.answer_form) for i in order]
+        answer, (asked, reply) = order[-1], turns[-1]
         if config.pool_size is None:
             budget = (room - count_tokens(asked)) // config.passages
             texts = [_fill(entry, budget, count_tokens) for entry in entries]
@@ -184,8 +220,8 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
                 if i not in pool_texts:
                     pool_texts[i] = _fill(pool[i], pool_budget, count_tokens)
             texts = [pool_texts[i] for i in chosen]
-        samples.append(RagSample(index, (*header, *texts), asked, entries[answer].value, len(header) + answer,
-                                 config.target_tokens))
+        samples.append(RagSample(index, (*header, *texts), asked, reply, len(header) + answer,
+                                 config.target_tokens, tuple(turns[:-1])))
     return samples
 
 

@@ -78,6 +78,37 @@ def test_sizes_are_within_the_stated_bound(target, passages, pool_size):
         assert max(passage_sizes) - min(passage_sizes) < S
 
 
+@pytest.mark.parametrize("pool_size", [None, 8])
+def test_sentence_answers_repeat_the_fact_of_the_answer_passage(pool_size):
+    config = RagTaskConfig(num_samples=8, passages=4, target_tokens=600, pool_size=pool_size, seed=5,
+                           answer_form="sentence")
+    for sample in rag_samples(config, count):
+        (entity, code), = FACT.findall(sample.answer)
+        assert sample.question == f"Repeat the sentence about the {entity}."
+        assert sample.answer in sample.blocks[sample.answer_block]
+        assert [i for i, block in enumerate(sample.blocks) if code in block] == [sample.answer_block]
+        assert size(sample) <= 600
+    with pytest.raises(ValueError, match="--answer-form must be one of"):
+        RagTaskConfig(answer_form="essay")
+
+
+def test_several_questions_ask_about_distinct_passages_in_turn():
+    one = rag_samples(RagTaskConfig(num_samples=6, passages=5, target_tokens=500, seed=7), count)
+    many = rag_samples(RagTaskConfig(num_samples=6, passages=5, target_tokens=500, seed=7, questions=3), count)
+    for sample, single in zip(many, one):
+        messages = sample.messages()
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+        assert messages[-2:] == [{"role": "user", "content": sample.question},
+                                 {"role": "assistant", "content": sample.answer}]
+        asked = [FACT.search(next(b for b in sample.blocks if m["content"] in b)).group(1)
+                 for m in messages[1::2]]
+        assert len(set(asked)) == 3, "distinct passages"
+        assert [m["content"] for m in messages[0::2]] == [f"What is the code of the {e}?" for e in asked]
+        assert len(sample.blocks) == len(single.blocks) == 6 and size(sample) <= 500
+    with pytest.raises(ValueError, match=r"--questions must be in \[1, --passages 5\]"):
+        RagTaskConfig(passages=5, questions=6)
+
+
 def test_a_pool_reuses_passages_verbatim():
     samples = rag_samples(RagTaskConfig(num_samples=10, passages=4, target_tokens=800, pool_size=6, header=False),
                           count)
