@@ -16,7 +16,14 @@ import sys
 from typing import Any
 
 from megatron_focusft.data.tokenizer import load_chat_tokenizer
-from megatron_focusft.segment.corpus import document_from_row, document_row, iter_rows, read_documents, write_rows
+from megatron_focusft.segment.corpus import (
+    SegmentDataError,
+    document_from_row,
+    document_row,
+    iter_rows,
+    read_documents,
+    write_rows,
+)
 from megatron_focusft.segment.registry import SegmenterSettings, build_segmenter, segmenter_method, segmenter_names
 
 
@@ -51,6 +58,10 @@ def add_segment_commands(commands: Any) -> None:
     apply.add_argument("--model", default=None, help="learned: model directory from `focusft segment train`")
     apply.add_argument("--batch-size", type=int, default=SegmenterSettings.batch_size, help="texts per batch")
     apply.add_argument("--no-progress", action="store_true", help="no progress bar")
+    apply.add_argument("--join-blocks", default=None, metavar="SEP",
+                       help="block rows (`blocks` texts, e.g. `focusft data rag`): the text is the blocks joined by "
+                            "SEP, and the method's blocks (stripped of surrounding whitespace) replace them; "
+                            "meta.answer_block is dropped")
     _tokenizer_flag(apply)
 
     train_defaults = TrainConfig()
@@ -98,16 +109,38 @@ def run_apply(args: argparse.Namespace) -> None:
     tokenizer = load_chat_tokenizer(args.tokenizer)
     segmenter = build_segmenter(args.method, settings, tokenizer)
     rows = [(row, record) for row, record in iter_rows(args.input)]
-    texts = [document_from_row(record, args.input, row, gold=False).text for row, record in rows]
+    if args.join_blocks is not None:
+        texts = [joined_blocks(record, args.input, row, args.join_blocks) for row, record in rows]
+    else:
+        texts = [document_from_row(record, args.input, row, gold=False).text for row, record in rows]
     out = []
     for (_, record), text, boundaries in zip(rows, texts, segmenter.segment(texts)):
         result = {k: v for k, v in record.items() if k != "levels"}
+        if args.join_blocks is not None:
+            result["blocks"] = split_blocks(text, boundaries)
+            if isinstance(record.get("meta"), dict):
+                result["meta"] = {k: v for k, v in record["meta"].items() if k != "answer_block"}
         result.update(boundaries=boundaries, segmenter=segmenter.identity)
         if args.tokenizer is not None:
             result["token_boundaries"] = chars_to_tokens(token_starts(tokenizer, text), boundaries)
         out.append(result)
     write_rows(args.output, out)
     print(f"{len(out)} rows -> {args.output} ({segmenter.identity})", file=sys.stderr)
+
+
+def joined_blocks(record: dict, path: str, row: int, separator: str) -> str:
+    """The text of a block row for --join-blocks: its `blocks` texts joined by `separator`."""
+    blocks = record.get("blocks")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) and b for b in blocks):
+        raise SegmentDataError(path, row, "--join-blocks needs 'blocks': a non-empty list of non-empty texts")
+    return separator.join(blocks)
+
+
+def split_blocks(text: str, boundaries: list[int]) -> list[str]:
+    """The blocks of `text` cut at `boundaries`, each stripped of surrounding whitespace, empty ones
+    dropped (a cut inside a separator leaves nothing of it)."""
+    edges = [0, *boundaries, len(text)]
+    return [block for a, b in zip(edges, edges[1:]) if (block := text[a:b].strip())]
 
 
 def run_train(args: argparse.Namespace) -> None:

@@ -98,3 +98,26 @@ def test_bench_prints_the_table(capsys: pytest.CaptureFixture[str]):
     assert out.startswith("| granularity | method | setting | F1 | F1 (w=16) | Pk | WindowDiff | blocks / text |")
     lines = [line for line in out.splitlines() if line.startswith(("| coarse", "| fine"))]
     assert len(lines) == 10 and sum("| learned |" in line for line in lines) == 2
+
+
+def test_apply_join_blocks_resegments_block_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    blocks = ["First passage here.\nIt goes on.", "Second passage.", "Third one."]
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    data.write_text(json.dumps({"blocks": blocks, "messages": [{"role": "user", "content": "q"}],
+                                "meta": {"index": 3, "answer_block": 1}}) + "\n")
+    # Joined by a blank line, the reference's delimiter split gives the passages back.
+    assert main(["segment", "apply", "--method", "delimiter", "--join-blocks", "\n\n", "--input", str(data),
+                 "--output", str(out)]) == 0
+    (row,) = _rows(out)
+    assert row["blocks"] == blocks and row["meta"] == {"index": 3} and row["messages"][0]["content"] == "q"
+    joined = "\n\n".join(blocks)
+    assert row["boundaries"] == [joined.index("Second"), joined.index("Third")]
+    # Joined by a space there is no delimiter left but the newline inside the first passage.
+    assert main(["segment", "apply", "--method", "delimiter", "--join-blocks", " ", "--input", str(data),
+                 "--output", str(out)]) == 0
+    assert _rows(out)[0]["blocks"] == ["First passage here.", "It goes on. Second passage. Third one."]
+    data.write_text(json.dumps({"text": "no blocks here"}) + "\n")
+    with pytest.raises(SystemExit):
+        main(["segment", "apply", "--method", "delimiter", "--join-blocks", " ", "--input", str(data),
+              "--output", str(out)])
+    assert "row 1: --join-blocks needs 'blocks'" in capsys.readouterr().err
