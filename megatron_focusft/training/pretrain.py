@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def _build_data(args: argparse.Namespace, preset: ModelPreset, needs: MethodModel, dp_rank: int, dp_size: int,
-                device: torch.device, log: Callable[[str], None], seed_offset: int = 0):
+def _build_data(args: argparse.Namespace, preset: ModelPreset, needs: MethodModel, tokenizer_dir: str | None,
+                dp_rank: int, dp_size: int, device: torch.device, log: Callable[[str], None], seed_offset: int = 0):
     from megatron_focusft.training.data_source import ChatDataSource, MockDataSource
 
     mask_kind = needs.mask_kind
@@ -59,7 +59,7 @@ def _build_data(args: argparse.Namespace, preset: ModelPreset, needs: MethodMode
     from megatron_focusft.data.packing import PackingConfig
     from megatron_focusft.data.tokenizer import load_chat_tokenizer
 
-    tokenizer = load_chat_tokenizer(args.tokenizer_model)
+    tokenizer = load_chat_tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > preset.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{preset.vocab_size}: set --vocab-size >= {tokenizer.vocab_size}")
@@ -227,6 +227,8 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         start = starting_point(args)
         for note in start.notes:
             log(f"model shape: {note}")
+        if start.tokenizer_dir is not None and args.tokenizer_model is None and not args.mock_data:
+            log(f"tokenizer: {start.tokenizer_dir} (the starting checkpoint's; --tokenizer-model overrides)")
         schedule = ResumedSchedule(LrSchedule.from_args(args))
         if start.resume_from and start.checkpoint.scheduler is not None:
             # Before anything is built: a schedule the flags do not say how to treat is refused here.
@@ -244,7 +246,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
         chunk_multiple = math.lcm(attention_backend(args.attention_backend).chunk_multiple,
                                   args.tensor_model_parallel_size if args.sequence_parallel else 1)
-        probe = _build_data(args, preset, needs, 0, 1, device, log, seed_offset=7919).next_micro_batch()
+        probe = _build_data(args, preset, needs, start.tokenizer_dir, 0, 1, device, log, seed_offset=7919).next_micro_batch()
         rng = _rng_states()
         model, model_config = build_model(setup)
         if args.pipeline_balance == "auto":
@@ -267,7 +269,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             lr=built.max_lr, min_lr=built.min_lr, weight_decay=built.weight_decay, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
         scheduler = built.build(optimizer)
-        data = _build_data(args, preset, needs, dp_rank, dp_size, device, log)
+        data = _build_data(args, preset, needs, start.tokenizer_dir, dp_rank, dp_size, device, log)
         run = method.run(args, model_config, dp_rank, preset)
         run_config = {key: getattr(args, key) for key in (*_RESUME_KEYS, *method.resume_keys)}
 
@@ -313,7 +315,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         elif args.load:
             log(f"no checkpoint in {args.load}: starting from scratch")
         # Files that travel with the model (tokenizer, source HF config) go with its checkpoints.
-        asset_source = args.tokenizer_model or start.weights_from or start.resume_from
+        asset_source = start.tokenizer_dir or start.weights_from or start.resume_from
 
         def save(iteration: int) -> None:
             position.phase = "saving"

@@ -7,7 +7,9 @@ Fine-tune: otherwise `--pretrained-checkpoint`'s weights, or with `--finetune` t
 and, re-run after a stop, resumes it. `--ckpt-step N` picks the iteration of either. A
 checkpoint's recorded shape is the model's shape: a shape flag that disagrees with it is an
 error naming both values; RoPE, norm-epsilon and position-limit flags override it (they change
-the arithmetic, not the weights); --seq-length must fit the position limit.
+the arithmetic, not the weights); --seq-length must fit the position limit. The tokenizer is
+--tokenizer-model, else the one the starting checkpoint carries in model_assets (an import's, or
+a run's that had one), else the built-in byte tokenizer.
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
-from megatron_focusft.engine.checkpoint import CheckpointError, CheckpointInfo, latest_checkpoint, read_checkpoint_info
+from megatron_focusft.engine.checkpoint import (
+    ASSETS_DIR,
+    CheckpointError,
+    CheckpointInfo,
+    latest_checkpoint,
+    read_checkpoint_info,
+)
 from megatron_focusft.models.presets import Llama3RopeScaling, ModelPreset, get_preset
 
 # flag dest -> ModelPreset field
@@ -36,6 +45,7 @@ class StartingPoint:
     weights_from: str | None = None  # a checkpoint to take the model weights from
     notes: tuple[str, ...] = ()
     checkpoint: CheckpointInfo | None = None  # what the checkpoint started from says about itself
+    tokenizer_dir: str | None = None  # tokenizer directory of the run (None: the byte tokenizer)
 
 
 def _flag(dest: str) -> str:
@@ -111,4 +121,11 @@ def _fitting(start: StartingPoint, args: argparse.Namespace) -> StartingPoint:
     if args.seq_length > start.shape.max_position_embeddings:
         raise ValueError(f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
                          f"{start.shape.max_position_embeddings} (set --max-position-embeddings to raise it)")
-    return start
+    return dataclasses.replace(start, tokenizer_dir=args.tokenizer_model or _carried_tokenizer(start))
+
+
+def _carried_tokenizer(start: StartingPoint) -> str | None:
+    """The starting checkpoint's model_assets folder when it holds a tokenizer."""
+    source = start.resume_from or start.weights_from
+    assets = Path(source) / ASSETS_DIR if source else None
+    return str(assets) if assets is not None and (assets / "tokenizer.json").is_file() else None

@@ -200,3 +200,18 @@ def test_resume_with_the_launchers_preset_flag(tmp_path):
              "--load", str(tmp_path)]
     assert pretrain(parse_training_args([*flags, "--exit-interval", "1"]))["start_iteration"] == 0
     assert pretrain(parse_training_args(flags))["start_iteration"] == 1
+
+
+def test_finetune_uses_the_checkpoints_tokenizer(single_rank, imported, capsys):
+    """Without --tokenizer-model the run tokenises with the tokenizer the import carries (the byte
+    tokenizer would not even fit this model's 128-token vocabulary): the same losses as naming it."""
+    from megatron_focusft.runtime import release_model_parallel
+
+    hf, ckpt, data = imported
+    named = _finetune(hf, ckpt, data, "--train-iters", "1")
+    release_model_parallel()
+    capsys.readouterr()
+    carried = pretrain(parse_training_args([*TRAIN, "--data-path", str(data), "--pretrained-checkpoint", str(ckpt),
+                                            "--finetune", "--train-iters", "1"]))
+    assert carried["losses"] == named["losses"]
+    assert f"tokenizer: {ckpt / 'model_assets'} (the starting checkpoint's" in capsys.readouterr().out
