@@ -14,87 +14,83 @@ set -euo pipefail
 # ---- parameters ---------------------------------------------------------------------------------
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/block_evidence}
-PASSAGES=${PASSAGES:-4}            # local blocks per sample, one holds the 6-digit code
-TARGET_TOKENS=${TARGET_TOKENS:-288}  # byte tokens per sample (blocks + question)
-TRAIN_ROWS=${TRAIN_ROWS:-4000}
-EVAL_ROWS=${EVAL_ROWS:-100}
-TRAIN_SEED=${TRAIN_SEED:-1}
+PASSAGES=${PASSAGES:-6}            # local blocks per sample, one holds the 6-digit code
+TARGET_TOKENS=${TARGET_TOKENS:-160}  # word tokens per sample (blocks + question)
+TRAIN_ROWS=${TRAIN_ROWS:-8000}
+BASE_QUESTIONS=${BASE_QUESTIONS:-4}  # the base's rows ask about this many passages in turn
+EVAL_ROWS=${EVAL_ROWS:-200}
+BASE_SEED_DATA=${BASE_SEED_DATA:-1}
+TRAIN_SEED=${TRAIN_SEED:-3}
 EVAL_SEED=${EVAL_SEED:-2}
+MODEL=(--model-preset tiny --hidden-size "${HIDDEN:-128}" --ffn-hidden-size "${FFN:-352}")
 SEQ=${SEQ:-512}
 MB=${MB:-8}
 SEED=${SEED:-1}
 # base: full-attention SFT from random init (the README says what it reached)
-BASE_ITERS=${BASE_ITERS:-600}      # length of the LR schedule
-BASE_STOP=${BASE_STOP:-400}        # stop (and save) here: --exit-interval
-BASE_SAVE_EVERY=${BASE_SAVE_EVERY:-100}
+BASE_ITERS=${BASE_ITERS:-3000}
+BASE_STOP=${BASE_STOP:-$BASE_ITERS}  # stop (and save) here: --exit-interval
+BASE_SAVE_EVERY=${BASE_SAVE_EVERY:-250}
 BASE_LR=${BASE_LR:-2e-3}
 BASE_MIN_LR=${BASE_MIN_LR:-2e-4}
-BASE_WARMUP=${BASE_WARMUP:-40}
+BASE_WARMUP=${BASE_WARMUP:-100}
 # fine-tunes from the base: identical data, steps and LR for every variant
-FT_ITERS=${FT_ITERS:-30}
+FT_ITERS=${FT_ITERS:-60}
 FT_LR=${FT_LR:-5e-4}
 FT_MIN_LR=${FT_MIN_LR:-5e-5}
-FT_WARMUP=${FT_WARMUP:-3}
+FT_WARMUP=${FT_WARMUP:-5}
 SINKS=${SINKS:-2}
 DROPOUT=${DROPOUT:-0.3}
 TEMPERATURE=${TEMPERATURE:-2}
 CE_WEIGHT=${CE_WEIGHT:-0.5}
+# segmenter comparison: eval passages joined one per line, split again by each method
+SEG_FIXED=${SEG_FIXED:-16 32}      # token budgets of the fixed-length splitter
+SEG_DOCUMENTS=${SEG_DOCUMENTS:-800}  # synthetic training texts of the learned segmenter
+SEG_MODELS=${SEG_MODELS:-base block_sft block_distill}
 
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 done_ckpt() { [[ -f "$1/latest_checkpointed_iteration.txt" ]]; }
 quiet() { grep --line-buffered -v -i warn || true; }  # Megatron's import warnings off the console
+cli() { "$PY" -m megatron_focusft.cli "$@" 2>&1 | quiet; }
 
 # the block students, in table order
 ORDER=(block_sft block_distill distill_no_sinks distill_no_dropout distill_no_weighting)
+SEGMENTERS=()
+for n in $SEG_FIXED; do SEGMENTERS+=("fixed$n"); done
+SEGMENTERS+=(delimiter learned)
 
 if [[ ${TABLE_ONLY:-0} != 1 ]]; then
-# ---- a. data --------------------------------------------------------------------------------------
-if [[ ! -f "$OUT/rag_train.jsonl" ]]; then
-    log "data: train rows"
-    "$PY" -m megatron_focusft.cli data rag --output "$OUT/rag_train.jsonl" --num-samples "$TRAIN_ROWS" \
-        --passages "$PASSAGES" --target-tokens "$TARGET_TOKENS" --no-header --seed "$TRAIN_SEED"
-fi
-if [[ ! -f "$OUT/rag_eval.jsonl" ]]; then
-    log "data: eval rows"
-    "$PY" -m megatron_focusft.cli data rag --output "$OUT/rag_eval.jsonl" --num-samples "$EVAL_ROWS" \
-        --passages "$PASSAGES" --target-tokens "$TARGET_TOKENS" --no-header --seed "$EVAL_SEED"
-fi
-
-# The base also reads the same rows with a second kind of question, "Repeat the sentence about the
-# <entity>." -> "The code of the <entity> is <code>.": an answer that copies the passage's words after
-# the entity, so the copy mechanism can form (on the code-only answers alone the tiny model sat at
-# the uniform-digit loss for 230 steps; see README). Fine-tuning and evaluation: code-only rows.
-if [[ ! -f "$OUT/rag_train_facts.jsonl" ]]; then
-    log "data: fact-sentence rows"
-    "$PY" - "$OUT/rag_train.jsonl" "$OUT/rag_train_facts.jsonl" <<'PYEOF'
-import json, re, sys
-src, dst = sys.argv[1], sys.argv[2]
-with open(src) as f, open(dst, "w") as g:
-    for line in f:
-        row = json.loads(line)
-        entity = re.fullmatch(r"What is the code of the (.+)\?", row["messages"][0]["content"]).group(1)
-        passage = row["blocks"][row["meta"]["answer_block"]]
-        fact = re.search(rf"The code of the {re.escape(entity)} is \d{{6}}\.", passage).group(0)
-        row["messages"] = [{"role": "user", "content": f"Repeat the sentence about the {entity}."},
-                           {"role": "assistant", "content": fact}]
-        g.write(json.dumps(row) + "\n")
-PYEOF
-fi
+# ---- a. data: a word-level tokenizer of the task, rows sized in its tokens --------------------------
+# Byte tokens put a fact's words many positions apart; on words a tiny model learns the look-up in
+# CPU time (README, Evidence).
+TOK="$OUT/tokenizer"
+[[ -f "$TOK/tokenizer.json" ]] || { log "data: tokenizer"; cli data tokenizer --rag-vocabulary --output "$TOK"; }
+rag_rows() {  # OUT_FILE ROWS SEED QUESTIONS
+    [[ -f "$1" ]] && return 0
+    log "data: $(basename "$1")"
+    cli data rag --output "$1" --num-samples "$2" --passages "$PASSAGES" --target-tokens "$TARGET_TOKENS" \
+        --no-header --seed "$3" --questions "$4" --tokenizer-model "$TOK"
+}
+# The base's rows ask about several passages in turn, each answered: more supervised answers per
+# sample (on one question per sample the tiny model sat at the uniform-digit loss). Fine-tuning and
+# evaluation: one question per sample, the layout block attention is for.
+rag_rows "$OUT/rag_base.jsonl" "$TRAIN_ROWS" "$BASE_SEED_DATA" "$BASE_QUESTIONS"
+rag_rows "$OUT/rag_train.jsonl" "$TRAIN_ROWS" "$TRAIN_SEED" 1
+rag_rows "$OUT/rag_eval.jsonl" "$EVAL_ROWS" "$EVAL_SEED" 1
 
 COMMON=(--seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED" --log-interval 10)
 
 # ---- b. base (teacher): full attention, causal SFT on the RAG rows --------------------------------
 if ! done_ckpt "$OUT/base"; then
     log "train: base"
-    "$PY" pretrain_focusft.py --model-preset tiny --training-mode sft --sft-mask causal "${COMMON[@]}" \
-        --data-path "$OUT/rag_train.jsonl" "$OUT/rag_train_facts.jsonl" --train-iters "$BASE_ITERS" --exit-interval "$BASE_STOP" --lr "$BASE_LR" --min-lr "$BASE_MIN_LR" \
+    "$PY" pretrain_focusft.py "${MODEL[@]}" --training-mode sft --sft-mask causal "${COMMON[@]}" \
+        --tokenizer-model "$TOK" --data-path "$OUT/rag_base.jsonl" --train-iters "$BASE_ITERS" --exit-interval "$BASE_STOP" --lr "$BASE_LR" --min-lr "$BASE_MIN_LR" \
         --lr-warmup-iters "$BASE_WARMUP" --save "$OUT/base" --save-interval "$BASE_SAVE_EVERY" 2>&1 \
         | quiet | tee "$OUT/base.log"
 fi
 
 # ---- c. block students from the base ----------------------------------------------------------------
-FT=(--pretrained-checkpoint "$OUT/base" --finetune "${COMMON[@]}" --data-path "$OUT/rag_train.jsonl" --train-iters "$FT_ITERS" --lr "$FT_LR"
+FT=(--pretrained-checkpoint "$OUT/base" --finetune "${COMMON[@]}" --tokenizer-model "$TOK" --data-path "$OUT/rag_train.jsonl" --train-iters "$FT_ITERS" --lr "$FT_LR"
     --min-lr "$FT_MIN_LR" --lr-warmup-iters "$FT_WARMUP")
 DISTILL=(--training-mode block-distill --distill-temperature "$TEMPERATURE" --distill-ce-weight "$CE_WEIGHT")
 declare -A VARIANT=(
@@ -126,29 +122,72 @@ for name in base "${ORDER[@]}"; do
     done
 done
 
+# ---- e. segmenters: the eval passages joined one per line, split again by each method -------------
+if [[ ! -f "$OUT/segmenter/model.pt" ]]; then
+    log "segmenter: train the learned one on synthetic texts"
+    cli segment synthetic --output "$OUT/segmenter_train.jsonl" --documents "$SEG_DOCUMENTS" --seed 0
+    cli segment train --train "$OUT/segmenter_train.jsonl" --output "$OUT/segmenter" --no-progress
+fi
+for method in "${SEGMENTERS[@]}"; do
+    rows="$OUT/segmented/$method.jsonl"
+    if [[ ! -f "$rows" ]]; then
+        mkdir -p "$OUT/segmented"
+        case $method in
+            fixed*) flags=(--method fixed --max-block-tokens "${method#fixed}") ;;
+            learned) flags=(--method learned --model "$OUT/segmenter") ;;
+            *) flags=(--method "$method") ;;
+        esac
+        cli segment apply "${flags[@]}" --tokenizer "$TOK" --join-blocks $'\n' --no-progress \
+            --input "$OUT/rag_eval.jsonl" --output "$rows"
+    fi
+    for name in $SEG_MODELS; do
+        dir="$OUT/eval/$name-seg-$method"
+        if [[ ! -f "$dir/results.json" ]]; then
+            log "eval: $name (block attention, $method blocks)"
+            cli eval --load "$OUT/$name" --rag-file "$rows" --attention block --micro-batch-size 16 \
+                --output-dir "$dir" --label "$name-seg-$method" | tail -n 3
+        fi
+    done
+done
+
 fi  # TABLE_ONLY
 
-# ---- e. table ---------------------------------------------------------------------------------------
-"$PY" - "$OUT" "${ORDER[@]}" <<'EOF' | tee "$OUT/table.md"
-import json, sys
+# ---- f. tables -------------------------------------------------------------------------------------
+"$PY" - "$OUT" "$SEG_MODELS" "${SEGMENTERS[*]}" "${ORDER[@]}" <<'EOF' | tee "$OUT/table.md"
+import json, re, sys
 from pathlib import Path
-out, names = Path(sys.argv[1]), ["base", *sys.argv[2:]]
+out, seg_models, segmenters, names = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split(), ["base", *sys.argv[4:]]
 labels = {"base": "base (teacher, full-attention SFT)", "block_sft": "block-sft",
           "block_distill": "block-distill (sinks + dropout + weighting)", "distill_no_sinks": "block-distill, no sinks",
           "distill_no_dropout": "block-distill, no block dropout", "distill_no_weighting": "block-distill, no token weighting"}
-def cell(name, attention):
-    path = out / "eval" / f"{name}-{attention}" / "results.json"
+counts = set()
+def cell(run):
+    path = out / "eval" / run / "results.json"
     if not path.is_file():
-        return "not run", None
+        return "not run"
     (r,) = json.loads(path.read_text())["results"]["rag"].values()
-    return f"{r['score']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]", r["samples"]
+    counts.add(r["samples"])
+    return f"{r['score']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"
 print("| model | full attention | block attention (KV reuse) |")
 print("| --- | --- | --- |")
-counts = set()
 for name in names:
-    (full, n_full), (block, n_block) = cell(name, "full"), cell(name, "block")
-    counts |= {n for n in (n_full, n_block) if n}
-    print(f"| {labels[name]} | {full} | {block} |")
-print(f"\naccuracy in % (answer code in the reply), 95% bootstrap interval, {sorted(counts)} held-out samples")
+    print(f"| {labels[name]} | {cell(f'{name}-full')} | {cell(f'{name}-block')} |")
+print()
+print("| blocks from | blocks per sample | answer's fact in one block | " + " | ".join(labels[m] for m in seg_models) + " |")
+print("| --- | --- | --- | " + " | ".join("---" for _ in seg_models) + " |")
+for method in ["passages", *segmenters]:
+    path = out / ("rag_eval.jsonl" if method == "passages" else f"segmented/{method}.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    intact = []
+    for row in rows:
+        entity = re.fullmatch(r"What is the code of the (.+)\?", row["messages"][0]["content"]).group(1)
+        fact = f"The code of the {entity} is {row['messages'][1]['content']}."
+        intact.append(any(fact in block for block in row["blocks"]))
+    shape = (f"{sum(len(r['blocks']) for r in rows) / len(rows):.1f} | {100 * sum(intact) / len(rows):.0f}%"
+             if rows else "not run | not run")
+    runs = [cell(f"{m}-block") if method == "passages" else cell(f"{m}-seg-{method}") for m in seg_models]
+    print(f"| {method} | {shape} | " + " | ".join(runs) + " |")
+print(f"\naccuracy in % (answer code in the reply), block attention with KV reuse in the second table, 95% "
+      f"bootstrap interval, {sorted(counts)} held-out samples")
 EOF
 log "done: $OUT/table.md"

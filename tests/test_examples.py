@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_focusft.cli import build_parser
 from megatron_focusft.training.arguments import parse_training_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ _FAKE_PY = r'''#!/usr/bin/env bash
 # Stand-in interpreter for examples/block_attention_evidence.sh: records each command, makes the
 # files the real one would (data rows, a checkpoint marker, results.json); the table step runs.
 if [[ "$1" == "-" ]]; then exec "$REAL_PY" "$@"; fi
-printf '%s\x1f' "$@" >> "$RECORD"; printf '\n' >> "$RECORD"
+printf '%s\x1f' "$@" >> "$RECORD"; printf '\x1e' >> "$RECORD"  # args may hold newlines
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
@@ -94,12 +95,20 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
     env = {**os.environ, "PY": str(fake), "REAL_PY": sys.executable, "RECORD": str(record), "OUT": str(out)}
     subprocess.run(["bash", str(ROOT / "examples" / "block_attention_evidence.sh")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
-    calls = [line.split("\x1f")[:-1] for line in record.read_text().splitlines()]
+    calls = [command.split("\x1f")[:-1] for command in record.read_text().split("\x1e")[:-1]]
     train = {Path(c[c.index("--save") + 1]).name: c[1:] for c in calls if c[0] == "pretrain_focusft.py"}
     evals = [c[3:] for c in calls if c[:3] == ["-m", "megatron_focusft.cli", "eval"]]
     assert sorted(train) == sorted(["base", "block_sft", "block_distill", "distill_no_sinks", "distill_no_dropout",
                                     "distill_no_weighting"])
-    assert len(evals) == 12 and "| block-sft |" in (out / "table.md").read_text()
+    # 6 models x 2 attentions, then 3 models x 4 segmenters (fixed16, fixed32, delimiter, learned)
+    assert len(evals) == 12 + 12 and "| block-sft |" in (out / "table.md").read_text()
+    applies = [c[2:] for c in calls if c[:4] == ["-m", "megatron_focusft.cli", "segment", "apply"]]
+    methods = []
+    for argv in applies:
+        args = build_parser().parse_args(argv)
+        assert args.join_blocks == "\n" and args.tokenizer == str(out / "tokenizer")
+        methods.append(args.method if args.method != "fixed" else f"fixed{args.max_block_tokens}")
+    assert methods == ["fixed16", "fixed32", "delimiter", "learned"]
     parsed = {name: parse_training_args(argv) for name, argv in train.items()}
     assert parsed["base"].training_mode == "sft" and parsed["base"].sft_mask == "causal"
     assert parsed["block_sft"].training_mode == "block-sft"
@@ -113,3 +122,4 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
     for argv in evals:
         args = parse_eval_args(argv)
         assert args.attention in ("full", "block") and args.rag_file
+    assert all(a.tokenizer_model == str(out / "tokenizer") for a in parsed.values())
