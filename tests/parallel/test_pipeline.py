@@ -3,7 +3,8 @@
 The harness (tests/helpers/pipeline.py) runs Megatron's 1F1B schedule here, with FocuSFT's
 sequential arrangement (engine/pipeline.py): the inner loop on the last stage, or in schedule
 calls of its own when the adapted layers span stages. tests/focusft/test_interleaved.py runs the
-same comparisons through the interleaved schedule.
+PP = 2 comparisons through the interleaved schedule; here it also runs with TP = 2 + SP (adapted
+layers on both stages) and with CP = 2.
 """
 
 from __future__ import annotations
@@ -15,26 +16,30 @@ from tests.helpers.pipeline import check_parity, pipeline_batches, reference_ste
 # --- PP = 2 x TP = 2 (4 processes) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("focusft, sp, fraction", [
-    (None, False, None), ({"inner_objective": "context"}, False, None), ({"inner_objective": "response"}, True, None),
-    ({"inner_objective": "context"}, False, 0.75)],
-    ids=["sft-block", "focusft-context", "focusft-response-sequence-parallel", "focusft-context-adapted-on-both-stages"])
-def test_pp2_tp2_matches_one_process(worker_pool, focusft, sp, fraction):
+@pytest.mark.parametrize("focusft, sp, fraction, schedule", [
+    (None, False, None, "sequential"), ({"inner_objective": "context"}, False, None, "sequential"),
+    ({"inner_objective": "response"}, True, None, "sequential"), ({"inner_objective": "context"}, False, 0.75, "sequential"),
+    ({"inner_objective": "context"}, True, 0.75, "interleaved")],
+    ids=["sft-block", "focusft-context", "focusft-response-sequence-parallel", "focusft-context-adapted-on-both-stages",
+         "interleaved-context-adapted-on-both-stages-sequence-parallel"])
+def test_pp2_tp2_matches_one_process(worker_pool, focusft, sp, fraction, schedule):
     pool = worker_pool(4)
     batches = pipeline_batches("block" if focusft is None else "focusft")
     reference = reference_step(pool, batches, focusft, layer_fraction=fraction)
-    parallel = pool.run(run_step, 2, 2, batches, focusft, None, False, sp, layer_fraction=fraction)
+    parallel = pool.run(run_step, 2, 2, batches, focusft, None, False, sp, layer_fraction=fraction, schedule=schedule)
     check_parity(reference, parallel, focusft is not None)
 
 
-def test_focusft_step_pp2_cp2_matches_one_process(worker_pool):
+@pytest.mark.parametrize("schedule", ["sequential", "interleaved"])
+def test_focusft_step_pp2_cp2_matches_one_process(worker_pool, schedule):
     # Each CP rank's chunks of every row (documents straddle the chunk borders) go through
     # the two stages; the context objective also sends the causal activations along.
     pool = worker_pool(4)
     batches = pipeline_batches("focusft")
     focusft = {"inner_objective": "context"}
     reference = reference_step(pool, batches, focusft)
-    check_parity(reference, pool.run(run_step, 1, 2, batches, focusft, None, False, False, 2), focusft=True)
+    parallel = pool.run(run_step, 1, 2, batches, focusft, None, False, False, 2, schedule=schedule)
+    check_parity(reference, parallel, focusft=True)
 
 
 # --- PP = 2 ----------------------------------------------------------------------------------
