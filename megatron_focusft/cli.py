@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="code: the answer is the code alone; sentence: repeat the passage's fact sentence")
     rag.add_argument("--questions", type=int, default=rag_defaults.questions,
                      help="questions per sample about distinct passages, each answered (training rows)")
+    rag.add_argument("--distinct-words", action="store_true",
+                     help="the entities of a sample share no word (an easier look-up; at most 8 passages, no pool)")
     rag.add_argument("--seed", type=int, default=rag_defaults.seed)
     rag.add_argument("--tokenizer-model", "--tokenizer", dest="tokenizer_model", default=None, metavar="DIR",
                      help="Hugging Face tokenizer directory whose tokens size the samples (default: the built-in "
@@ -218,7 +220,8 @@ def _run_data_rag(args: argparse.Namespace) -> None:
 
     config = RagTaskConfig(num_samples=args.num_samples, passages=args.passages, target_tokens=args.target_tokens,
                            pool_size=args.pool_size, header=not args.no_header, seed=args.seed,
-                           answer_form=args.answer_form, questions=args.questions)
+                           answer_form=args.answer_form, questions=args.questions,
+                           distinct_words=args.distinct_words)
     tokenizer = load_chat_tokenizer(args.tokenizer_model)
     samples = rag_samples(config, lambda text: len(tokenizer.encode(text)))
     write_rag_jsonl(args.output, samples)

@@ -98,8 +98,8 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
     calls = [command.split("\x1f")[:-1] for command in record.read_text().split("\x1e")[:-1]]
     train = {Path(c[c.index("--save") + 1]).name: c[1:] for c in calls if c[0] == "pretrain_focusft.py"}
     evals = [c[3:] for c in calls if c[:3] == ["-m", "megatron_focusft.cli", "eval"]]
-    assert sorted(train) == sorted(["base", "block_sft", "block_distill", "distill_no_sinks", "distill_no_dropout",
-                                    "distill_no_weighting"])
+    assert sorted(train) == sorted(["base_copy", "base", "block_sft", "block_distill", "distill_no_sinks",
+                                    "distill_no_dropout", "distill_no_weighting"])
     # 6 models x 2 attentions, then 3 models x 4 segmenters (fixed16, fixed32, delimiter, learned)
     assert len(evals) == 12 + 12 and "| block-sft |" in (out / "table.md").read_text()
     applies = [c[2:] for c in calls if c[:4] == ["-m", "megatron_focusft.cli", "segment", "apply"]]
@@ -110,14 +110,15 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
         methods.append(args.method if args.method != "fixed" else f"fixed{args.max_block_tokens}")
     assert methods == ["fixed16", "fixed32", "delimiter", "learned"]
     parsed = {name: parse_training_args(argv) for name, argv in train.items()}
-    assert parsed["base"].training_mode == "sft" and parsed["base"].sft_mask == "causal"
+    assert all(parsed[n].training_mode == "sft" and parsed[n].sft_mask == "causal" for n in ("base_copy", "base"))
+    assert parsed["base"].pretrained_checkpoint == str(out / "base_copy") and parsed["base"].finetune
     assert parsed["block_sft"].training_mode == "block-sft"
     parts = {name: (a.block_sink_tokens > 0, a.block_dropout > 0, a.distill_token_weighting)
              for name, a in parsed.items() if a.training_mode == "block-distill"}
     assert parts == {"block_distill": (True, True, True), "distill_no_sinks": (False, True, True),
                      "distill_no_dropout": (True, False, True), "distill_no_weighting": (True, True, False)}
     shared = {(tuple(a.data_path), a.train_iters, a.lr, a.micro_batch_size, a.seq_length, a.seed,
-               a.pretrained_checkpoint, a.finetune) for name, a in parsed.items() if name != "base"}
+               a.pretrained_checkpoint, a.finetune) for name, a in parsed.items() if not name.startswith("base")}
     assert len(shared) == 1 and next(iter(shared))[-1] is True
     for argv in evals:
         args = parse_eval_args(argv)

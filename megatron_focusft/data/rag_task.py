@@ -72,13 +72,17 @@ def _question(entity: str) -> str:
     return f"What is the code of the {entity}?"
 
 
-ANSWER_FORMS = ("code", "sentence")
+ANSWER_FORMS = ("code", "sentence", "passages")
+REPEAT_PASSAGES = "Repeat the passages."
 
 
 def _turns(entity: str, value: str, answer_form: str) -> tuple[str, str]:
-    """(question, answer): the code alone, or the passage's whole fact sentence repeated."""
+    """(question, answer): the code alone, or the passage's whole fact sentence repeated (the
+    "passages" form's answer, every passage in order, is filled in once they are written)."""
     if answer_form == "code":
         return _question(entity), value
+    if answer_form == "passages":
+        return REPEAT_PASSAGES, ""
     return f"Repeat the sentence about the {entity}.", _fact(entity, value)
 
 
@@ -98,10 +102,14 @@ class RagTaskConfig:
     pool of this many passages (None: every sample has passages of its own). header: an
     instruction-header block first. answer_form: "code" asks for the code alone; "sentence" asks
     to repeat the fact ("Repeat the sentence about the <entity>." -> "The code of the <entity> is
-    <code>."), an answer a model can copy word by word from the passage. questions: the user asks
+    <code>."), an answer a model can copy word by word from the passage; "passages" asks to repeat
+    every passage in order (dense copy supervision: a from-scratch model learns to copy from
+    its context on it in a few hundred steps, then learns the look-up). questions: the user asks
     about this many distinct passages in turn, each answered (training rows with more supervision
     per sample; evaluation reads one-question rows); the earlier turns come on top of
-    target_tokens, which bounds the blocks and the last question."""
+    target_tokens, which bounds the blocks and the last question. distinct_words: the entities of
+    a sample share no word, so any one word of the question names its passage (an easier look-up,
+    for models trained from scratch; at most 8 passages, no pool)."""
 
     num_samples: int = 100
     passages: int = 8
@@ -111,6 +119,7 @@ class RagTaskConfig:
     seed: int = 0
     answer_form: str = "code"
     questions: int = 1
+    distinct_words: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "passages", "target_tokens"):
@@ -121,6 +130,11 @@ class RagTaskConfig:
         if self.pool_size is not None and not self.passages <= self.pool_size <= len(ENTITIES):
             raise ValueError(f"--pool-size must be in [--passages {self.passages}, {len(ENTITIES)}] (the distinct "
                              f"entities), got {self.pool_size}")
+        if self.distinct_words and (self.pool_size is not None or self.passages > len(_CONTAINERS)):
+            raise ValueError(f"--distinct-words needs no --pool-size and at most {len(_CONTAINERS)} passages (the "
+                             f"kinds of container), got passages={self.passages}, pool_size={self.pool_size}")
+        if self.answer_form == "passages" and self.questions != 1:
+            raise ValueError(f"--answer-form passages asks one question, got --questions {self.questions}")
         if not 1 <= self.questions <= self.passages:
             raise ValueError(f"--questions must be in [1, --passages {self.passages}], got {self.questions}")
         if self.answer_form not in ANSWER_FORMS:
@@ -166,9 +180,14 @@ class _Entry:
         return " ".join([*filler[:at], _fact(self.entity, self.value), *filler[at:]])
 
 
-def _entries(rng: random.Random, count: int) -> list[_Entry]:
-    """`count` passages with distinct entities and distinct values."""
-    entities = rng.sample(ENTITIES, count)
+def _entries(rng: random.Random, count: int, distinct_words: bool = False) -> list[_Entry]:
+    """`count` passages with distinct entities (with `distinct_words`, no two share a word) and
+    distinct values."""
+    if distinct_words:
+        words = [rng.sample(group, count) for group in (_ADJECTIVES, _ANIMALS, _CONTAINERS)]
+        entities = [" ".join(parts) for parts in zip(*words)]
+    else:
+        entities = rng.sample(ENTITIES, count)
     values = rng.sample(range(100_000, 1_000_000), count)
     return [_Entry(entity, str(value), rng.getrandbits(32), rng.random()) for entity, value in zip(entities, values)]
 
@@ -204,7 +223,7 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
     for index in range(config.num_samples):
         rng = random.Random(f"{config.seed}:rag:sample:{index}")
         if config.pool_size is None:
-            entries = _entries(rng, config.passages)
+            entries = _entries(rng, config.passages, config.distinct_words)
         else:
             chosen = rng.sample(range(config.pool_size), config.passages)
             entries = [pool[i] for i in chosen]
@@ -220,6 +239,8 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
                 if i not in pool_texts:
                     pool_texts[i] = _fill(pool[i], pool_budget, count_tokens)
             texts = [pool_texts[i] for i in chosen]
+        if config.answer_form == "passages":
+            reply = " ".join(texts)
         samples.append(RagSample(index, (*header, *texts), asked, reply, len(header) + answer,
                                  config.target_tokens, tuple(turns[:-1])))
     return samples

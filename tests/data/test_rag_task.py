@@ -92,6 +92,15 @@ def test_sentence_answers_repeat_the_fact_of_the_answer_passage(pool_size):
         RagTaskConfig(answer_form="essay")
 
 
+def test_passages_answers_repeat_every_passage_in_order():
+    config = RagTaskConfig(num_samples=5, passages=4, target_tokens=500, seed=6, answer_form="passages")
+    for sample in rag_samples(config, count):
+        assert sample.question == "Repeat the passages." and sample.answer == " ".join(sample.blocks[1:])
+        assert size(sample) <= 500
+    with pytest.raises(ValueError, match="--answer-form passages asks one question"):
+        RagTaskConfig(answer_form="passages", questions=2)
+
+
 def test_several_questions_ask_about_distinct_passages_in_turn():
     one = rag_samples(RagTaskConfig(num_samples=6, passages=5, target_tokens=500, seed=7), count)
     many = rag_samples(RagTaskConfig(num_samples=6, passages=5, target_tokens=500, seed=7, questions=3), count)
@@ -107,6 +116,19 @@ def test_several_questions_ask_about_distinct_passages_in_turn():
         assert len(sample.blocks) == len(single.blocks) == 6 and size(sample) <= 500
     with pytest.raises(ValueError, match=r"--questions must be in \[1, --passages 5\]"):
         RagTaskConfig(passages=5, questions=6)
+
+
+def test_distinct_words_share_no_word_within_a_sample():
+    samples = rag_samples(RagTaskConfig(num_samples=20, passages=8, target_tokens=900, seed=2, distinct_words=True),
+                          count)
+    for sample in samples:
+        entities = [FACT.findall(passage)[0][0] for passage in sample.blocks[1:]]
+        words = [w for e in entities for w in e.split()]
+        assert len(entities) == 8 and len(set(words)) == len(words) == 24
+    with pytest.raises(ValueError, match="--distinct-words needs no --pool-size and at most 8 passages"):
+        RagTaskConfig(passages=9, distinct_words=True)
+    with pytest.raises(ValueError, match="--distinct-words needs no --pool-size"):
+        RagTaskConfig(passages=4, pool_size=8, distinct_words=True)
 
 
 def test_a_pool_reuses_passages_verbatim():
