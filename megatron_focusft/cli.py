@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw every sample's passages from one pool of this many (default: passages of its own)")
     rag.add_argument("--no-header", action="store_true", help="no instruction-header block")
     rag.add_argument("--answer-form", choices=ANSWER_FORMS, default=rag_defaults.answer_form,
-                     help="code: the answer is the code alone; sentence: repeat the passage's fact sentence")
+                     help="code: the answer is the code alone; sentence: repeat the passage's fact sentence; "
+                          "passages: repeat every passage (dense copy supervision)")
     rag.add_argument("--questions", type=int, default=rag_defaults.questions,
                      help="questions per sample about distinct passages, each answered (training rows)")
     rag.add_argument("--distinct-words", action="store_true",
