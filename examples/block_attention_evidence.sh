@@ -27,9 +27,10 @@ MODEL=(--model-preset tiny --hidden-size "${HIDDEN:-128}" --ffn-hidden-size "${F
 SEQ=${SEQ:-512}
 MB=${MB:-8}
 SEED=${SEED:-1}
-# base, first stage: from random init, repeat every passage (learns to copy from its context)
-COPY_ITERS=${COPY_ITERS:-300}
-COPY_ROWS=${COPY_ROWS:-4000}
+# base, first stage: from random init, repeat random sequences of the task's words (learns to copy)
+COPY_ITERS=${COPY_ITERS:-400}
+COPY_ROWS=${COPY_ROWS:-20000}
+COPY_WORDS=${COPY_WORDS:-50}
 # base, second stage: full-attention SFT on the questions, from the first stage's weights
 BASE_ITERS=${BASE_ITERS:-1200}
 BASE_STOP=${BASE_STOP:-$BASE_ITERS}  # stop (and save) here: --exit-interval
@@ -79,11 +80,12 @@ rag_rows() {  # OUT_FILE ROWS SEED QUESTIONS ANSWER_FORM
 DISTINCT_FLAG=()
 [[ $DISTINCT_WORDS == 1 ]] && DISTINCT_FLAG=(--distinct-words)
 # The base learns in two stages (README, Evidence: from random init on the questions alone it sat
-# at the no-copy loss for 500-700 steps): repeating whole passages (every reply token a copy from
-# the context), then questions about several passages in turn, each answered, as the code alone
-# and as the fact sentence. Fine-tuning and evaluation: one code question per sample, the layout
-# block attention is for.
-rag_rows "$OUT/rag_copy.jsonl" "$COPY_ROWS" 4 1 passages
+# at the no-copy loss for 500-700 steps): repeating random word sequences (every reply token a
+# copy from the context), then questions about several passages in turn, each answered, as the
+# code alone and as the fact sentence. Fine-tuning and evaluation: one code question per sample,
+# the layout block attention is for.
+[[ -f "$OUT/copy.jsonl" ]] || { log "data: copy.jsonl"; cli data copy --output "$OUT/copy.jsonl" \
+    --num-samples "$COPY_ROWS" --words "$COPY_WORDS" --seed 0; }
 rag_rows "$OUT/rag_base.jsonl" "$TRAIN_ROWS" "$BASE_SEED_DATA" "$BASE_QUESTIONS" code
 rag_rows "$OUT/rag_base_sentences.jsonl" "$TRAIN_ROWS" 5 "$BASE_QUESTIONS" sentence
 rag_rows "$OUT/rag_train.jsonl" "$TRAIN_ROWS" "$TRAIN_SEED" 1 code
@@ -93,9 +95,9 @@ COMMON=(--seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED" --log-interv
 
 # ---- b. base (teacher): full attention, causal SFT in two stages ----------------------------------
 if ! done_ckpt "$OUT/base_copy"; then
-    log "train: base, stage 1 (repeat the passages)"
+    log "train: base, stage 1 (copy)"
     "$PY" pretrain_focusft.py "${MODEL[@]}" --training-mode sft --sft-mask causal "${COMMON[@]}" \
-        --tokenizer-model "$TOK" --data-path "$OUT/rag_copy.jsonl" --train-iters "$COPY_ITERS" --lr "$BASE_LR" \
+        --tokenizer-model "$TOK" --data-path "$OUT/copy.jsonl" --train-iters "$COPY_ITERS" --lr "$BASE_LR" \
         --min-lr "$BASE_MIN_LR" --lr-warmup-iters "$BASE_WARMUP" --save "$OUT/base_copy" --save-interval "$COPY_ITERS" \
         2>&1 | quiet | tee "$OUT/base_copy.log"
 fi

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from typing import Any
 from collections.abc import Sequence
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rag_defaults = _defaults(RagTaskConfig)
     data = commands.add_parser("data", help="write synthetic data sets")
-    data_commands = data.add_subparsers(dest="data", required=True, metavar="{rag,tokenizer}")
+    data_commands = data.add_subparsers(dest="data", required=True, metavar="{rag,copy,tokenizer}")
     rag = data_commands.add_parser(
         "rag", help="the RAG-style block-attention task: passages as local blocks, a question as the global block",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -185,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="draw every sample's passages from one pool of this many (default: passages of its own)")
     rag.add_argument("--no-header", action="store_true", help="no instruction-header block")
     rag.add_argument("--answer-form", choices=ANSWER_FORMS, default=rag_defaults.answer_form,
-                     help="code: the answer is the code alone; sentence: repeat the passage's fact sentence; "
-                          "passages: repeat every passage (dense copy supervision)")
+                     help="code: the answer is the code alone; sentence: repeat the passage's fact sentence")
     rag.add_argument("--questions", type=int, default=rag_defaults.questions,
                      help="questions per sample about distinct passages, each answered (training rows)")
     rag.add_argument("--distinct-words", action="store_true",
@@ -204,7 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
     words.add_argument("--input", nargs="*", default=[], metavar="JSONL",
                        help="rows whose blocks, global and message texts the vocabulary must cover")
     words.add_argument("--rag-vocabulary", action="store_true", help="also every word `focusft data rag` can write")
+    from megatron_focusft.data.copy_task import CopyTaskConfig
+
+    copy_defaults = _defaults(CopyTaskConfig)
+    copy = data_commands.add_parser(
+        "copy", help="repeat a random sequence of words: copy practice for a model trained from random init",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="JSONL chat rows whose reply repeats the user's random words, drawn from the RAG task's words "
+                    "(megatron_focusft/data/copy_task.py).")
+    copy.add_argument("--output", required=True, help="JSONL file to write")
+    copy.add_argument("--num-samples", type=int, default=copy_defaults.num_samples)
+    copy.add_argument("--words", type=int, default=copy_defaults.words, help="words per sequence")
+    copy.add_argument("--seed", type=int, default=copy_defaults.seed)
     return parser
+
+
+def _run_data_copy(args: argparse.Namespace) -> None:
+    from megatron_focusft.data.copy_task import CopyTaskConfig, copy_rows
+
+    rows = copy_rows(CopyTaskConfig(num_samples=args.num_samples, words=args.words, seed=args.seed))
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"{len(rows)} copy rows ({args.words} words each) -> {args.output}", file=sys.stderr)
 
 
 def _run_data_tokenizer(args: argparse.Namespace) -> None:
@@ -269,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "data":
         try:
-            _run_data_rag(args) if args.data == "rag" else _run_data_tokenizer(args)
+            {"rag": _run_data_rag, "copy": _run_data_copy, "tokenizer": _run_data_tokenizer}[args.data](args)
         except (ValueError, OSError) as exc:  # bad settings, a missing tokenizer, an unwritable output
             parser.error(str(exc))
         return 0

@@ -72,27 +72,24 @@ def _question(entity: str) -> str:
     return f"What is the code of the {entity}?"
 
 
-ANSWER_FORMS = ("code", "sentence", "passages")
-REPEAT_PASSAGES = "Repeat the passages."
+ANSWER_FORMS = ("code", "sentence")
 
 
 def _turns(entity: str, value: str, answer_form: str) -> tuple[str, str]:
-    """(question, answer): the code alone, or the passage's whole fact sentence repeated (the
-    "passages" form's answer, every passage in order, is filled in once they are written)."""
+    """(question, answer): the code alone, or the passage's whole fact sentence repeated."""
     if answer_form == "code":
         return _question(entity), value
-    if answer_form == "passages":
-        return REPEAT_PASSAGES, ""
     return f"Repeat the sentence about the {entity}.", _fact(entity, value)
 
 
 def vocabulary_texts() -> list[str]:
-    """Texts holding every word any sample of the task can contain, both opening a text and after
-    a space (for `focusft data tokenizer`, whose words keep the space before them)."""
+    """Texts holding every word any sample of the task can contain, opening a text, after a space
+    and alone (for `focusft data tokenizer`, whose words keep the space before them)."""
     words = " ".join([*_ADJECTIVES, *_ANIMALS, *_CONTAINERS])
     texts = [HEADER, *FILLER_SENTENCES, _fact(words, "0123456789"),
              *(_turns(words, "0", form)[0] for form in ANSWER_FORMS)]
-    return [*texts, *(" " + text for text in texts)]
+    alone = sorted({word for text in texts for word in text.split()})
+    return [*texts, *(" " + text for text in texts), *alone]
 
 
 @dataclass(frozen=True)
@@ -102,9 +99,7 @@ class RagTaskConfig:
     pool of this many passages (None: every sample has passages of its own). header: an
     instruction-header block first. answer_form: "code" asks for the code alone; "sentence" asks
     to repeat the fact ("Repeat the sentence about the <entity>." -> "The code of the <entity> is
-    <code>."), an answer a model can copy word by word from the passage; "passages" asks to repeat
-    every passage in order (dense copy supervision: a from-scratch model learns to copy from
-    its context on it in a few hundred steps, then learns the look-up). questions: the user asks
+    <code>."), an answer a model can copy word by word from the passage. questions: the user asks
     about this many distinct passages in turn, each answered (training rows with more supervision
     per sample; evaluation reads one-question rows); the earlier turns come on top of
     target_tokens, which bounds the blocks and the last question. distinct_words: the entities of
@@ -133,8 +128,6 @@ class RagTaskConfig:
         if self.distinct_words and (self.pool_size is not None or self.passages > len(_CONTAINERS)):
             raise ValueError(f"--distinct-words needs no --pool-size and at most {len(_CONTAINERS)} passages (the "
                              f"kinds of container), got passages={self.passages}, pool_size={self.pool_size}")
-        if self.answer_form == "passages" and self.questions != 1:
-            raise ValueError(f"--answer-form passages asks one question, got --questions {self.questions}")
         if not 1 <= self.questions <= self.passages:
             raise ValueError(f"--questions must be in [1, --passages {self.passages}], got {self.questions}")
         if self.answer_form not in ANSWER_FORMS:
@@ -239,8 +232,6 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
                 if i not in pool_texts:
                     pool_texts[i] = _fill(pool[i], pool_budget, count_tokens)
             texts = [pool_texts[i] for i in chosen]
-        if config.answer_form == "passages":
-            reply = " ".join(texts)
         samples.append(RagSample(index, (*header, *texts), asked, reply, len(header) + answer,
                                  config.target_tokens, tuple(turns[:-1])))
     return samples

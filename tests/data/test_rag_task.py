@@ -92,15 +92,6 @@ def test_sentence_answers_repeat_the_fact_of_the_answer_passage(pool_size):
         RagTaskConfig(answer_form="essay")
 
 
-def test_passages_answers_repeat_every_passage_in_order():
-    config = RagTaskConfig(num_samples=5, passages=4, target_tokens=500, seed=6, answer_form="passages")
-    for sample in rag_samples(config, count):
-        assert sample.question == "Repeat the passages." and sample.answer == " ".join(sample.blocks[1:])
-        assert size(sample) <= 500
-    with pytest.raises(ValueError, match="--answer-form passages asks one question"):
-        RagTaskConfig(answer_form="passages", questions=2)
-
-
 def test_several_questions_ask_about_distinct_passages_in_turn():
     one = rag_samples(RagTaskConfig(num_samples=6, passages=5, target_tokens=500, seed=7), count)
     many = rag_samples(RagTaskConfig(num_samples=6, passages=5, target_tokens=500, seed=7, questions=3), count)

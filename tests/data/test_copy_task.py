@@ -1,0 +1,38 @@
+"""The copy task (data/copy_task.py): the reply repeats the prompt's words exactly; rows are
+seeded per index; every word is one the RAG task's word-level tokenizer knows; bad settings are
+errors naming the flag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_focusft.cli import main as cli_main
+from megatron_focusft.data.copy_task import CopyTaskConfig, copy_rows, task_words
+from megatron_focusft.data.rag_task import vocabulary_texts
+from megatron_focusft.data.word_tokenizer import build_word_tokenizer
+
+
+def test_rows_repeat_seeded_words_of_the_task():
+    rows = copy_rows(CopyTaskConfig(num_samples=8, words=30, seed=3))
+    assert copy_rows(CopyTaskConfig(num_samples=3, words=30, seed=3)) == rows[:3]
+    assert copy_rows(CopyTaskConfig(num_samples=8, words=30, seed=4)) != rows
+    tokenizer = build_word_tokenizer(vocabulary_texts())
+    for row in rows:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant" and user["content"] == assistant["content"]
+        words = user["content"].split(" ")
+        assert len(words) == 30 and set(words) <= set(task_words())
+        assert tokenizer.unk_token_id not in tokenizer.encode(user["content"])
+    assert len({r["messages"][0]["content"] for r in rows}) == 8
+
+
+def test_data_copy_command(tmp_path, capsys):
+    out = tmp_path / "copy.jsonl"
+    assert cli_main(["data", "copy", "--output", str(out), "--num-samples", "4", "--words", "5", "--seed", "1"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == copy_rows(
+        CopyTaskConfig(num_samples=4, words=5, seed=1))
+    with pytest.raises(SystemExit):
+        cli_main(["data", "copy", "--output", str(out), "--words", "0"])
+    assert "--words must be >= 1" in capsys.readouterr().err
