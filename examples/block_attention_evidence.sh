@@ -31,13 +31,17 @@ SEED=${SEED:-1}
 COPY_ITERS=${COPY_ITERS:-400}
 COPY_ROWS=${COPY_ROWS:-20000}
 COPY_WORDS=${COPY_WORDS:-50}
-# base, second stage: full-attention SFT on the questions, from the first stage's weights
-BASE_ITERS=${BASE_ITERS:-1200}
+COPY_LR=${COPY_LR:-2e-3}
+COPY_MIN_LR=${COPY_MIN_LR:-2e-4}
+COPY_WARMUP=${COPY_WARMUP:-100}
+# base, second stage: full-attention SFT on the questions and the copy rows (which keep the copy
+# skill: without them it was lost), from the first stage's weights
+BASE_ITERS=${BASE_ITERS:-1000}
 BASE_STOP=${BASE_STOP:-$BASE_ITERS}  # stop (and save) here: --exit-interval
 BASE_SAVE_EVERY=${BASE_SAVE_EVERY:-200}
-BASE_LR=${BASE_LR:-2e-3}
-BASE_MIN_LR=${BASE_MIN_LR:-2e-4}
-BASE_WARMUP=${BASE_WARMUP:-100}
+BASE_LR=${BASE_LR:-5e-4}
+BASE_MIN_LR=${BASE_MIN_LR:-5e-5}
+BASE_WARMUP=${BASE_WARMUP:-50}
 # fine-tunes from the base: identical data, steps and LR for every variant
 FT_ITERS=${FT_ITERS:-60}
 FT_LR=${FT_LR:-5e-4}
@@ -81,8 +85,8 @@ DISTINCT_FLAG=()
 [[ $DISTINCT_WORDS == 1 ]] && DISTINCT_FLAG=(--distinct-words)
 # The base learns in two stages (README, Evidence: from random init on the questions alone it sat
 # at the no-copy loss for 500-700 steps): repeating random word sequences (every reply token a
-# copy from the context), then questions about several passages in turn, each answered, as the
-# code alone and as the fact sentence. Fine-tuning and evaluation: one code question per sample,
+# copy from the context), then those rows and questions about several passages in turn, each
+# answered, as the code alone and as the fact sentence. Fine-tuning and evaluation: one code question per sample,
 # the layout block attention is for.
 [[ -f "$OUT/copy.jsonl" ]] || { log "data: copy.jsonl"; cli data copy --output "$OUT/copy.jsonl" \
     --num-samples "$COPY_ROWS" --words "$COPY_WORDS" --seed 0; }
@@ -97,15 +101,15 @@ COMMON=(--seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED" --log-interv
 if ! done_ckpt "$OUT/base_copy"; then
     log "train: base, stage 1 (copy)"
     "$PY" pretrain_focusft.py "${MODEL[@]}" --training-mode sft --sft-mask causal "${COMMON[@]}" \
-        --tokenizer-model "$TOK" --data-path "$OUT/copy.jsonl" --train-iters "$COPY_ITERS" --lr "$BASE_LR" \
-        --min-lr "$BASE_MIN_LR" --lr-warmup-iters "$BASE_WARMUP" --save "$OUT/base_copy" --save-interval "$COPY_ITERS" \
+        --tokenizer-model "$TOK" --data-path "$OUT/copy.jsonl" --train-iters "$COPY_ITERS" --lr "$COPY_LR" \
+        --min-lr "$COPY_MIN_LR" --lr-warmup-iters "$COPY_WARMUP" --save "$OUT/base_copy" --save-interval "$COPY_ITERS" \
         2>&1 | quiet | tee "$OUT/base_copy.log"
 fi
 if ! done_ckpt "$OUT/base"; then
     log "train: base, stage 2 (questions)"
     "$PY" pretrain_focusft.py --pretrained-checkpoint "$OUT/base_copy" --finetune --training-mode sft \
         --sft-mask causal "${COMMON[@]}" --tokenizer-model "$TOK" \
-        --data-path "$OUT/rag_base.jsonl" "$OUT/rag_base_sentences.jsonl" --train-iters "$BASE_ITERS" \
+        --data-path "$OUT/copy.jsonl" "$OUT/rag_base.jsonl" "$OUT/rag_base_sentences.jsonl" --train-iters "$BASE_ITERS" \
         --exit-interval "$BASE_STOP" --lr "$BASE_LR" --min-lr "$BASE_MIN_LR" --lr-warmup-iters "$BASE_WARMUP" \
         --save "$OUT/base" --save-interval "$BASE_SAVE_EVERY" 2>&1 | quiet | tee "$OUT/base.log"
 fi
