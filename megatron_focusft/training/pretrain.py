@@ -246,7 +246,8 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         # CP chunks: whole flex tiles; under SP each rank's two chunks split evenly over TP.
         chunk_multiple = math.lcm(attention_backend(args.attention_backend).chunk_multiple,
                                   args.tensor_model_parallel_size if args.sequence_parallel else 1)
-        probe = _build_data(args, preset, needs, start.tokenizer_dir, 0, 1, device, log, seed_offset=7919).next_micro_batch()
+        probe = _build_data(args, preset, needs, start.tokenizer_dir, 0, 1, device, log,
+                            seed_offset=7919).next_micro_batch()
         rng = _rng_states()
         model, model_config = build_model(setup)
         if args.pipeline_balance == "auto":
