@@ -18,6 +18,7 @@ import torch
 
 from megatron_focusft.masks import SegmentMask
 from megatron_focusft.masks.flex import FLEX_BLOCK_SIZE
+from megatron_focusft.registry import Registry
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SegmentMask, float], torch.Tensor]
 
@@ -48,30 +49,25 @@ class AttentionBackend:
         return getattr(importlib.import_module(module), attribute)
 
 
-_BACKENDS: dict[str, AttentionBackend] = {}
+_BACKENDS: Registry[AttentionBackend] = Registry("attention backend")
 
 
 def register_attention_backend(backend: AttentionBackend) -> AttentionBackend:
-    if backend.name in _BACKENDS:
-        raise ValueError(f"attention backend {backend.name!r} is registered already")
-    _BACKENDS[backend.name] = backend
-    return backend
+    return _BACKENDS.register(backend.name, backend)
 
 
 def attention_backend(name: str) -> AttentionBackend:
     """The record of backend `name`; ValueError lists the registered ones."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {attention_backend_names()}")
-    return _BACKENDS[name]
+    return _BACKENDS.get(name)
 
 
 def attention_backend_names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
+    return _BACKENDS.names()
 
 
 def context_parallel_backend_names() -> tuple[str, ...]:
     """The backends with a context-parallel path."""
-    return tuple(name for name, backend in _BACKENDS.items() if backend.cp_path is not None)
+    return tuple(backend.name for backend in _BACKENDS if backend.cp_path is not None)
 
 
 def get_attention_backend(name: str) -> AttentionFn:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from megatron_focusft.data.tokenizer import ChatTokenizer
+from megatron_focusft.registry import Registry
 
 
 class Segmenter(Protocol):
@@ -88,28 +89,23 @@ class SegmenterMethod:
         return getattr(importlib.import_module(module), attribute)(settings, tokenizer)
 
 
-_METHODS: dict[str, SegmenterMethod] = {}
+_METHODS: Registry[SegmenterMethod] = Registry("segmenter")
 
 
 def register_segmenter(method: SegmenterMethod) -> SegmenterMethod:
-    if method.name in _METHODS:
-        raise ValueError(f"segmenter {method.name!r} is registered already")
     unknown = method.accepts - set(TUNABLE)
     if unknown:
         raise ValueError(f"segmenter {method.name!r} accepts unknown settings {sorted(unknown)}")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.register(method.name, method)
 
 
 def segmenter_method(name: str) -> SegmenterMethod:
     """The record of method `name`; ValueError lists the registered ones."""
-    if name not in _METHODS:
-        raise ValueError(f"unknown segmenter {name!r}; expected one of {segmenter_names()}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def segmenter_names() -> tuple[str, ...]:
-    return tuple(_METHODS)
+    return _METHODS.names()
 
 
 def build_segmenter(name: str, settings: SegmenterSettings, tokenizer: ChatTokenizer) -> Segmenter:
