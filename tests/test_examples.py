@@ -65,7 +65,7 @@ def test_launcher_flags_parse(tmp_path, script, env, expected, monkeypatch):
 _FAKE_PY = r'''#!/usr/bin/env bash
 # Stand-in interpreter for examples/block_attention_evidence.sh: records each command, makes the
 # files the real one would (data rows, a checkpoint marker, results.json); the table step runs.
-if [[ "$1" == "-" ]]; then exec "$REAL_PY" "$@"; fi
+if [[ "$1" == "-" || "$1" == "-c" ]]; then exec "$REAL_PY" "$@"; fi
 printf '%s\x1f' "$@" >> "$RECORD"; printf '\x1e' >> "$RECORD"  # args may hold newlines
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -75,7 +75,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
             '"meta": {"answer_block": 0}}' > "${args[i+1]}" ;;
         --save) mkdir -p "${args[i+1]}"; echo 1 > "${args[i+1]}/latest_checkpointed_iteration.txt" ;;
         --output-dir) mkdir -p "${args[i+1]}"
-            echo '{"results": {"rag": {"288": {"score": 50.0, "ci95": [40.0, 60.0], "samples": 2}}}}' \
+            echo '{"results": {"rag": {"288": {"score": '"${FAKE_SCORE:-50.0}"', "ci95": [40.0, 60.0], "samples": 2}}}}' \
                 > "${args[i+1]}/results.json" ;;
     esac
 done
@@ -124,3 +124,20 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
         args = parse_eval_args(argv)
         assert args.attention in ("full", "block") and args.rag_file
     assert all(a.tokenizer_model == str(out / "tokenizer") for a in parsed.values())
+
+
+def test_block_attention_evidence_stops_on_a_base_that_does_not_retrieve(tmp_path):
+    """Below MIN_BASE_SCORE the script evaluates the base, says why it stops, and trains no student."""
+    import sys
+
+    fake, record, out = tmp_path / "python", tmp_path / "argv.txt", tmp_path / "out"
+    fake.write_text(_FAKE_PY)
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "REAL_PY": sys.executable, "RECORD": str(record), "OUT": str(out),
+           "FAKE_SCORE": "5.0"}
+    result = subprocess.run(["bash", str(ROOT / "examples" / "block_attention_evidence.sh")], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 3
+    assert "stop: the base answers 5.0% of the eval codes under full attention (MIN_BASE_SCORE=20)" in result.stdout
+    saves = [c for c in record.read_text().split("\x1e") if "--save\x1f" in c]
+    assert len(saves) == 2 and not (out / "block_sft").exists()  # the two base stages only
