@@ -16,6 +16,7 @@ from typing import Any
 
 def add_data_commands(commands: Any) -> None:
     """Add ``data`` with its subcommands to the ``focusft`` subparsers `commands`."""
+    from megatron_focusft.data.copy_task import CopyTaskConfig
     from megatron_focusft.data.rag_task import ANSWER_FORMS, RagTaskConfig
 
     rag_defaults = RagTaskConfig()
@@ -54,8 +55,6 @@ def add_data_commands(commands: Any) -> None:
     words.add_argument("--input", nargs="*", default=[], metavar="JSONL",
                        help="rows whose blocks, global and message texts the vocabulary must cover")
     words.add_argument("--rag-vocabulary", action="store_true", help="also every word `focusft data rag` can write")
-    from megatron_focusft.data.copy_task import CopyTaskConfig
-
     copy_defaults = CopyTaskConfig()
     copy = data_commands.add_parser(
         "copy", help="repeat a random sequence of words: copy practice for a model trained from random init",
