@@ -1,7 +1,7 @@
 """The ``focusft`` command line: bad settings are usage errors; synthetic data.
 
 ``focusft bench attention`` is tested in tests/bench/test_attention.py, ``focusft demo`` in
-tests/test_demo.py.
+tests/demo/test_demo.py.
 """
 
 from __future__ import annotations

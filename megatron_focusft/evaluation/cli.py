@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     meta = {"model": args.load or args.hf_path, "ckpt_step": args.ckpt_step, "prefill": args.prefill,
             "test_time_adaptation": args.test_time_adaptation, "attention": args.attention, "seed": args.seed,
             "label": label,
-            "command": "focusft eval " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])}
+            "command": args.command}
     if args.attention == "block":
         cache = predictor.cache
         meta["block_cache"] = {"hits": cache.hits, "misses": cache.misses}
@@ -153,4 +154,6 @@ def run_eval(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str]) -> int:
     from megatron_focusft.generation.cli import run_inference_command
 
-    return run_inference_command("focusft eval", parse_eval_args(argv), run_eval)
+    args = parse_eval_args(argv)
+    args.command = shlex.join(["focusft", "eval", *argv])
+    return run_inference_command("focusft eval", args, run_eval)

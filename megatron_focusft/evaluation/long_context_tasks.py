@@ -10,7 +10,10 @@ variable tracking, common and frequent words extraction, QA among distractor pas
 BABILong (arXiv 2406.10149: bAbI QA1-QA5 facts spread through long filler text).
 
 Haystacks: `noise` (a few plain sentences repeated), `essay` (essay-like sentences generated
-from word lists), `needle` (distractor needles with other keys).
+from word lists), `needle` (distractor needles with other keys). NIAH values are 7-digit numbers,
+or in the `*_word` tasks a word of VALUE_WORDS (RULER's "words" value type), which nothing else
+in a prompt uses. WORD_TASKS are the tasks made only of list words: a word-level tokenizer of
+`vocabulary_texts()` encodes them without <unk> (the demo's tokenizer).
 
 Block tasks (`RagTaskSpec`): the RAG-style task of data/rag_task.py, passages as local blocks
 and the question as the global block; `length` bounds its blocks and question text (its size
@@ -43,6 +46,9 @@ WORDS = ("apple anchor badge banner beacon bottle bridge cabin candle canyon car
          "marble meadow mirror mosaic nectar needle oasis olive orchid panther parrot pebble pepper pilot planet "
          "prism quartz quill rabbit raven ribbon river saddle salmon satin shadow silver spruce stone summit temple "
          "thistle thunder timber topaz tulip valley velvet violet walnut willow winter wizard zephyr").split()
+# Values of the word-valued NIAH tasks: no key, haystack or other task uses these words.
+VALUE_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+               "upsilon phi chi psi omega").split()
 _NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca",
           "Mina", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sami", "Tara")
 _CITIES = ("Lisbon", "Oslo", "Kyoto", "Quito", "Accra", "Hanoi", "Dublin", "Perth", "Lima", "Riga", "Tunis", "Cusco")
@@ -79,15 +85,22 @@ def _needle(key: str, value: str) -> str:
     return f"The secret code for {key} is {value}."
 
 
-def _niah(kind: str, haystack: str, keys: int = 1, values: int = 1, queries: int = 1):
-    """kind single / multikey / multivalue / multiquery; `keys` needles of other keys are distractors."""
+def _word_value(rng: random.Random) -> str:
+    return rng.choice(VALUE_WORDS)
+
+
+def _niah(kind: str, haystack: str, keys: int = 1, values: int = 1, queries: int = 1, value: str = "number"):
+    """kind single / multikey / multivalue / multiquery; `keys` needles of other keys are distractors;
+    value "number" (7 digits, as RULER's numbers) or "word" (RULER's words value type)."""
+    new_value = _code if value == "number" else _word_value
+
     def build(rng: random.Random, n: int) -> tuple[str, tuple[str, ...]]:
         all_keys = _keys(rng, max(keys, queries))
         asked = all_keys[:queries]
-        facts = {key: [_code(rng) for _ in range(values if key in asked else 1)] for key in all_keys}
+        facts = {key: [new_value(rng) for _ in range(values if key in asked else 1)] for key in all_keys}
         needles = [_needle(key, value) for key, vals in facts.items() for value in vals]
         if haystack == "needle":  # the haystack itself is distractor needles
-            filler = [_needle(key, _code(rng)) for key in _keys(rng, n)]
+            filler = [_needle(key, new_value(rng)) for key in _keys(rng, n)]
         else:
             filler = _filler(rng, haystack, n)
         rng.shuffle(needles)
@@ -218,6 +231,10 @@ TASKS: dict[str, TaskSpec | RagTaskSpec] = {spec.name: spec for spec in (
     TaskSpec("niah_single_essay", _niah("single", "essay"), "all", 16),
     TaskSpec("niah_multikey_essay", _niah("multikey", "essay", keys=4), "all", 16),
     TaskSpec("niah_multikey_needle", _niah("multikey", "needle", keys=1), "all", 16),
+    TaskSpec("niah_single_noise_word", _niah("single", "noise", value="word"), "all", 8),
+    TaskSpec("niah_single_essay_word", _niah("single", "essay", value="word"), "all", 8),
+    TaskSpec("niah_multikey_essay_word", _niah("multikey", "essay", keys=4, value="word"), "all", 8),
+    TaskSpec("niah_multivalue_essay_word", _niah("multivalue", "essay", values=4, value="word"), "all", 16),
     TaskSpec("niah_multivalue_essay", _niah("multivalue", "essay", values=4), "all", 48),
     TaskSpec("niah_multiquery_essay", _niah("multiquery", "essay", keys=4, queries=4), "all", 48),
     TaskSpec("vt", _variable_tracking(), "all", 32),
@@ -228,6 +245,26 @@ TASKS: dict[str, TaskSpec | RagTaskSpec] = {spec.name: spec for spec in (
     RagTaskSpec("rag", passages=8, pool_size=None),
     RagTaskSpec("rag_shared", passages=8, pool_size=32),
 )}
+
+
+# Tasks whose every word comes from the lists above (variable tracking and frequent words make up
+# random letter strings): a word-level tokenizer of `vocabulary_texts()` encodes them without <unk>.
+WORD_TASKS = tuple(name for name, spec in TASKS.items() if isinstance(spec, TaskSpec) and name not in ("vt", "fwe"))
+
+
+def vocabulary_texts(seeds: int = 8) -> list[str]:
+    """Texts holding every word of WORD_TASKS in every position the prompts put it: each list
+    word alone, after a space, capitalised and as a surname; each fixed sentence and phrase; and
+    `seeds` short prompts and answers of every word task (the templates around the facts)."""
+    words = [w for group in (WORDS, VALUE_WORDS, _NAMES, _CITIES, _JOBS, _PLACES, _THINGS) for w in group]
+    texts = [f"{w} {w} {w.capitalize()} {w.capitalize()}son" for w in words]
+    texts += [f"{phrase}." for group in (_NOISE, _SUBJECTS, _VERBS, _OBJECTS, _ENDINGS) for phrase in group]
+    texts += [" ".join(group) for group in (_NOISE, _SUBJECTS, _VERBS, _OBJECTS, _ENDINGS)]
+    for name in WORD_TASKS:
+        for seed in range(seeds):
+            prompt, references = TASKS[name].build(random.Random(f"vocabulary:{seed}"), 2)
+            texts += [prompt, ", ".join(references)]
+    return texts
 
 
 def _fits(spec: TaskSpec, seed: str, n: int, length: int, count_tokens: Callable[[str], int]):

@@ -1,0 +1,178 @@
+"""The demo's steps in order: data, base, then per seed and arm train, export, evaluate, analyze.
+
+Every step is one of the product's own commands (demo/commands.py), called in this process
+(one Python and megatron-core start-up for the whole demo). The base is trained once per
+output directory: base/demo_base.json records the settings it was trained with, and a later
+run with the same settings reuses it.
+
+The first arm's first seed is also evaluated from its Megatron checkpoint in causal mode at the
+training length; the demo stops with an error unless every generated token (and so every
+score) equals the exported model's on those samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from megatron_focusft.demo import commands
+from megatron_focusft.demo.config import Arm, DemoConfig
+from megatron_focusft.demo.data import write_base_data, write_finetune_data, write_tokenizer
+from megatron_focusft.demo.report import read_eval, summarize, write_report
+
+BASE_KEYS = ("tasks", "seq_length", "micro_batch_size", "preset", "vocab_size", "base_steps", "base_lr",
+             "base_chats_per_task", "base_copy_chats", "base_corpus_chats", "base_seed")
+
+
+def _train(argv: list[str]) -> dict[str, Any]:
+    from megatron_focusft.training.arguments import parse_training_args
+    from megatron_focusft.training.pretrain import pretrain
+
+    return pretrain(parse_training_args(argv))
+
+
+def _eval(argv: list[str]) -> None:
+    from megatron_focusft.evaluation.cli import main
+
+    main(argv)
+
+
+def _export(argv: list[str]) -> None:
+    from megatron_focusft.convert.cli import main
+
+    main(argv)
+
+
+def _analyze(argv: list[str]) -> None:
+    from megatron_focusft.analysis.cli import main
+
+    main(argv)
+
+
+def _training_record(summary: dict[str, Any], argv: list[str], seconds: float) -> dict[str, Any]:
+    history = summary["history"]
+    steady = [h["iteration_s"] for h in history[max(1, len(history) // 10):]] or [h["iteration_s"] for h in history]
+    tail = max(1, len(summary["losses"]) // 10)
+    return {"command": shlex.join(["python", "pretrain_focusft.py", *argv]), "wall_seconds": seconds,
+            "loss": summary["losses"], "final_loss": sum(summary["losses"][-tail:]) / tail,
+            "median_seconds_per_step": sorted(steady)[len(steady) // 2]}
+
+
+class Runner:
+    """Runs and records the steps; `log` prints progress."""
+
+    def __init__(self, config: DemoConfig, log: Callable[[str], None]) -> None:
+        self.config, self.log = config, log
+        self.out = Path(config.output_dir)
+        self.commands: list[str] = []
+        self.stage_seconds: dict[str, float] = {}
+
+    def step(self, stage: str, prog: str, argv: list[str], fn: Callable[[list[str]], Any]) -> Any:
+        line = shlex.join([*prog.split(), *argv])
+        self.commands.append(line)
+        self.log(f"$ {line}")
+        t0 = time.perf_counter()
+        result = fn(argv)
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
+        return result
+
+    def base(self) -> dict[str, Any]:
+        settings = {k: getattr(self.config, k) for k in BASE_KEYS}
+        settings["tasks"] = list(settings["tasks"])
+        record_path = self.out / "base" / "demo_base.json"
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            if record["settings"] == settings and (self.out / "base" / "latest_checkpointed_iteration.txt").is_file():
+                self.log(f"reusing the base model in {self.out / 'base'} ({record_path} matches these settings)")
+                return {**record["training"], "reused": True}
+        argv = commands.base_argv(self.config, self.out)
+        t0 = time.perf_counter()
+        summary = self.step("base", "python pretrain_focusft.py", argv, _train)
+        training = _training_record(summary, argv, time.perf_counter() - t0)
+        record_path.write_text(json.dumps({"settings": settings, "training": training}, indent=1) + "\n")
+        return {**training, "reused": False}
+
+    def arm(self, arm: Arm, seed: int) -> dict[str, Any]:
+        argv = commands.train_argv(self.config, self.out, arm, seed)
+        t0 = time.perf_counter()
+        summary = self.step("train", "python pretrain_focusft.py", argv, _train)
+        record = {"training": _training_record(summary, argv, time.perf_counter() - t0)}
+        commands.run_dir(self.out, arm, seed, "hf").parent.mkdir(parents=True, exist_ok=True)
+        self.step("export", "focusft convert", commands.export_argv(self.out, arm, seed), _export)
+        for mode in commands.eval_modes(arm):
+            self.step("eval", "focusft eval", commands.eval_argv(self.config, self.out, arm, seed, mode), _eval)
+        self.step("analyze", "focusft analyze", commands.analyze_argv(self.config, self.out, arm, seed), _analyze)
+        analysis = json.loads((commands.run_dir(self.out, arm, seed, "analyze") / "analysis.json").read_text())
+        record["analysis"] = analysis["pooled"]
+        return record
+
+    def check_megatron_matches_hf(self, arm: Arm, seed: int) -> dict[str, Any]:
+        """Eval of the Megatron checkpoint (causal, 1x); every generated token must equal the HF export's."""
+        argv = commands.eval_argv(self.config, self.out, arm, seed, "causal", load=True)
+        self.step("eval", "focusft eval", argv, _eval)
+        where = commands.run_dir(self.out, arm, seed, "eval")
+        hf, megatron = read_eval(where / "causal"), read_eval(where / "causal-megatron")
+        length = str(self.config.seq_length)
+        differ = [key for key, ids in megatron["predictions"].items() if hf["predictions"].get(key) != ids]
+        scores_equal = all(hf["results"][task][length] == by_length[length]
+                           for task, by_length in megatron["results"].items())
+        check = {"arm": arm.name, "seed": seed, "mode": "causal", "length": int(length),
+                 "samples": len(megatron["predictions"]), "samples_that_differ": len(differ), "scores_equal": scores_equal}
+        if differ or not scores_equal:
+            raise RuntimeError(f"the Megatron checkpoint and its HF export generate different tokens on "
+                               f"{len(differ)} of {len(megatron['predictions'])} samples (first: {differ[:3]}); "
+                               f"compare {where / 'causal'} and {where / 'causal-megatron'}")
+        self.log(f"check: the Megatron checkpoint and the HF export of {arm.name} s{seed} generate the same tokens "
+                 f"on all {check['samples']} samples")
+        return check
+
+
+def run_demo(config: DemoConfig, command: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole experiment; writes results.json, table.md and plots under config.output_dir; returns the results."""
+    import megatron.core
+    import torch
+
+    from megatron_focusft.runtime import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()
+    t_start = time.perf_counter()
+    runner = Runner(config, log)
+    out = runner.out
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    count_tokens = write_tokenizer(data)
+    write_base_data(config, data, count_tokens)
+    for seed in config.seeds:
+        write_finetune_data(config, seed, data, count_tokens)
+    runner.stage_seconds["data"] = time.perf_counter() - t0
+    log(f"focusft demo: base = {config.preset} preset, {config.base_steps} steps; {len(config.arms)} arms x "
+        f"{len(config.seeds)} seed(s), {config.steps} fine-tuning steps of {config.micro_batch_size} x "
+        f"{config.seq_length} tokens each; eval on {', '.join(config.tasks)} at {config.eval_lengths} tokens")
+    base = runner.base()
+    runs: dict[str, dict[str, Any]] = {}
+    agreement = None
+    for seed in config.seeds:
+        for arm in config.arms:
+            log(f"--- {arm.label}, seed {seed} ---")
+            runs.setdefault(arm.name, {})[str(seed)] = runner.arm(arm, seed)
+            if agreement is None:
+                agreement = runner.check_megatron_matches_hf(arm, seed)
+    summary = summarize(config, out)
+    results = {
+        "config": {**dataclasses.asdict(config), "arms": [dataclasses.asdict(a) for a in config.arms]},
+        "base": base, "runs": runs, "summary": summary, "megatron_vs_hf": agreement,
+        "commands": {"demo": command, "steps": runner.commands}, "stage_seconds": runner.stage_seconds,
+        "device": f"cpu ({torch.get_num_threads()} threads)", "torch_version": torch.__version__,
+        "megatron_core_version": megatron.core.__version__,
+    }
+    results["wall_seconds"] = time.perf_counter() - t_start
+    table = write_report(config, out, results)
+    log("\n" + table)
+    log(f"\nresults: {out / 'results.json'}; table: {out / 'table.md'}; total wall time {results['wall_seconds']:.0f} s")
+    return results
