@@ -98,6 +98,12 @@ class DemoConfig:
                       "base_copy_chats": 8, "base_corpus_chats": 4, "finetune_chats_per_task": 4,
                       "tasks": ("niah_single_essay_word", "niah_multivalue_essay_word", "babilong_qa1"), **overrides})
 
+    def base_settings(self) -> dict[str, Any]:
+        """The settings the base model depends on (JSON-ready): a base trained with equal ones is reused."""
+        return {"tasks": list(self.tasks), **{k: getattr(self, k) for k in (
+            "seq_length", "micro_batch_size", "preset", "vocab_size", "base_steps", "base_lr", "base_chats_per_task",
+            "base_copy_chats", "base_corpus_chats", "base_seed")}}
+
     @property
     def arms(self) -> tuple[Arm, ...]:
         return ARMS + sweep_arms(self.inner_lrs)

@@ -93,7 +93,7 @@ def write_report(config: DemoConfig, out: Path, results: dict[str, Any]) -> str:
     table = format_table(config, results)
     plots = []
     for mode in ("causal", "focusft"):
-        runs = [(f"{arm}", {"results": {task: {n: {"score": c["mean"], "ci95": c["ci95"]} for n, c in by_length.items()}
+        runs = [(arm, {"results": {task: {n: {"score": c["mean"], "ci95": c["ci95"]} for n, c in by_length.items()}
                                         for task, by_length in modes[mode].items()}})
                 for arm, modes in results["summary"].items()]
         path = out / f"scores_{mode}.png"

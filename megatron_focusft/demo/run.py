@@ -25,8 +25,6 @@ from megatron_focusft.demo.config import Arm, DemoConfig
 from megatron_focusft.demo.data import write_base_data, write_finetune_data, write_tokenizer
 from megatron_focusft.demo.report import read_eval, summarize, write_report
 
-BASE_KEYS = ("tasks", "seq_length", "micro_batch_size", "preset", "vocab_size", "base_steps", "base_lr",
-             "base_chats_per_task", "base_copy_chats", "base_corpus_chats", "base_seed")
 
 
 def _train(argv: list[str]) -> dict[str, Any]:
@@ -81,15 +79,18 @@ class Runner:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
         return result
 
-    def base(self) -> dict[str, Any]:
-        settings = {k: getattr(self.config, k) for k in BASE_KEYS}
-        settings["tasks"] = list(settings["tasks"])
+    def base(self, count_tokens: Callable[[str], int]) -> dict[str, Any]:
+        """Train the base (its data written first), or reuse one trained with the same settings."""
+        settings = self.config.base_settings()
         record_path = self.out / "base" / "demo_base.json"
         if record_path.is_file():
             record = json.loads(record_path.read_text())
             if record["settings"] == settings and (self.out / "base" / "latest_checkpointed_iteration.txt").is_file():
                 self.log(f"reusing the base model in {self.out / 'base'} ({record_path} matches these settings)")
                 return {**record["training"], "reused": True}
+        t0 = time.perf_counter()
+        write_base_data(self.config, self.out / "data", count_tokens)
+        self.stage_seconds["data"] += time.perf_counter() - t0
         argv = commands.base_argv(self.config, self.out)
         t0 = time.perf_counter()
         summary = self.step("base", "python pretrain_focusft.py", argv, _train)
@@ -147,14 +148,13 @@ def run_demo(config: DemoConfig, command: str | None = None, log: Callable[[str]
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     count_tokens = write_tokenizer(data)
-    write_base_data(config, data, count_tokens)
     for seed in config.seeds:
         write_finetune_data(config, seed, data, count_tokens)
     runner.stage_seconds["data"] = time.perf_counter() - t0
     log(f"focusft demo: base = {config.preset} preset, {config.base_steps} steps; {len(config.arms)} arms x "
         f"{len(config.seeds)} seed(s), {config.steps} fine-tuning steps of {config.micro_batch_size} x "
         f"{config.seq_length} tokens each; eval on {', '.join(config.tasks)} at {config.eval_lengths} tokens")
-    base = runner.base()
+    base = runner.base(count_tokens)
     runs: dict[str, dict[str, Any]] = {}
     agreement = None
     for seed in config.seeds:
