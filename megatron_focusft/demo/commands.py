@@ -64,7 +64,8 @@ def eval_argv(config: DemoConfig, out: Path, arm: Arm, seed: int, mode: str, *, 
     where = run_dir(out, arm, seed, "eval") / (f"{mode}-megatron" if load else mode)
     return [*source, *prefill, "--tasks", ",".join(config.tasks),
             "--lengths", str(config.seq_length) if load else ",".join(map(str, config.eval_lengths)),
-            "--samples", str(config.eval_samples), "--micro-batch-size", "16", "--output-dir", str(where), "--label", f"{arm.name} s{seed} {mode}"]
+            "--samples", str(config.eval_samples), "--micro-batch-size", "16", "--output-dir", str(where),
+            "--label", f"{arm.name} s{seed} {mode}"]
 
 
 def analyze_argv(config: DemoConfig, out: Path, arm: Arm, seed: int) -> list[str]:

@@ -123,7 +123,8 @@ class Runner:
         scores_equal = all(hf["results"][task][length] == by_length[length]
                            for task, by_length in megatron["results"].items())
         check = {"arm": arm.name, "seed": seed, "mode": "causal", "length": int(length),
-                 "samples": len(megatron["predictions"]), "samples_that_differ": len(differ), "scores_equal": scores_equal}
+                 "samples": len(megatron["predictions"]), "samples_that_differ": len(differ),
+                 "scores_equal": scores_equal}
         if differ or not scores_equal:
             raise RuntimeError(f"the Megatron checkpoint and its HF export generate different tokens on "
                                f"{len(differ)} of {len(megatron['predictions'])} samples (first: {differ[:3]}); "
@@ -174,5 +175,6 @@ def run_demo(config: DemoConfig, command: str | None = None, log: Callable[[str]
     results["wall_seconds"] = time.perf_counter() - t_start
     table = write_report(config, out, results)
     log("\n" + table)
-    log(f"\nresults: {out / 'results.json'}; table: {out / 'table.md'}; total wall time {results['wall_seconds']:.0f} s")
+    log(f"\nresults: {out / 'results.json'}; table: {out / 'table.md'}; "
+        f"total wall time {results['wall_seconds']:.0f} s")
     return results

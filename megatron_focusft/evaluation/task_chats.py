@@ -6,9 +6,9 @@ longer ones on fresh samples. The answer is the references joined by ", " (one f
 BABILong, all of them for the multi-item tasks), which every metric of evaluation/scoring.py
 scores as fully right.
 
-Seeds: a training sample is `generate_samples(task, length, 1, ..., seed=stream * 1_000_003 + i)`
-for its index i, so it is never one of the evaluation samples (those use the eval seed, a small
-integer, and their own index within one call) as long as `stream` >= 1.
+Seeds: the i-th training sample of a call is `generate_samples(task, length, 1, ...,
+seed=stream * 1_000_003 + i)` (i counts over all tasks of the call), so it is never one of the
+evaluation samples (those use the eval seed, a small integer) as long as `stream` >= 1.
 
 A corpus chat ("Write a passage.", then filler text with a few needles) puts the haystacks'
 language under the loss, the plain-LM half of a base model's pretraining.
@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_focusft.evaluation.long_context_tasks import _filler, _insert, _keys, _needle, _code, TASKS, VALUE_WORDS, WORDS, generate_samples
+from megatron_focusft.evaluation.long_context_tasks import (
+    TASKS, VALUE_WORDS, WORDS, _code, _filler, _insert, _keys, _needle, generate_samples)
 from megatron_focusft.evaluation.samples import EvalSample
 
 CORPUS_PROMPT = "Write a passage."
@@ -39,9 +40,10 @@ def chat(user: str, assistant: str) -> dict[str, Any]:
 
 
 def shortest_prompt(task: str, count_tokens: Callable[[str], int]) -> int:
-    """Tokens of the task's shortest prompt (one filler unit) at the first training seed."""
+    """Tokens of the task's prompt with one filler unit at a fixed seed, plus 8: other seeds draw
+    longer keys and values (generate_samples raises if a drawn length is still too short)."""
     prompt, _ = TASKS[task].build(random.Random(f"{1_000_003}:{task}"), 1)
-    return count_tokens(prompt) + 8  # other seeds draw longer keys and codes
+    return count_tokens(prompt) + 8
 
 
 def task_chats(tasks: Sequence[str], per_task: int, max_tokens: int, count_tokens: Callable[[str], int],
