@@ -12,7 +12,9 @@ efficiency (their mean) and bubble fraction (1 - efficiency).
 
 The simulator (engine/pipeline_plan.py): the interleaved run's measured unit times (mean per stage
 and unit kind) replayed give its predicted forward-backward time, against the measured one; the
-measured layer costs give the balanced split and simulated efficiency at other PP sizes.
+measured layer costs give the balanced split and simulated efficiency at other PP sizes, and with
+virtual pipeline stages (Megatron's interleaved placement, even chunks; simulated only: the executor
+runs one stage per device).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PipelineBenchConfig:
     iters: int = 3
     warmup: int = 1
     simulate_stages: tuple[int, ...] = (4, 8)
+    simulate_virtual_stages: tuple[int, ...] = (2, 4)
     simulate_micro_batches: int = 16
     seed: int = 1234
 
@@ -72,7 +75,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.fastweights.linear import fast_weight_layout
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron_focusft.focusft.interleaved import focusft_pipeline
-    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance
+    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance, virtual_split
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
     from megatron_focusft.models.presets import get_preset
 
@@ -162,6 +165,15 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
                           config.simulate_micro_batches, costs, any_counts=any_counts)
             records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
                             "split": "any layer count per stage" if any_counts else "first/last-stage flags",
+                            "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                            "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
+        for virtual in config.simulate_virtual_stages:
+            if preset.num_layers % (stages * virtual):
+                continue
+            sim = virtual_split(preset.num_layers, stages, virtual, first_adapted, config.inner_steps, context,
+                                config.simulate_micro_batches, costs)
+            records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
+                            "split": f"{virtual} virtual stages per device, even", "virtual_stages": virtual,
                             "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
                             "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
     records.append({"layer_costs_s": costs.__dict__, "balanced_split": chosen.describe()})

@@ -20,6 +20,11 @@ forward there, closed by its last backward there): that bounds the activations i
 `simulate` replays this rule from unit costs in event order; the per-stage unit orders it yields
 are the plan an executor follows (any timing then only adds waiting: the orders come from one
 consistent execution, so no stage waits for a message that is never sent).
+
+Virtual pipeline stages (Megatron's interleaved placement): V x P stages on P devices, stage s on
+device s mod P. The rule is the same per stage; a device runs one unit at a time, the earliest
+ready one of any of its stages. Only the simulator models them so far: focusft/interleaved.py
+executes one stage per device.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class Timeline:
     order: tuple[tuple[Unit, ...], ...]  # per stage
     start: dict[Unit, float]
     end: dict[Unit, float]
+    num_devices: int | None = None  # None: one device per stage; else stage s runs on device s % num_devices
 
     @property
     def makespan(self) -> float:
@@ -65,10 +71,14 @@ class Timeline:
     def busy(self, stage: int) -> float:
         return sum(self.end[u] - self.start[u] for u in self.order[stage])
 
+    def device_busy(self, device: int) -> float:
+        devices = self.num_devices or self.num_stages
+        return sum(self.busy(s) for s in range(device, self.num_stages, devices))
+
     @property
     def efficiency(self) -> float:
-        """Sum of the stages' busy time / (P x iteration time)."""
-        total = self.makespan * self.num_stages
+        """Sum of the devices' busy time / (devices x iteration time)."""
+        total = self.makespan * (self.num_devices or self.num_stages)
         return sum(self.busy(s) for s in range(self.num_stages)) / total if total > 0 else 1.0
 
     @property
@@ -117,10 +127,12 @@ def default_window(num_stages: int, stride: int = 1, inner_steps: int = 0) -> li
 
 
 def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], float],
-             window: Sequence[int], order: Sequence[Sequence[Unit]] | None = None) -> Timeline:
+             window: Sequence[int], order: Sequence[Sequence[Unit]] | None = None,
+             num_devices: int | None = None) -> Timeline:
     """Replay the module's rule from unit costs (seconds, or any unit); communication is free.
     With `order` (each stage's units, e.g. a plan an executor ran), each stage runs exactly that
-    order instead, as early as its dependencies allow.
+    order instead, as early as its dependencies allow. With `num_devices` (it divides num_stages),
+    the stages are virtual: stage s shares device s % num_devices with the others there.
 
     Raises RuntimeError when the rule cannot progress (a window too small for the passes' order).
     """
@@ -155,13 +167,16 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
     end: dict[Unit, float] = {}
     ran: list[list[Unit]] = [[] for _ in range(num_stages)]
     next_f, next_b = [0] * num_stages, [0] * num_stages
-    free = [0.0] * num_stages
+    if num_devices is not None and (num_devices < 1 or num_stages % num_devices):
+        raise ValueError(f"num_devices must divide num_stages ({num_stages}), got {num_devices}")
+    device = [s % (num_devices or num_stages) for s in range(num_stages)]
+    free = [0.0] * (num_devices or num_stages)  # when each device is next free
     opened: list[set[int]] = [set() for _ in range(num_stages)]
     total = sum(map(len, forwards)) + sum(map(len, backwards))
 
     def ready_at(unit: Unit) -> float | None:
         times = [end.get(d) for d in deps(unit)]
-        return None if any(t is None for t in times) else max([free[unit.stage], *times])
+        return None if any(t is None for t in times) else max([free[device[unit.stage]], *times])
 
     while len(end) < total:
         best: tuple[float, int, Unit] | None = None
@@ -192,7 +207,7 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
             raise RuntimeError("the schedule cannot progress: every stage waits (window too small for the pass order)")
         t, s, unit = best
         start[unit], end[unit] = t, t + cost(unit)
-        free[s] = end[unit]
+        free[device[s]] = end[unit]
         ran[s].append(unit)
         if unit.backward:
             next_b[s] += 1
@@ -201,4 +216,4 @@ def simulate(passes: Sequence[Pass], num_stages: int, cost: Callable[[Unit], flo
         else:
             next_f[s] += 1
             opened[s].add(unit.micro_batch)
-    return Timeline(num_stages, tuple(tuple(units) for units in ran), start, end)
+    return Timeline(num_stages, tuple(tuple(units) for units in ran), start, end, num_devices)

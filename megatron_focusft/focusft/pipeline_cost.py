@@ -58,12 +58,14 @@ class StageLayers:
 
 @dataclass(frozen=True)
 class FocusftPipeline:
-    """A FocuSFT pipeline: its stages, inner steps, objective and micro-batches per iteration."""
+    """A FocuSFT pipeline: its stages, inner steps, objective and micro-batches per iteration; with
+    `num_devices`, `stages` are virtual stages in layer order, stage s on device s % num_devices."""
 
     stages: tuple[StageLayers, ...]
     inner_steps: int
     context_objective: bool
     num_micro_batches: int
+    num_devices: int | None = None
 
     @property
     def first_adapted_stage(self) -> int:
@@ -102,7 +104,7 @@ class FocusftPipeline:
         unit_cost = (lambda u: self.unit_cost(u, cost)) if isinstance(cost, LayerCosts) else cost
         passes = focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps,
                                 self.num_micro_batches, self.stride)
-        return simulate(passes, len(self.stages), unit_cost, self.window, order)
+        return simulate(passes, len(self.stages), unit_cost, self.window, order, self.num_devices)
 
 
 def stage_layers(num_layers: int, first_adapted_layer: int, counts: list[int]) -> tuple[StageLayers, ...]:
@@ -135,19 +137,26 @@ def megatron_splits(num_layers: int, num_stages: int) -> list[tuple[int, int, li
 
 @dataclass(frozen=True)
 class Balance:
-    """The chosen split: Megatron's flag values, each stage's layers and predicted busy seconds."""
+    """The chosen split: Megatron's flag values, each stage's layers and predicted busy seconds
+    (with virtual stages: `counts` per virtual stage in layer order, `stage_busy` per device)."""
 
     first: int
     last: int
     counts: tuple[int, ...]
     stage_busy: tuple[float, ...]
     iteration: float
+    virtual_stages: int = 1
 
     @property
     def efficiency(self) -> float:
         return sum(self.stage_busy) / (len(self.stage_busy) * self.iteration) if self.iteration > 0 else 1.0
 
     def describe(self) -> str:
+        if self.virtual_stages > 1:
+            loads = ", ".join(f"device {d}: busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
+                              for d, busy in enumerate(self.stage_busy))
+            return (f"--num-layers-per-virtual-pipeline-stage {self.counts[0]} (simulated only) | predicted "
+                    f"iteration {self.iteration:.3f} s, efficiency {100 * self.efficiency:.0f}% | {loads}")
         loads = ", ".join(f"stage {s}: {n} layers, busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
                           for s, (n, busy) in enumerate(zip(self.counts, self.stage_busy)))
         return (f"--decoder-first-pipeline-num-layers {self.first} --decoder-last-pipeline-num-layers {self.last}"
@@ -216,3 +225,19 @@ def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_st
     if best is None:
         raise ValueError(f"{num_layers} layers cannot be split over {num_stages} pipeline stages")
     return best[1]
+
+
+def virtual_split(num_layers: int, num_stages: int, virtual_stages: int, first_adapted_layer: int, inner_steps: int,
+                  context_objective: bool, num_micro_batches: int, costs: LayerCosts) -> Balance:
+    """Megatron's interleaved placement simulated: num_layers / (num_stages x virtual_stages) layers
+    per virtual stage, virtual stage v on device v % num_stages (engine/pipeline_plan.py)."""
+    chunks = num_stages * virtual_stages
+    if virtual_stages < 1 or num_layers % chunks:
+        raise ValueError(f"{num_layers} layers do not split evenly into {num_stages} x {virtual_stages} virtual "
+                         f"pipeline stages")
+    counts = [num_layers // chunks] * chunks
+    pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, counts), inner_steps, context_objective,
+                               num_micro_batches, num_stages)
+    timeline = pipeline.simulate(costs)
+    busy = tuple(timeline.device_busy(d) for d in range(num_stages))
+    return Balance(counts[0], counts[-1], tuple(counts), busy, timeline.makespan, virtual_stages)

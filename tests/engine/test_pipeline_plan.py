@@ -4,6 +4,8 @@
   fraction (P - 1) / (M + P - 1), exactly (costs are small integers: the simulated times are exact).
 - FocuSFT at P = 2, adapted layers on both stages, one inner step, two micro-batches, every unit
   costing 1: each stage's unit order and the iteration time worked out by hand below.
+- Virtual stages (4 stages on 2 devices, stage s on device s % 2), 1F1B's passes, forward 1 and
+  backward 2: with one micro-batch the chain is serial; with two, worked out by hand below.
 - A window too small for the pass order is an error, not a hang.
 """
 
@@ -74,3 +76,22 @@ def test_a_given_order_is_replayed_as_early_as_dependencies_allow():
                         default_window(2, 1), order=plan)
     assert timeline.order == plan
     assert timeline.start[Unit(0, 1, 0, True)] == 7.0 and timeline.makespan == 8.0
+
+
+def test_virtual_stages_share_their_device_by_hand():
+    cost = lambda unit: 2.0 if unit.backward else 1.0  # noqa: E731
+    one = simulate(one_f_one_b_passes(4, 1), 4, cost, default_window(4, 1), num_devices=2)
+    assert one.makespan == 4 * 1.0 + 4 * 2.0 and one.efficiency == 0.5  # F0 F1 F2 F3 B3 B2 B1 B0, serial
+    # Two micro-batches, windows 4 3 2 1. Device 0 (stages 0, 2), device 1 (stages 1, 3); ties go to
+    # the backward, then to the lower stage:
+    # t=0 s0 F0; t=1 s0 F1, s1 F0; t=2 s1 F1, s2 F0; t=3 s2 F1, s3 F0; t=4 s3 B0 [4, 6] (s3 F1 waits:
+    # window 1); t=6 s2 B0 [6, 8], s3 F1 [6, 7]; t=7 s3 B1 [7, 9]; t=9 s1 B0, s2 B1 [9, 11];
+    # t=11 s0 B0, s1 B1 [11, 13]; t=13 s0 B1 [13, 15]. Each device is busy 4 x 1 + 4 x 2 = 12 of 15.
+    two = simulate(one_f_one_b_passes(4, 2), 4, cost, default_window(4, 1), num_devices=2)
+    starts = [[two.start[u] for u in two.order[s]] for s in range(4)]
+    assert starts == [[0, 1, 11, 13], [1, 2, 9, 11], [2, 3, 6, 9], [3, 4, 6, 7]]
+    assert [u.backward for u in two.order[3]] == [False, True, False, True]
+    assert two.makespan == 15.0 and [two.device_busy(d) for d in range(2)] == [12.0, 12.0]
+    assert two.efficiency == pytest.approx(24 / 30, abs=1e-12)
+    with pytest.raises(ValueError, match="must divide"):
+        simulate(one_f_one_b_passes(4, 2), 4, cost, default_window(4, 1), num_devices=3)

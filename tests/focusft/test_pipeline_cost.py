@@ -18,6 +18,7 @@ from megatron_focusft.focusft.pipeline_cost import (
     megatron_splits,
     min_max_split,
     stage_layers,
+    virtual_split,
 )
 
 COSTS = LayerCosts(bottom_forward=1, bottom_backward=2, adapted_inner_forward=1, adapted_inner_backward=2,
@@ -70,3 +71,17 @@ def test_min_max_split_by_hand():
     assert min_max_split([4, 1, 1, 1, 1], 2, last_extra=2) == [2, 3]
     chosen = balance(4, 2, 3, 2, False, 16, LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0), any_counts=True)
     assert chosen.counts == (3, 1)
+
+
+def test_virtual_split_places_chunks_round_robin():
+    # 8 layers, 7-8 adapted, over 2 devices x 2 virtual stages of 2 layers: device 0 holds layers
+    # 1-2 and 5-6 (bottom), device 1 layers 3-4 (bottom) and 7-8 (adapted) + the head. Per
+    # micro-batch a bottom layer costs 1 + 2 = 3; an adapted one 2 x (1 + 2) + 1 + 2 = 9; the head
+    # 2 x (0.25 + 0.5) + 0.125 + 4 = 5.625.
+    chosen = virtual_split(8, 2, 2, 7, 2, False, 4, COSTS)
+    assert chosen.counts == (2, 2, 2, 2) and chosen.virtual_stages == 2
+    assert chosen.stage_busy == (4 * 4 * 3.0, 4 * (2 * 3.0 + 2 * 9.0 + 5.625))
+    assert chosen.iteration >= max(chosen.stage_busy)
+    assert "--num-layers-per-virtual-pipeline-stage 2" in chosen.describe()
+    with pytest.raises(ValueError, match="do not split evenly"):
+        virtual_split(8, 2, 3, 7, 2, False, 4, COSTS)

@@ -3,12 +3,17 @@
 Starting a rank costs ~7 s (importing torch and megatron-core), so each world size gets one
 pool per test session; tests ship module-level functions to it by reference. Every task runs
 on all ranks; the pool returns each rank's result or raises with the failing rank's traceback.
+
+Tasks and results cross the queues as plain pickled bytes: a multiprocessing queue would
+otherwise share each tensor through a file descriptor handed over a socket, and that hand-over
+can block forever (seen once in CI, on 2 cores with 4 ranks).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -38,9 +43,9 @@ def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.
         task = tasks.get()
         if task is None:
             break
-        fn, args, kwargs = task
+        fn, args, kwargs = pickle.loads(task)
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
         except BaseException:  # report every failure to the test process, then keep serving
             results.put((rank, False, traceback.format_exc()))
     dist.destroy_process_group()
@@ -63,8 +68,9 @@ class WorkerPool:
             proc.start()
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        task = pickle.dumps((fn, args, kwargs))
         for task_queue in self._tasks:
-            task_queue.put((fn, args, kwargs))
+            task_queue.put(task)
         by_rank: dict[int, Any] = {}
         failures = []
         for _ in range(self.world_size):
@@ -74,7 +80,7 @@ class WorkerPool:
                 self.close()
                 raise TimeoutError(f"{fn.__name__} did not finish on all ranks in {TASK_TIMEOUT_S} s") from None
             if ok:
-                by_rank[rank] = value
+                by_rank[rank] = pickle.loads(value)
             else:
                 failures.append(f"--- rank {rank} ---\n{value}")
         if failures:

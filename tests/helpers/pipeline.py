@@ -12,6 +12,7 @@ unsharded over TP) and, for FocuSFT, the inner losses, skipped steps and update 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 
 import torch
@@ -102,9 +103,42 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
 # --- comparison ----------------------------------------------------------------------------
 
 
+_REFERENCES: dict[tuple[int, str], list[dict]] = {}
+
+
+def _digest(value, sha) -> None:
+    """Feeds the content of `value` (dataclasses, tensors, containers, plain values) to `sha`."""
+    if isinstance(value, torch.Tensor):
+        sha.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        sha.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        sha.update(type(value).__name__.encode())
+        for field in dataclasses.fields(value):
+            _digest(getattr(value, field.name), sha)
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            sha.update(repr(key).encode())
+            _digest(value[key], sha)
+    elif isinstance(value, (list, tuple)):
+        sha.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            _digest(item, sha)
+    else:
+        sha.update(repr(value).encode())
+
+
 def reference_step(pool, *args, **kwargs) -> list[dict]:
-    """The PP = 1, TP = 1 run of these arguments, with its noise band (tests/helpers/noise_band.py)."""
-    return with_step_band(lambda seed: pool.run(run_step, 1, 1, *args, perturb_seed=seed, **kwargs))
+    """The PP = 1, TP = 1 run of these arguments, with its noise band (tests/helpers/noise_band.py).
+
+    Computed once per test session for each pool size and argument content (several tests compare
+    against the same run; the pool size is in the key because it is the run's data-parallel size,
+    whose gradient reduction rounds differently)."""
+    sha = hashlib.sha256()
+    _digest((args, kwargs), sha)
+    key = (pool.world_size, sha.hexdigest())
+    if key not in _REFERENCES:
+        _REFERENCES[key] = with_step_band(lambda seed: pool.run(run_step, 1, 1, *args, perturb_seed=seed, **kwargs))
+    return _REFERENCES[key]
 
 
 def check_parity(reference: list[dict], parallel: list[dict], focusft: bool) -> None:
