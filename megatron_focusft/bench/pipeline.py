@@ -3,7 +3,7 @@
 Launched with torchrun over P ranks (PP = P, TP = CP = 1, one rank per stage). One run builds:
 - "sequential, even split": Megatron's 1F1B with the inner loop in the last stage's forward (or in
   schedule calls of its own, if the adapted layers span stages), layers split evenly (today's default);
-- "sequential, balanced split" and "interleaved, balanced split": the split `balance` picks from the
+- "sequential, balanced split" and "interleaved, balanced split": the split `best_split` picks from the
   layer costs measured on the first model (focusft/pipeline_measure.py), under each schedule.
 Their optimizer steps on the same micro-batches alternate, repetition by repetition, so a machine
 shared with other work disturbs them alike. Per schedule: the median step time, tokens/s, every
@@ -68,14 +68,19 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     """The records (module doc); parallel state must be initialised with PP = world size."""
     from megatron.core import parallel_state
 
-    from megatron_focusft.engine.pipeline import collect_stage_times, schedule_timers, stage_layer_numbers
+    from megatron_focusft.engine.pipeline import (
+        collect_stage_times,
+        layout_of_counts,
+        schedule_timers,
+        stage_layer_numbers,
+    )
     from megatron_focusft.engine.setup import ModelSetup, OptimizerSetup, build_model, build_optimizer
     from megatron_focusft.engine.train_step import train_step
     from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
     from megatron_focusft.fastweights.linear import fast_weight_layout
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron_focusft.focusft.interleaved import focusft_pipeline
-    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance, virtual_split
+    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance, best_split, virtual_split
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
     from megatron_focusft.models.presets import get_preset
 
@@ -92,25 +97,25 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     batches = [_batch(config.seq_length, config.micro_batch_size, preset.vocab_size, torch.device("cpu"),
                       config.seed + m) for m in range(config.num_micro_batches)]
 
-    def build(first: int | None, last: int | None, schedule: str):
+    def build(layout: str | None, schedule: str):
         torch.manual_seed(config.seed)
         model, model_config = build_model(ModelSetup(
-            preset=config.preset, pipeline_model_parallel_size=pp, num_layers_in_first_pipeline_stage=first,
-            num_layers_in_last_pipeline_stage=last, fast_weights=fast))
+            preset=config.preset, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=layout,
+            fast_weights=fast))
         model_config.timers = schedule_timers()
         focusft = FocusftConfig(inner_steps=config.inner_steps, inner_objective=config.inner_objective,
                                 pipeline_schedule=schedule, fast_weights=fast)
         source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed)
         return model, model_config, build_optimizer(model, OptimizerSetup()), make_focusft_forward_step(focusft, source)
 
-    even = build(None, None, "sequential")
+    even = build(None, "sequential")
     probe_source = SeededFastWeights(fast_weight_layout(even[1], fast), fast.rank, config.seed + 1)
     costs = measure_layer_costs(even[0].module, batches[0], even[3].config, probe_source(batches[0]))
-    chosen = balance(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
-                     costs)
+    chosen = best_split(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
+                        costs)
     runs = {"sequential, even split": even,
-            "sequential, balanced split": build(chosen.first, chosen.last, "sequential"),
-            "interleaved, balanced split": build(chosen.first, chosen.last, "interleaved")}
+            "sequential, balanced split": build(layout_of_counts(chosen.counts), "sequential"),
+            "interleaved, balanced split": build(layout_of_counts(chosen.counts), "interleaved")}
     step_s: dict[str, list[float]] = defaultdict(list)
     busy: dict[str, list[list[float]]] = defaultdict(list)
     fb_s: dict[str, list[float]] = defaultdict(list)

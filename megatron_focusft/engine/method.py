@@ -54,7 +54,7 @@ class TrainingMethod:
     model's ModelPreset). validate(args):
     ValueError naming the flag for values of the method's flags it cannot run, called with the
     other flag checks before anything starts. balance(args, model, micro_batch, num_micro_batches):
-    `--pipeline-balance auto`'s (first, last) stage layer counts and a line describing the split,
+    `--pipeline-balance auto`'s decoder layer count per stage and a line describing the split,
     from costs measured on the model as built (even stages); None: the method cannot balance."""
 
     name: str
@@ -64,4 +64,4 @@ class TrainingMethod:
     model: Callable[[argparse.Namespace], MethodModel]
     run: Callable[[argparse.Namespace, TransformerConfig, int, ModelPreset], MethodRun]
     validate: Callable[[argparse.Namespace], None] = lambda args: None
-    balance: Callable[..., tuple[int, int, str]] | None = None
+    balance: Callable[..., tuple[tuple[int, ...], str]] | None = None

@@ -15,23 +15,24 @@ the adapted layers sit (`fast_weights_span_stages`):
   which only the adapted stages do backward work, then the outer call (focusft/pipelined_inner.py).
   This spreads the inner loop's work over the stages that hold adapted layers.
 Uneven stages (`num_layers_in_first/last_pipeline_stage`, Megatron's
-`--decoder-first/last-pipeline-num-layers`) move layers between stages; `collect_stage_times`
-reports each stage's compute and idle time from the schedule's own timers.
+`--decoder-first/last-pipeline-num-layers`, or any layer count per stage with Megatron's
+`--pipeline-model-parallel-layout`, `layout_stage_counts`) move layers between stages;
+`collect_stage_times` reports each stage's compute and idle time from the schedule's own timers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.timers import Timers
-from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
+from megatron_focusft.models.spec import stage_layer_span
 
 # Timer names: Megatron's schedules time 'forward-compute', 'backward-compute' and the whole
 # 'forward-backward'; the FocuSFT step adds 'inner-loop' (inside 'forward-compute').
@@ -40,11 +41,48 @@ FORWARD, BACKWARD, TOTAL, INNER = "forward-compute", "backward-compute", "forwar
 _LOG_LEVELS = {FORWARD: 2, BACKWARD: 2, INNER: 2, TOTAL: 1}
 
 
+def layout_stage_counts(layout: str, num_stages: int) -> list[int]:
+    """Decoder layers per stage of Megatron's pipeline layout string (`E` the embedding, `t` a
+    decoder layer, `L` the loss, `|` between stages, `(...)*n` and `t*n` repeat: "Et*5|t*3L").
+
+    ValueError unless it has exactly `num_stages` stages (virtual stages are not run here), each
+    with a decoder layer, the embedding first, the loss last and nothing else.
+    """
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import (
+        PipelineParallelLayerLayout,
+    )
+
+    where = f"--pipeline-model-parallel-layout {layout!r}"
+    try:
+        stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
+    except AssertionError as error:
+        raise ValueError(f"{where}: {error}") from None
+    if len(stages) != num_stages:
+        raise ValueError(f"{where} has {len(stages)} stages for --pipeline-model-parallel-size {num_stages} "
+                         f"(virtual pipeline stages are not supported)")
+    flat = [kind for stage in stages for kind in stage]
+    extra = set(flat) - {LayerType.embedding, LayerType.decoder, LayerType.loss}
+    if extra or flat.count(LayerType.embedding) != 1 or flat.count(LayerType.loss) != 1 \
+            or flat[0] != LayerType.embedding or flat[-1] != LayerType.loss:
+        raise ValueError(f"{where}: the layout must be E, then decoder layers t, then L (embedding first, loss "
+                         f"last, once each)")
+    counts = [stage.count(LayerType.decoder) for stage in stages]
+    if min(counts) < 1:
+        raise ValueError(f"{where}: stage {counts.index(0)} holds no decoder layer")
+    return counts
+
+
+def layout_of_counts(counts: Sequence[int]) -> str:
+    """The pipeline layout string with `counts[s]` decoder layers on stage s (layout_stage_counts' inverse)."""
+    return "E" + "|".join("t" * n for n in counts) + "L"
+
+
 def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
     """Global 1-based layer numbers held by pipeline stage `pp_rank` (Megatron's placement,
     uneven first/last stages included)."""
-    offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
-    return range(offset + 1, offset + 1 + get_num_layers_to_build(config, pp_rank=pp_rank))
+    offset, count = stage_layer_span(config, pp_rank=pp_rank)
+    return range(offset + 1, offset + 1 + count)
 
 
 def first_adapted_stage(config: TransformerConfig, fast_weights: FastWeightConfig) -> int:

@@ -12,6 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_focusft.engine.pipeline import layout_stage_counts
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
@@ -29,6 +30,8 @@ class ModelSetup:
     # Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers); None: even.
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
+    # Any layer count per stage: Megatron's --pipeline-model-parallel-layout ("Et*5|t*3L"); None: the above.
+    pipeline_model_parallel_layout: str | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     # Megatron's activation recomputation: granularity None | "full" | "selective"; method
@@ -49,6 +52,7 @@ def model_setup_from_args(args: argparse.Namespace, preset: ModelPreset,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=fast_weights)
@@ -93,12 +97,19 @@ def build_gpt(setup: ModelSetup) -> tuple[GPTModel, TransformerConfig]:
                          "cannot hold a SegmentMask; use 'full'")
     preset = resolve_shape(setup)
     check_parallel_fit(preset, setup.tensor_model_parallel_size, setup.pipeline_model_parallel_size)
+    layout = setup.pipeline_model_parallel_layout
+    if layout is not None:
+        placed = sum(layout_stage_counts(layout, setup.pipeline_model_parallel_size))
+        if placed != preset.num_layers:
+            raise ValueError(f"--pipeline-model-parallel-layout {layout!r} places {placed} decoder layers; the model "
+                             f"has {preset.num_layers}")
     config = transformer_config(
         preset,
         tensor_model_parallel_size=setup.tensor_model_parallel_size,
         pipeline_model_parallel_size=setup.pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=setup.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=setup.num_layers_in_last_pipeline_stage,
+        pipeline_model_parallel_layout=layout,
         # Stages exchange activation shapes: FocuSFT's context objective sends [s, 2b, h]. (The
         # config refuses that with the MoE "allgather" dispatcher, which a dense model never uses.)
         variable_seq_lengths=setup.pipeline_model_parallel_size > 1,

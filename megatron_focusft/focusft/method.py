@@ -91,11 +91,11 @@ def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int
     return MethodRun(make_focusft_forward_step(config, source), resume)
 
 
-def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> tuple[int, int, str]:
+def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> tuple[tuple[int, ...], str]:
     """`--pipeline-balance auto`: layer costs measured on each stage, then the split whose simulated
-    iteration is shortest (focusft/pipeline_cost.balance)."""
+    iteration is shortest (focusft/pipeline_cost.best_split)."""
     from megatron_focusft.fastweights.config import adapted_layer_numbers
-    from megatron_focusft.focusft.pipeline_cost import balance
+    from megatron_focusft.focusft.pipeline_cost import best_split
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
 
     config = focusft_config(vars(args))
@@ -104,10 +104,10 @@ def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: in
     initial = SeededFastWeights(layout, config.fast_weights.rank, args.seed, dtype=gpt.config.params_dtype)
     costs = measure_layer_costs(gpt, micro_batch, config, initial(micro_batch))
     num_layers = gpt.config.num_layers
-    chosen = balance(num_layers, gpt.config.pipeline_model_parallel_size,
-                     adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
-                     config.inner_objective == "context", num_micro_batches, costs)
-    return chosen.first, chosen.last, chosen.describe()
+    chosen = best_split(num_layers, gpt.config.pipeline_model_parallel_size,
+                        adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
+                        config.inner_objective == "context", num_micro_batches, costs)
+    return chosen.counts, chosen.describe()
 
 
 FOCUSFT = TrainingMethod(

@@ -16,13 +16,15 @@ head, measured by focusft/pipeline_measure.py), the units of engine/pipeline_pla
 
 `balance` tries every split Megatron's uneven-stage flags can express
 (`--decoder-first/last-pipeline-num-layers`, the middle stages even) and keeps the one whose
-simulated iteration (engine.pipeline_plan.simulate) is shortest.
+simulated iteration (engine.pipeline_plan.simulate) is shortest; `best_split` also weighs the
+min-max split of the layers' loads (any count per stage: `--pipeline-model-parallel-layout`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_focusft.engine.pipeline import layout_of_counts
 from megatron_focusft.engine.pipeline_plan import Timeline, Unit, default_window, focusft_passes, simulate
 
 
@@ -159,8 +161,16 @@ class Balance:
                     f"iteration {self.iteration:.3f} s, efficiency {100 * self.efficiency:.0f}% | {loads}")
         loads = ", ".join(f"stage {s}: {n} layers, busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
                           for s, (n, busy) in enumerate(zip(self.counts, self.stage_busy)))
-        return (f"--decoder-first-pipeline-num-layers {self.first} --decoder-last-pipeline-num-layers {self.last}"
-                f" | predicted iteration {self.iteration:.3f} s, efficiency {100 * self.efficiency:.0f}% | {loads}")
+        return (f"{self.flags} | predicted iteration {self.iteration:.3f} s, efficiency "
+                f"{100 * self.efficiency:.0f}% | {loads}")
+
+    @property
+    def flags(self) -> str:
+        """The training flags that give this split: Megatron's first/last-stage flags when the middle
+        stages are even, else the layout (one stage per device only)."""
+        if len(set(self.counts[1:-1])) <= 1:
+            return f"--decoder-first-pipeline-num-layers {self.first} --decoder-last-pipeline-num-layers {self.last}"
+        return f"--pipeline-model-parallel-layout {layout_of_counts(self.counts)}"
 
 
 def layer_loads(num_layers: int, first_adapted_layer: int, inner_steps: int, context_objective: bool,
@@ -204,8 +214,7 @@ def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_st
             num_micro_batches: int, costs: LayerCosts, any_counts: bool = False) -> Balance:
     """The split with the shortest simulated iteration among those Megatron's first/last-stage flags
     can express (megatron_splits; ties: the lowest busiest stage); with `any_counts`, the split of
-    min_max_split instead (any layer count per stage: Megatron's pipeline_model_parallel_layout,
-    which the training flags do not expose yet)."""
+    min_max_split instead (any layer count per stage: `--pipeline-model-parallel-layout`)."""
     splits = megatron_splits(num_layers, num_stages)
     if any_counts:
         head = costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
@@ -225,6 +234,15 @@ def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_st
     if best is None:
         raise ValueError(f"{num_layers} layers cannot be split over {num_stages} pipeline stages")
     return best[1]
+
+
+def best_split(num_layers: int, num_stages: int, first_adapted_layer: int, inner_steps: int,
+               context_objective: bool, num_micro_batches: int, costs: LayerCosts) -> Balance:
+    """`--pipeline-balance auto`'s choice: of balance's best first/last-stage split and its min-max
+    split (any counts), the one with the shorter simulated iteration; the first on a tie."""
+    args = (num_layers, num_stages, first_adapted_layer, inner_steps, context_objective, num_micro_batches, costs)
+    flags, any_counts = balance(*args), balance(*args, any_counts=True)
+    return any_counts if any_counts.iteration < flags.iteration else flags
 
 
 def virtual_split(num_layers: int, num_stages: int, virtual_stages: int, first_adapted_layer: int, inner_steps: int,

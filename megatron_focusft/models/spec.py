@@ -7,6 +7,7 @@ import copy
 import functools
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import LayerNormBuilder
@@ -20,7 +21,11 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_focusft.attention.backends import attention_backend
 from megatron_focusft.attention.core_attention import SegmentCoreAttention
-from megatron_focusft.fastweights import FastWeightConfig, adapted_layer_numbers, with_fast_weights
+from megatron_focusft.fastweights import (
+    FastWeightConfig,
+    adapted_layer_numbers,
+    with_fast_weights,
+)
 from megatron_focusft.models.norm import RMSNorm
 
 
@@ -42,7 +47,9 @@ def get_segment_attention_layer_spec(backend: str = "sdpa", *, use_transformer_e
     (torch.nn.RMSNorm, as Megatron's local spec builds, but usable with sequence parallelism).
     """
     if use_transformer_engine:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
 
         base = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     else:
@@ -57,6 +64,22 @@ def final_norm(layer_spec: ModuleSpec) -> LayerNormBuilder:
     (the local spec: RMSNorm), else Megatron's default (TENorm when TE fuses the layer norms)."""
     norm = layer_spec.submodules.input_layernorm
     return LayerNormImpl if norm is IdentityOp else norm
+
+
+def stage_layer_span(config: TransformerConfig, vp_stage: int | None = None,
+                     pp_rank: int | None = None) -> tuple[int, int]:
+    """(decoder layers below pipeline stage `pp_rank`, its own decoder layers); None: this rank's.
+
+    Megatron's get_transformer_layer_offset and get_num_layers_to_build, except that with a
+    pipeline layout they honour `pp_rank` (megatron-core 0.19 answers for the current rank there,
+    whatever pp_rank says)."""
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None and config.pipeline_model_parallel_size > 1:
+        kind = LayerType.decoder
+        return (layout.get_layer_offset(layer_type=kind, vp_stage=vp_stage, pp_rank=pp_rank),
+                layout.get_num_layers_to_build(layer_type=kind, vp_stage=vp_stage, pp_rank=pp_rank))
+    return (get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank),
+            get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
 
 
 def get_decoder_block_spec(
@@ -75,13 +98,10 @@ def get_decoder_block_spec(
     `final_norm` instead of Megatron's module default (WrappedTorchNorm without TE or Apex, which
     refuses sequence parallelism).
     """
-    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    offset, count = stage_layer_span(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if fast_weights is None:
         return TransformerBlockSubmodules(layer_specs=[layer_spec] * count, layer_norm=final_norm(layer_spec))
-    if config.pipeline_model_parallel_layout is not None:
-        raise NotImplementedError("a pipeline_model_parallel_layout is not supported with fast weights yet")
     adapted = set(adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction))
     specs = [with_fast_weights(layer_spec, fast_weights, number) if number in adapted else layer_spec
              for number in range(1, config.num_layers + 1)]
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=specs[offset:offset + count], layer_norm=final_norm(layer_spec))

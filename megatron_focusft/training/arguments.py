@@ -17,6 +17,7 @@ import torch
 from megatron_focusft.attention.backends import attention_backend, attention_backend_names, context_parallel_backend_names
 from megatron_focusft.data.blend import DataBlend
 from megatron_focusft.data.chat import data_files
+from megatron_focusft.engine.pipeline import layout_stage_counts
 from megatron_focusft.engine.setup import OptimizerSetup
 from megatron_focusft.models.presets import PRESETS, get_preset
 from megatron_focusft.training.lr_schedule import OVERRIDE_FLAG, USE_CHECKPOINT_FLAG, LrSchedule
@@ -63,11 +64,17 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     par.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                      help="layers on the last pipeline stage, which also runs the FocuSFT inner loop "
                           "(fewer layers there rebalance the stages; default: an even split)")
+    par.add_argument("--pipeline-model-parallel-layout", default=None, metavar="LAYOUT",
+                     help="any layer count per stage, Megatron's layout string: E the embedding, t a decoder "
+                          "layer, L the loss, | between stages, t*n repeats (e.g. 'Et*10|t*6L'); instead of "
+                          "--decoder-first/last-pipeline-num-layers")
     par.add_argument("--pipeline-balance", choices=("manual", "auto"), default="manual",
-                     help="manual: stages as --decoder-first/last-pipeline-num-layers say (even without them); "
-                          "auto: measure each layer kind's cost on the even split, then use the first/last-stage "
-                          "layer counts whose simulated iteration is shortest (printed with the predicted "
-                          "per-stage load)")
+                     help="manual: stages as --decoder-first/last-pipeline-num-layers or "
+                          "--pipeline-model-parallel-layout say (even without them); auto: measure each layer "
+                          "kind's cost on the even split, then use the split whose simulated iteration is "
+                          "shortest, among those the first/last-stage flags express and the min-max split of "
+                          "the layers' loads (printed, with the predicted per-stage load and the flags that "
+                          "give it)")
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true",
                      help="split activations outside the tensor-parallel regions along the sequence (needs TP > 1)")
@@ -163,10 +170,15 @@ def validate_training_args(args: argparse.Namespace) -> None:
     """
     if args.pipeline_model_parallel_size < 1:
         raise ValueError(f"--pipeline-model-parallel-size must be >= 1, got {args.pipeline_model_parallel_size}")
-    uneven = [flag for flag in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
-              if getattr(args, flag) is not None]
+    uneven = [flag for flag in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                                "pipeline_model_parallel_layout") if getattr(args, flag) is not None]
     if uneven and args.pipeline_model_parallel_size == 1:
         raise ValueError(f"--{uneven[0].replace('_', '-')} needs --pipeline-model-parallel-size > 1")
+    if args.pipeline_model_parallel_layout is not None:
+        if len(uneven) > 1:
+            raise ValueError("--pipeline-model-parallel-layout places every stage's layers: drop "
+                             f"--{uneven[0].replace('_', '-')}")
+        layout_stage_counts(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
     if args.pipeline_balance == "auto":
         if args.pipeline_model_parallel_size == 1:
             raise ValueError("--pipeline-balance auto needs --pipeline-model-parallel-size > 1")

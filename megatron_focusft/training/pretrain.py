@@ -211,7 +211,13 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
     from megatron_focusft.attention.backends import attention_backend
     from megatron_focusft.data.cp_split import split_batch_for_cp
     from megatron_focusft.engine.checkpoint import copy_model_assets, load_checkpoint, save_checkpoint
-    from megatron_focusft.engine.pipeline import collect_stage_times, format_stage_times, schedule_timers
+    from megatron_focusft.engine.pipeline import (
+        collect_stage_times,
+        format_stage_times,
+        layout_of_counts,
+        schedule_timers,
+        stage_layer_numbers,
+    )
     from megatron_focusft.engine.setup import OptimizerSetup, build_model, build_optimizer, model_setup_from_args
     from megatron_focusft.engine.train_step import train_step
     from megatron_focusft.training.methods import METHODS
@@ -251,13 +257,13 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         rng = _rng_states()
         model, model_config = build_model(setup)
         if args.pipeline_balance == "auto":
-            first, last, line = method.balance(
+            counts, line = method.balance(
                 args, model, probe if cp == 1 else split_batch_for_cp(probe, cp, cp_rank, chunk_multiple=chunk_multiple),
                 num_micro_batches)
             log(f"pipeline balance: {line}")
             _restore_rng_states(rng)  # the model is then initialised as a run given these flags would be
             model, model_config = build_model(dataclasses.replace(
-                setup, num_layers_in_first_pipeline_stage=first, num_layers_in_last_pipeline_stage=last))
+                setup, pipeline_model_parallel_layout=layout_of_counts(counts)))
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()
@@ -392,7 +398,9 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             writer.close()
         if on_finish is not None:
             on_finish(model)
-        return {"losses": losses, "history": history, "args": vars(args), "start_iteration": start_iteration}
+        stage_layers = [len(stage_layer_numbers(model_config, s)) for s in range(args.pipeline_model_parallel_size)]
+        return {"losses": losses, "history": history, "args": vars(args), "start_iteration": start_iteration,
+                "stage_layers": stage_layers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

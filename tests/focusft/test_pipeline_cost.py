@@ -15,6 +15,7 @@ from megatron_focusft.focusft.pipeline_cost import (
     LayerCosts,
     StageLayers,
     balance,
+    best_split,
     megatron_splits,
     min_max_split,
     stage_layers,
@@ -85,3 +86,18 @@ def test_virtual_split_places_chunks_round_robin():
     assert "--num-layers-per-virtual-pipeline-stage 2" in chosen.describe()
     with pytest.raises(ValueError, match="do not split evenly"):
         virtual_split(8, 2, 3, 7, 2, False, 4, COSTS)
+
+
+def test_best_split_takes_any_counts_when_the_flags_cannot_balance():
+    # 8 layers, 7-8 adapted, 4 stages, 2 inner steps, no head cost: a bottom layer costs 3 per
+    # micro-batch, an adapted one 9. The min-max split 3 / 3 / 1 / 1 loads every stage 9; the
+    # first/last-stage flags keep the two middle stages even, and none of their splits has a
+    # busiest stage under 12 (e.g. 3 / 2 / 2 / 1: 9, 6, 12, 9), so the layout wins.
+    costs = LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0)
+    chosen = best_split(8, 4, 7, 2, False, 16, costs)
+    assert chosen.counts == (3, 3, 1, 1) and chosen.stage_busy == (16 * 9.0,) * 4
+    assert max(balance(8, 4, 7, 2, False, 16, costs).stage_busy) >= 16 * 12.0
+    assert chosen.flags == "--pipeline-model-parallel-layout Ettt|ttt|t|tL"
+    # With two stages every split is a first/last one: the flags, as before.
+    two = best_split(4, 2, 3, 2, False, 16, costs)
+    assert two.counts == (3, 1) and two.flags.startswith("--decoder-first-pipeline-num-layers 3")

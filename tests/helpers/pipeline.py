@@ -46,10 +46,10 @@ def _renumber(name: str, offset: int) -> str:
 
 def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
          timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None,
-         perturb_seed: int | None = None, schedule: str = "sequential") -> dict:
+         perturb_seed: int | None = None, schedule: str = "sequential", layout: str | None = None) -> dict:
     """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
     else Megatron's); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
-    one ulp, for the noise band)."""
+    one ulp, for the noise band); `layout`: the stages' layers as a pipeline layout string instead."""
     from megatron.core import parallel_state
 
     from megatron_focusft.data.cp_split import split_batch_for_cp
@@ -68,7 +68,7 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
     first_layers = None if last_stage_layers is None else 4 - last_stage_layers
     model, config = build_model(ModelSetup(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp, fast_weights=fast,
-        context_parallel_size=cp,
+        context_parallel_size=cp, pipeline_model_parallel_layout=layout,
         num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers))
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()

@@ -62,12 +62,15 @@ def test_focusft_step_pp2_matches_one_process(worker_pool, objective):
     check_parity(reference, pool.run(run_step, 1, 2, batches, focusft), focusft=True)
 
 
-def test_uneven_stages_last_stage_runs_its_own_bottom_layer(worker_pool):
-    # Stage 0: layer 1; stage 1: layer 2 (below the fast weights: both masks) and layers 3-4.
+@pytest.mark.parametrize("placement", [{"last_stage_layers": 3}, {"layout": "Et|tttL"}],
+                         ids=["last-stage-flag", "layout"])
+def test_uneven_stages_last_stage_runs_its_own_bottom_layer(worker_pool, placement):
+    # Stage 0: layer 1; stage 1: layer 2 (below the fast weights: both masks) and layers 3-4; by
+    # Megatron's last-stage flag or by its layout string.
     pool = worker_pool(2)
     batches = pipeline_batches("focusft")
     focusft = {"inner_objective": "context"}
-    parallel = pool.run(run_step, 1, 2, batches, focusft, 3)
+    parallel = pool.run(run_step, 1, 2, batches, focusft, **placement)
     assert [r["layers"] for r in parallel] == [[1], [2, 3, 4]]
     check_parity(reference_step(pool, batches, focusft), parallel, focusft=True)
 

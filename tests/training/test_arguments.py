@@ -48,6 +48,17 @@ CASES = [
                           "--decoder-last-pipeline-num-layers"),
     (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
      {"WORLD_SIZE": "2"}, "--pipeline-balance auto has no cost model for --training-mode sft"),
+    (["--pipeline-model-parallel-layout", "Et|tttL"], {},
+     "--pipeline-model-parallel-layout needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-layout", "Et|tttL", "--pipeline-model-parallel-size", "2",
+      "--decoder-first-pipeline-num-layers", "1"], {"WORLD_SIZE": "2"},
+     "--pipeline-model-parallel-layout places every stage's layers: drop --decoder-first-pipeline-num-layers"),
+    (["--pipeline-model-parallel-layout", "Et|t|ttL", "--pipeline-model-parallel-size", "2"], {"WORLD_SIZE": "2"},
+     "--pipeline-model-parallel-layout 'Et|t|ttL' has 3 stages for --pipeline-model-parallel-size 2 (virtual "
+     "pipeline stages are not supported)"),
+    (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout",
+      "Et|tttL"], {"WORLD_SIZE": "2"},
+     "--pipeline-balance auto chooses the stage sizes itself: drop --pipeline-model-parallel-layout"),
     (["--focusft-pipeline-schedule", "zigzag"], {},
      "argument --focusft-pipeline-schedule: invalid choice: 'zigzag' (choose from 'interleaved', 'sequential')"),
 ]

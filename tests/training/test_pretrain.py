@@ -108,6 +108,11 @@ def test_focusft_train_cli_alias(tmp_path: Path):
 
 
 def _pretrain_history(argv: list[str], perturb_seed: int | None = None) -> list[dict[str, float]]:
+    """pretrain's history (_pretrain_result)."""
+    return _pretrain_result(argv, perturb_seed)["history"]
+
+
+def _pretrain_result(argv: list[str], perturb_seed: int | None = None) -> dict:
     """On every rank of a worker pool, or in this process: a fresh parallel state sized by the
     flags, then pretrain; with `perturb_seed`, from weights moved by one ulp (the noise band)."""
     import megatron_focusft.engine.setup as setup
@@ -124,7 +129,7 @@ def _pretrain_history(argv: list[str], perturb_seed: int | None = None) -> list[
     if perturb_seed is not None:
         setup.build_model = build_perturbed
     try:
-        return pretrain(parse_training_args(argv))["history"]
+        return pretrain(parse_training_args(argv))
     finally:
         setup.build_model = build_model
 
@@ -157,24 +162,30 @@ def test_sequence_parallel_training_equals_one_rank(worker_pool, mode):
     assert_curve_within(sp[0], one_rank, band, f"TP 2 + SP {mode} loss")
 
 
-@pytest.mark.parametrize("mode, extra", [("focusft", []), ("sft", []),
-                                         ("focusft", ["--focusft-layer-fraction", "0.75"])],
-                         ids=["focusft", "sft", "focusft-adapted-on-both-stages"])
+@pytest.mark.parametrize("mode, extra, pp_extra", [
+    ("focusft", [], []), ("sft", [], []),
+    ("focusft", ["--focusft-layer-fraction", "0.75"], ["--pipeline-balance", "auto"])],
+    ids=["focusft", "sft", "focusft-adapted-on-both-stages-balanced"])
 def test_pipeline_parallel_training_continues_a_one_rank_run(worker_pool, tmp_path: Path, mode: str,
-                                                            extra: list[str]):
+                                                            extra: list[str], pp_extra: list[str]):
     # A pipeline stage initialises its own layers, so PP = 2 starts from the one-rank run's
     # checkpoint of iteration 1 (resharded on load) and must continue its curves: Megatron's
     # 1F1B schedule, gradient clipping over the stages, Adam; the probe's attention metrics run
     # through the pipeline too. Two micro-batches per iteration. Each curve stays inside the
     # uninterrupted run's noise band (measured from iteration 1, so it also covers iteration 1's
-    # amplification, which the PP run does not have: a looser but valid bound).
+    # amplification, which the PP run does not have: a looser but valid bound). With
+    # --pipeline-balance auto the split comes from timings (any split must continue the curves):
+    # the model is rebuilt with the chosen layout before the checkpoint loads into it.
     ckpt = str(tmp_path / "ckpt")
     argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", mode,
             "--attention-metrics-interval", "3", *extra]
     uninterrupted = _pretrain_history(argv)
     perturbed = [_pretrain_history(argv, seed) for seed in PERTURBATION_SEEDS]
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
-    pp2 = worker_pool(2).run(_pretrain_history, [*argv, "--load", ckpt, "--pipeline-model-parallel-size", "2"])
+    results = worker_pool(2).run(_pretrain_result, [*argv, "--load", ckpt, "--pipeline-model-parallel-size", "2",
+                                                    *pp_extra])
+    assert results[0]["stage_layers"] == results[1]["stage_layers"] and sum(results[0]["stage_layers"]) == 4
+    pp2 = [r["history"] for r in results]
     assert [h["loss"] for h in pp2[0]] == [h["loss"] for h in pp2[1]]
     assert [h["iteration"] for h in pp2[0]] == [h["iteration"] for h in uninterrupted[1:]]
     keys = ["loss", "grad_norm", *(("inner_loss_before", "inner_loss_after") if mode == "focusft" else ())]
