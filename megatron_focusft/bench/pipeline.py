@@ -113,9 +113,9 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     costs = measure_layer_costs(even[0].module, batches[0], even[3].config, probe_source(batches[0]))
     chosen = best_split(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
                         costs)
-    runs = {"sequential, even split": even,
-            "sequential, balanced split": build(layout_of_counts(chosen.counts), "sequential"),
-            "interleaved, balanced split": build(layout_of_counts(chosen.counts), "interleaved")}
+    balanced = layout_of_counts(chosen.counts)
+    runs = {"sequential, even split": even, "sequential, balanced split": build(balanced, "sequential"),
+            "interleaved, balanced split": build(balanced, "interleaved")}
     step_s: dict[str, list[float]] = defaultdict(list)
     busy: dict[str, list[list[float]]] = defaultdict(list)
     fb_s: dict[str, list[float]] = defaultdict(list)

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.timers import Timers
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_focusft.fastweights.config import FastWeightConfig, adapted_layer_numbers
@@ -48,11 +50,6 @@ def layout_stage_counts(layout: str, num_stages: int) -> list[int]:
     ValueError unless it has exactly `num_stages` stages (virtual stages are not run here), each
     with a decoder layer, the embedding first, the loss last and nothing else.
     """
-    from megatron.core.transformer.enums import LayerType
-    from megatron.core.transformer.pipeline_parallel_layer_layout import (
-        PipelineParallelLayerLayout,
-    )
-
     where = f"--pipeline-model-parallel-layout {layout!r}"
     try:
         stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
@@ -79,8 +76,8 @@ def layout_of_counts(counts: Sequence[int]) -> str:
 
 
 def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
-    """Global 1-based layer numbers held by pipeline stage `pp_rank` (Megatron's placement,
-    uneven first/last stages included)."""
+    """Global 1-based layer numbers held by pipeline stage `pp_rank` (Megatron's placement:
+    uneven first/last stages and layouts included)."""
     offset, count = stage_layer_span(config, pp_rank=pp_rank)
     return range(offset + 1, offset + 1 + count)
 

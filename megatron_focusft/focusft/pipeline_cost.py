@@ -157,17 +157,18 @@ class Balance:
         if self.virtual_stages > 1:
             loads = ", ".join(f"device {d}: busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
                               for d, busy in enumerate(self.stage_busy))
-            return (f"--num-layers-per-virtual-pipeline-stage {self.counts[0]} (simulated only) | predicted "
-                    f"iteration {self.iteration:.3f} s, efficiency {100 * self.efficiency:.0f}% | {loads}")
-        loads = ", ".join(f"stage {s}: {n} layers, busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
-                          for s, (n, busy) in enumerate(zip(self.counts, self.stage_busy)))
+        else:
+            loads = ", ".join(f"stage {s}: {n} layers, busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
+                              for s, (n, busy) in enumerate(zip(self.counts, self.stage_busy)))
         return (f"{self.flags} | predicted iteration {self.iteration:.3f} s, efficiency "
                 f"{100 * self.efficiency:.0f}% | {loads}")
 
     @property
     def flags(self) -> str:
-        """The training flags that give this split: Megatron's first/last-stage flags when the middle
-        stages are even, else the layout (one stage per device only)."""
+        """The flags that give this split: Megatron's first/last-stage flags when the middle stages
+        are even, else the layout; with virtual stages, Megatron's chunk size (not run here yet)."""
+        if self.virtual_stages > 1:
+            return f"--num-layers-per-virtual-pipeline-stage {self.counts[0]} (simulated only)"
         if len(set(self.counts[1:-1])) <= 1:
             return f"--decoder-first-pipeline-num-layers {self.first} --decoder-last-pipeline-num-layers {self.last}"
         return f"--pipeline-model-parallel-layout {layout_of_counts(self.counts)}"

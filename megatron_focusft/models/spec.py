@@ -21,11 +21,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_focusft.attention.backends import attention_backend
 from megatron_focusft.attention.core_attention import SegmentCoreAttention
-from megatron_focusft.fastweights import (
-    FastWeightConfig,
-    adapted_layer_numbers,
-    with_fast_weights,
-)
+from megatron_focusft.fastweights import FastWeightConfig, adapted_layer_numbers, with_fast_weights
 from megatron_focusft.models.norm import RMSNorm
 
 
@@ -47,9 +43,7 @@ def get_segment_attention_layer_spec(backend: str = "sdpa", *, use_transformer_e
     (torch.nn.RMSNorm, as Megatron's local spec builds, but usable with sequence parallelism).
     """
     if use_transformer_engine:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         base = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
     else:
