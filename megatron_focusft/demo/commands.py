@@ -72,3 +72,12 @@ def analyze_argv(config: DemoConfig, out: Path, arm: Arm, seed: int) -> list[str
     return ["--hf-path", str(run_dir(out, arm, seed, "hf")), "--tasks", ",".join(config.tasks),
             "--lengths", str(config.seq_length), "--samples", str(config.analyze_samples),
             "--output-dir", str(run_dir(out, arm, seed, "analyze"))]
+
+
+def arm_outputs_exist(out: Path, arm: Arm, seed: int, check_export: bool = False) -> bool:
+    """Whether every file the demo reads of one arm and seed is there (export, evals, analysis)."""
+    evals = [run_dir(out, arm, seed, "eval") / mode for mode in (*eval_modes(arm), *(("causal-megatron",)
+                                                                                     if check_export else ()))]
+    files = [run_dir(out, arm, seed, "hf") / "config.json", run_dir(out, arm, seed, "analyze") / "analysis.json",
+             *(where / name for where in evals for name in ("results.json", "predictions.jsonl"))]
+    return all(f.is_file() for f in files)

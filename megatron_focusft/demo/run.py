@@ -3,7 +3,10 @@
 Every step is one of the product's own commands (demo/commands.py), called in this process
 (one Python and megatron-core start-up for the whole demo). The base is trained once per
 output directory: base/demo_base.json records the settings it was trained with, and a later
-run with the same settings reuses it.
+run with the same settings reuses it. Likewise each arm and seed: runs/<arm>/s<seed>/demo_arm.json
+records its commands and numbers, and a later run whose commands for it are the same (and whose
+outputs are all there) reuses it, so `--sweep` or more `--seeds` add runs to an earlier
+experiment instead of repeating it. Delete a run's directories to redo it.
 
 The first arm's first seed is also evaluated from its Megatron checkpoint in causal mode at the
 training length; the demo stops with an error unless every generated token (and so every
@@ -61,6 +64,10 @@ def _training_record(summary: dict[str, Any], argv: list[str], seconds: float) -
             "median_seconds_per_step": sorted(steady)[len(steady) // 2]}
 
 
+def _line(prog: str, argv: list[str]) -> str:
+    return shlex.join([*prog.split(), *argv])
+
+
 class Runner:
     """Runs and records the steps; `log` prints progress."""
 
@@ -69,9 +76,10 @@ class Runner:
         self.out = Path(config.output_dir)
         self.commands: list[str] = []
         self.stage_seconds: dict[str, float] = {}
+        self.reused: list[str] = []  # "<arm> s<seed>" of the arms reused from an earlier run
 
     def step(self, stage: str, prog: str, argv: list[str], fn: Callable[[list[str]], Any]) -> Any:
-        line = shlex.join([*prog.split(), *argv])
+        line = _line(prog, argv)
         self.commands.append(line)
         self.log(f"$ {line}")
         t0 = time.perf_counter()
@@ -98,24 +106,41 @@ class Runner:
         record_path.write_text(json.dumps({"settings": settings, "training": training}, indent=1) + "\n")
         return {**training, "reused": False}
 
-    def arm(self, arm: Arm, seed: int) -> dict[str, Any]:
-        argv = commands.train_argv(self.config, self.out, arm, seed)
+    def arm(self, arm: Arm, seed: int, check_export: bool = False) -> dict[str, Any]:
+        """Train, export, evaluate and analyze one arm and seed (with `check_export`, also the Megatron
+        checkpoint's eval against the export's); reused when its record holds the same commands."""
+        steps = [("train", "python pretrain_focusft.py", commands.train_argv(self.config, self.out, arm, seed), _train),
+                 ("export", "focusft convert", commands.export_argv(self.out, arm, seed), _export),
+                 *(("eval", "focusft eval", commands.eval_argv(self.config, self.out, arm, seed, mode), _eval)
+                   for mode in commands.eval_modes(arm)),
+                 ("analyze", "focusft analyze", commands.analyze_argv(self.config, self.out, arm, seed), _analyze)]
+        if check_export:
+            steps.append(("eval", "focusft eval",
+                          commands.eval_argv(self.config, self.out, arm, seed, "causal", load=True), _eval))
+        lines = [_line(prog, argv) for _, prog, argv, _ in steps]
+        record_path = commands.run_dir(self.out, arm, seed, "runs") / "demo_arm.json"
+        if record_path.is_file():
+            saved = json.loads(record_path.read_text())
+            if saved["commands"] == lines and commands.arm_outputs_exist(self.out, arm, seed, check_export):
+                self.log(f"reusing {arm.name} s{seed}: {record_path} holds these commands and every output exists")
+                self.reused.append(f"{arm.name} s{seed}")
+                return saved
         t0 = time.perf_counter()
-        summary = self.step("train", "python pretrain_focusft.py", argv, _train)
-        record = {"training": _training_record(summary, argv, time.perf_counter() - t0)}
+        summary = self.step(*steps[0])
+        record: dict[str, Any] = {"commands": lines,
+                                  "training": _training_record(summary, steps[0][2], time.perf_counter() - t0)}
         commands.run_dir(self.out, arm, seed, "hf").parent.mkdir(parents=True, exist_ok=True)
-        self.step("export", "focusft convert", commands.export_argv(self.out, arm, seed), _export)
-        for mode in commands.eval_modes(arm):
-            self.step("eval", "focusft eval", commands.eval_argv(self.config, self.out, arm, seed, mode), _eval)
-        self.step("analyze", "focusft analyze", commands.analyze_argv(self.config, self.out, arm, seed), _analyze)
+        for step in steps[1:]:
+            self.step(*step)
         analysis = json.loads((commands.run_dir(self.out, arm, seed, "analyze") / "analysis.json").read_text())
         record["analysis"] = analysis["pooled"]
+        if check_export:
+            record["megatron_vs_hf"] = self.check_megatron_matches_hf(arm, seed)
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
         return record
 
     def check_megatron_matches_hf(self, arm: Arm, seed: int) -> dict[str, Any]:
-        """Eval of the Megatron checkpoint (causal, 1x); every generated token must equal the HF export's."""
-        argv = commands.eval_argv(self.config, self.out, arm, seed, "causal", load=True)
-        self.step("eval", "focusft eval", argv, _eval)
+        """Every token the Megatron checkpoint generated (causal, 1x) must equal the HF export's."""
         where = commands.run_dir(self.out, arm, seed, "eval")
         hf, megatron = read_eval(where / "causal"), read_eval(where / "causal-megatron")
         length = str(self.config.seq_length)
@@ -157,18 +182,18 @@ def run_demo(config: DemoConfig, command: str | None = None, log: Callable[[str]
         f"{config.seq_length} tokens each; eval on {', '.join(config.tasks)} at {config.eval_lengths} tokens")
     base = runner.base(count_tokens)
     runs: dict[str, dict[str, Any]] = {}
-    agreement = None
     for seed in config.seeds:
         for arm in config.arms:
             log(f"--- {arm.label}, seed {seed} ---")
-            runs.setdefault(arm.name, {})[str(seed)] = runner.arm(arm, seed)
-            if agreement is None:
-                agreement = runner.check_megatron_matches_hf(arm, seed)
+            first = seed == config.seeds[0] and arm == config.arms[0]
+            runs.setdefault(arm.name, {})[str(seed)] = runner.arm(arm, seed, check_export=first)
+    agreement = runs[config.arms[0].name][str(config.seeds[0])].pop("megatron_vs_hf")
     summary = summarize(config, out)
     results = {
         "config": {**dataclasses.asdict(config), "arms": [dataclasses.asdict(a) for a in config.arms]},
         "base": base, "runs": runs, "summary": summary, "megatron_vs_hf": agreement,
-        "commands": {"demo": command, "steps": runner.commands}, "stage_seconds": runner.stage_seconds,
+        "commands": {"demo": command, "steps": runner.commands}, "reused_runs": runner.reused,
+        "stage_seconds": runner.stage_seconds,
         "device": f"cpu ({torch.get_num_threads()} threads)", "torch_version": torch.__version__,
         "megatron_core_version": megatron.core.__version__,
     }

@@ -126,6 +126,49 @@ def test_a_base_trained_with_the_same_settings_is_reused(tmp_path):
     assert "reusing the base model" in logs[0]
 
 
+def test_an_arm_is_reused_only_with_the_same_commands_and_all_outputs(tmp_path, monkeypatch):
+    from megatron_focusft.demo.run import Runner
+
+    config = DemoConfig(output_dir=str(tmp_path), tasks=("babilong_qa1",), eval_multipliers=(1,))
+    arm = ARMS[3]
+    runner = Runner(config, lambda line: None)
+    ran = []
+
+    def refuse(stage, prog, argv, fn):
+        ran.append(stage)
+        raise RuntimeError("would run")
+
+    monkeypatch.setattr(runner, "step", refuse)
+    with pytest.raises(RuntimeError, match="would run"):  # nothing recorded yet: it trains
+        runner.arm(arm, 1)
+    for mode in commands.eval_modes(arm):
+        _write_eval(commands.run_dir(tmp_path, arm, 1, "eval") / mode, {("babilong_qa1", 256): [1.0]})
+    for kind, name in (("hf", "config.json"), ("analyze", "analysis.json"), ("runs", "demo_arm.json")):
+        commands.run_dir(tmp_path, arm, 1, kind).mkdir(parents=True, exist_ok=True)
+        (commands.run_dir(tmp_path, arm, 1, kind) / name).write_text("{}")
+    lines = [line for line in _recorded_lines(config, tmp_path, arm)]
+    record = {"commands": lines, "training": {"final_loss": 1.5}}
+    (commands.run_dir(tmp_path, arm, 1, "runs") / "demo_arm.json").write_text(json.dumps(record))
+    assert runner.arm(arm, 1) == record and runner.reused == [f"{arm.name} s1"]
+    with pytest.raises(RuntimeError, match="would run"):  # another command line (a check of the export)
+        runner.arm(arm, 1, check_export=True)
+    (commands.run_dir(tmp_path, arm, 1, "eval") / commands.TTA_MODE / "predictions.jsonl").unlink()
+    with pytest.raises(RuntimeError, match="would run"):  # an output is missing
+        runner.arm(arm, 1)
+    assert ran == ["train"] * 3
+
+
+def _recorded_lines(config: DemoConfig, out: Path, arm) -> list[str]:
+    """The arm's command lines for seed 1 as the runner prints them, built here from commands.py."""
+    import shlex
+
+    argvs = [("python pretrain_focusft.py", commands.train_argv(config, out, arm, 1)),
+             ("focusft convert", commands.export_argv(out, arm, 1)),
+             *(("focusft eval", commands.eval_argv(config, out, arm, 1, m)) for m in commands.eval_modes(arm)),
+             ("focusft analyze", commands.analyze_argv(config, out, arm, 1))]
+    return [shlex.join([*prog.split(), *argv]) for prog, argv in argvs]
+
+
 def test_short_demo_end_to_end(tmp_path):
     """Every step of the short demo runs; the HF export and the Megatron checkpoint generate the same tokens."""
     out = tmp_path / "demo"
@@ -149,3 +192,9 @@ def test_short_demo_end_to_end(tmp_path):
     assert (out / "table.md").read_text().startswith("| arm | prefill |")
     assert all(Path(p).is_file() for p in results["plots"])
     assert any(c.startswith("focusft eval --load") for c in results["commands"]["steps"])
+    # Run again in the same directory: the base and every arm are reused, the numbers are the same.
+    main(["--short", "--output-dir", str(out)])
+    again = json.loads((out / "results.json").read_text())
+    assert again["reused_runs"] == [f"{arm.name} s1" for arm in ARMS] and again["base"]["reused"] is True
+    assert again["summary"] == results["summary"] and again["megatron_vs_hf"] == results["megatron_vs_hf"]
+    assert again["commands"]["steps"] == [] and again["runs"] == results["runs"]
