@@ -23,7 +23,14 @@ outer pass (engine/pipeline_plan.focusft_passes), each a forward and a backward 
                                weights as constants (+ the after-adaptation inner forward, no grad,
                                with the context objective); carries [decision, update sq norm sum];
                                the last stage's loss function is focusft_loss_func
-  outer pass, backward P-1..0  Megatron's backward_step: every slow-weight gradient
+  outer pass, backward P-1..0  Megatron's backward_step: every slow-weight gradient; a [n] message
+                               of the guard's outer check (step.outer_broken_samples, on the last
+                               stage) goes first, down through every stage
+  the re-run                   only for a micro-batch whose check found samples: no backward in
+                               the plan; after the planned units, its broken samples' fast weights
+                               reset, its outer forward again on stages k..P-1 and its backward on
+                               every stage, micro-batch by micro-batch (as focusft_forward in one
+                               process: once, no second check)
 
 Order: engine.pipeline_plan.simulate plans each stage's unit order from NOMINAL_COSTS (1F1B rules:
 backward first, forwards and backwards in pass order). Passes are ordered as a wavefront
@@ -39,11 +46,10 @@ P - 1 - s micro-batches (engine.pipeline_plan.default_window: opened by their fi
 freed by their outer backward there), plus, on the adapted stages, the activations of at most one
 inner pass of each of them (slow weights frozen: the adapted layers only). With no inner steps and
 stride 1 that would be 1F1B's P - s; the inner steps lengthen each micro-batch's stay by
-stride x inner_steps positions.
+stride x inner_steps positions. A micro-batch to re-run keeps its activations until the end of
+the iteration (the rare case the guard exists for).
 
-Not done here: the guard's outer re-run of a sample whose outer loss is not finite (as with the
-sequential schedule's pipelined inner loop, the outer pass is one pass over the stages); virtual
-pipeline stages (not yet).
+Not done here: virtual pipeline stages (simulated only: engine/pipeline_plan.simulate).
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ from megatron_focusft.focusft.step import (
     FocusftOutput,
     focusft_loss_func,
     layer_ranges,
+    outer_broken_samples,
     pipeline_stage_forward,
     stage_inputs,
 )
@@ -148,6 +155,9 @@ class _Slot:
     tentative: dict = field(default_factory=dict)  # this step's fast weights before the decision
     decision: torch.Tensor | None = None  # [n] caught at the last step: sent up with the next forward
     sq_sum: torch.Tensor | None = None  # update sq norm summed over stages k..this one
+    broken: torch.Tensor | None = None  # last stage: [n] the outer check's samples (outer_broken_samples)
+    rerun: torch.Tensor | None = None  # [n] the same, on every stage: trained again after the planned units
+    store_index: int | None = None  # last stage: this micro-batch's entry in the forward data store
 
 
 @dataclass(frozen=True)
@@ -233,6 +243,9 @@ class _Run:
                 (self._outer_backward if unit.step == self.steps else self._inner_backward)(unit, slot)
             else:
                 (self._outer_forward if unit.step == self.steps else self._inner_forward)(unit, slot)
+        for slot in self.slots:  # every stage has the same ones: the flags went down through all of them
+            if slot.rerun is not None:
+                self._rerun(slot)
         self.link.close()
         if self.config.finalize_model_grads_func is not None:
             self.config.finalize_model_grads_func(
@@ -244,12 +257,14 @@ class _Run:
     def _record(self, unit: Unit, started: float) -> None:
         self.records.append(UnitRecord(unit, time.perf_counter() - started))
 
-    def _megatron_forward(self, slot: _Slot, func, input_tensor: torch.Tensor | None) -> torch.Tensor:
+    def _megatron_forward(self, slot: _Slot, func, input_tensor: torch.Tensor | None,
+                          count_tokens: bool = True) -> torch.Tensor:
         """Megatron's forward_step (input set on the model, loss function on the last stage)."""
         output, num_tokens = forward_step(
             lambda _it, _model: func(), iter(()), self.model, len(self.slots), input_tensor, self.store, self.config,
             self.parallel.cp_size, is_last_stage=self.last)
-        self.num_tokens += num_tokens
+        if count_tokens:
+            self.num_tokens += num_tokens
         return output
 
     # --- inner passes -----------------------------------------------------------------------
@@ -397,9 +412,9 @@ class _Run:
             slot.stage_in = received  # slot.rotary: set by the inner passes
         own = update_sq_norm(state.initial, state.tensors, self.parallel)
         slot.sq_sum = sq_sum + own.to(device=sq_sum.device, dtype=_CONTROL)
+        slot.store_index = len(self.store)
         slot.outer_out = self._megatron_forward(slot, functools.partial(self._outer, slot, hidden, inner_hidden),
                                                 received)
-        slot.h_bottom = slot.h_inner = None
         self._record(unit, started)
         if not self.last:
             control = torch.cat([decision.to(device=slot.sq_sum.device, dtype=_CONTROL), slot.sq_sum.view(1)])
@@ -419,6 +434,8 @@ class _Run:
         if not self.last:
             return (out if after is None else torch.cat([out, after], dim=1)), None
         per_token_loss = lm_head_loss(self.gpt, out, batch.labels, batch.loss_mask.bool())
+        slot.broken = outer_broken_samples(per_token_loss, batch.loss_mask, state.sample_index, state.has_targets,
+                                           self.parallel)
         with torch.no_grad():
             after_tokens = (per_token_loss.detach() if after is None
                             else lm_head_loss(self.gpt, after, batch.labels, state.objective.targets))
@@ -428,10 +445,54 @@ class _Run:
         return per_token_loss, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
 
     def _outer_backward(self, unit: Unit, slot: _Slot) -> None:
+        n = slot.inner.num_samples
+        broken = slot.broken if self.last else self._recv([((n,), _CONTROL)], False)[0].bool()
+        if bool(broken.any()):  # the guard's outer check: the backward waits for the re-run (_rerun)
+            slot.rerun = broken
+            if self.stage > 0:
+                self.link.send([broken.to(_CONTROL)], to_next=False)
+            return
         grad = None if self.last else self._recv([self._activation(slot, self.rows)], False)[0]
         started = time.perf_counter()
         input_grad = backward_step(slot.stage_in, slot.outer_out, grad, self.config)
         self._record(unit, started)
-        slot.outer_out = slot.stage_in = None
+        self._release(slot)
+        if self.stage > 0:
+            self.link.send([broken.to(_CONTROL), input_grad], to_next=False)
+
+    def _release(self, slot: _Slot) -> None:
+        slot.outer_out = slot.stage_in = slot.h_bottom = slot.h_inner = None
+
+    def _rerun(self, slot: _Slot) -> None:
+        """The guard's outer re-run of one micro-batch, as focusft_forward makes it in one process:
+        the broken samples' fast weights back to their initial values (all their steps counted as
+        skipped), the outer forward again on stages k..P-1 (the stages below k keep theirs), its
+        store entry replaced, then its outer backward on every stage. Made once (no second check)."""
+        state, batch = slot.inner, slot.inner.batch
+        if self.stage >= self.k:
+            broken = slot.rerun.to(state.active.device)
+            state.tensors = reset_samples(state.tensors, state.initial, broken)
+            state.skipped = torch.where(broken, self.steps, state.skipped)
+            if self.stage == self.k:
+                received, sq_sum = None, torch.zeros((), dtype=_CONTROL, device=state.counts.device)
+                hidden, inner_hidden = slot.h_bottom, slot.h_inner
+            else:
+                received, control = self._recv([self._activation(slot, self.rows), ((1,), _CONTROL)], True)
+                received.requires_grad_()
+                b = batch.tokens.shape[0]
+                hidden, inner_hidden, sq_sum = received[:, :b], received[:, b:].detach(), control[0]
+                slot.stage_in = received
+            own = update_sq_norm(state.initial, state.tensors, self.parallel)
+            slot.sq_sum = sq_sum + own.to(device=sq_sum.device, dtype=_CONTROL)
+            entry = len(self.store)
+            slot.outer_out = self._megatron_forward(slot, functools.partial(self._outer, slot, hidden, inner_hidden),
+                                                    received, count_tokens=False)  # counted by the first pass
+            if self.last:
+                self.store[slot.store_index] = self.store.pop(entry)
+            else:
+                self.link.send([slot.outer_out, slot.sq_sum.view(1)], to_next=True)
+        grad = None if self.last else self._recv([self._activation(slot, self.rows)], False)[0]
+        input_grad = backward_step(slot.stage_in, slot.outer_out, grad, self.config)
+        self._release(slot)
         if self.stage > 0:
             self.link.send([input_grad], to_next=False)

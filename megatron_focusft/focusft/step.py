@@ -128,6 +128,16 @@ def pipeline_stage_forward(model: GPTModel, batch: SegmentBatch, config: Focusft
     return torch.cat([out, causal_out], dim=1)
 
 
+def outer_broken_samples(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, sample_index: torch.Tensor,
+                         has_targets: torch.Tensor, parallel: ParallelContext) -> torch.Tensor:
+    """The guard's last check (inner_loop.py) -> [n] bool: samples with targets whose outer loss is
+    not finite on some scored token (on any TP or CP rank); they are trained again with their
+    initial fast weights. per_token_loss, loss_mask, sample_index: [b, s] (this rank's tokens)."""
+    non_finite = loss_mask.bool() & (sample_index >= 0) & ~torch.isfinite(per_token_loss.detach())
+    n = has_targets.shape[0]
+    return agree_on_samples(torch.bincount(sample_index[non_finite], minlength=n) > 0, parallel) & has_targets
+
+
 def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights,
                     parallel: ParallelContext) -> FocusftOutput:
     """The bilevel forward of one packed micro-batch (on the last pipeline stage).
@@ -169,10 +179,7 @@ def focusft_forward(model: GPTModel, batch: SegmentBatch, config: FocusftConfig,
 
     per_token_loss, after_tokens = outer(inner.adapted)
     n = inner.has_targets.shape[0]
-    # The guard's last check (inner_loop.py): a sample whose outer activations are not finite
-    # (seen through its scored tokens' losses) is trained with its initial fast weights instead.
-    non_finite = batch.loss_mask.bool() & (sample_index >= 0) & ~torch.isfinite(per_token_loss.detach())
-    broken = agree_on_samples(torch.bincount(sample_index[non_finite], minlength=n) > 0, parallel) & inner.has_targets
+    broken = outer_broken_samples(per_token_loss, batch.loss_mask, sample_index, inner.has_targets, parallel)
     if bool(broken.any()):
         adapted = {key: tuple(pair) for key, pair in reset_samples(inner.adapted, local, broken).items()}
         inner = dataclasses.replace(inner, adapted=adapted,
