@@ -75,18 +75,30 @@ def layout_of_counts(counts: Sequence[int]) -> str:
     return "E" + "|".join("t" * n for n in counts) + "L"
 
 
-def stage_layer_numbers(config: TransformerConfig, pp_rank: int) -> range:
-    """Global 1-based layer numbers held by pipeline stage `pp_rank` (Megatron's placement:
-    uneven first/last stages and layouts included)."""
-    offset, count = stage_layer_span(config, pp_rank=pp_rank)
+def num_pipeline_stages(config: TransformerConfig) -> int:
+    """Pipeline stages in layer order: P, or V x P with V virtual stages (model chunks) per rank."""
+    return config.pipeline_model_parallel_size * (config.virtual_pipeline_model_parallel_size or 1)
+
+
+def stage_of_chunk(config: TransformerConfig, pp_rank: int, vp_stage: int | None) -> int:
+    """The stage (layer order) of rank `pp_rank`'s model chunk `vp_stage`: vp_stage x P + pp_rank
+    (Megatron's interleaved placement: stage s on rank s mod P)."""
+    return (vp_stage or 0) * config.pipeline_model_parallel_size + pp_rank
+
+
+def stage_layer_numbers(config: TransformerConfig, stage: int) -> range:
+    """Global 1-based layer numbers held by pipeline stage `stage` (layer order, num_pipeline_stages
+    of them; Megatron's placement: uneven first/last stages, layouts and virtual stages included)."""
+    pp = config.pipeline_model_parallel_size
+    vp_stage = stage // pp if config.virtual_pipeline_model_parallel_size else None
+    offset, count = stage_layer_span(config, vp_stage=vp_stage, pp_rank=stage % pp)
     return range(offset + 1, offset + 1 + count)
 
 
 def first_adapted_stage(config: TransformerConfig, fast_weights: FastWeightConfig) -> int:
-    """The pipeline stage holding the lowest adapted layer (the adapted layers are the top ones)."""
+    """The pipeline stage (layer order) holding the lowest adapted layer (the adapted layers are the top ones)."""
     first = adapted_layer_numbers(config.num_layers, fast_weights.layer_fraction)[0]
-    pp = config.pipeline_model_parallel_size
-    return next(s for s in range(pp) if first <= stage_layer_numbers(config, s)[-1])
+    return next(s for s in range(num_pipeline_stages(config)) if first <= stage_layer_numbers(config, s)[-1])
 
 
 def fast_weights_span_stages(config: TransformerConfig, fast_weights: FastWeightConfig) -> bool:
@@ -96,8 +108,8 @@ def fast_weights_span_stages(config: TransformerConfig, fast_weights: FastWeight
     (focusft/step.py); if so, in schedule calls of its own before the outer one
     (focusft/pipelined_inner.py).
     """
-    pp = config.pipeline_model_parallel_size
-    return pp > 1 and first_adapted_stage(config, fast_weights) < pp - 1
+    stages = num_pipeline_stages(config)
+    return stages > 1 and first_adapted_stage(config, fast_weights) < stages - 1
 
 
 def schedule_timers() -> Timers:

@@ -71,6 +71,14 @@ class Timeline:
     def busy(self, stage: int) -> float:
         return sum(self.end[u] - self.start[u] for u in self.order[stage])
 
+    def device_order(self, device: int) -> tuple[Unit, ...]:
+        """The units of the device's stages in the order it runs them (start time; a stage's own
+        order on a tie). Without virtual stages: that stage's order."""
+        devices = self.num_devices or self.num_stages
+        units = [(self.start[u], self.end[u], s, i, u) for s in range(device, self.num_stages, devices)
+                 for i, u in enumerate(self.order[s])]
+        return tuple(u for *_, u in sorted(units, key=lambda t: t[:4]))
+
     def device_busy(self, device: int) -> float:
         devices = self.num_devices or self.num_stages
         return sum(self.busy(s) for s in range(device, self.num_stages, devices))

@@ -12,7 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_focusft.engine.pipeline import layout_stage_counts
+from megatron_focusft.engine.pipeline import layout_stage_counts, num_pipeline_stages, stage_of_chunk
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
@@ -32,6 +32,9 @@ class ModelSetup:
     num_layers_in_last_pipeline_stage: int | None = None
     # Any layer count per stage: Megatron's --pipeline-model-parallel-layout ("Et*5|t*3L"); None: the above.
     pipeline_model_parallel_layout: str | None = None
+    # Model chunks per rank (Megatron's virtual pipeline stages): stage s = chunk x P + rank, run
+    # by FocuSFT's interleaved schedule only (focusft/interleaved.py); None: one stage per rank.
+    virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     # Megatron's activation recomputation: granularity None | "full" | "selective"; method
@@ -83,9 +86,10 @@ def resolve_shape(setup: ModelSetup) -> ModelPreset:
     return setup.preset if isinstance(setup.preset, ModelPreset) else get_preset(setup.preset)
 
 
-def build_gpt(setup: ModelSetup) -> tuple[GPTModel, TransformerConfig]:
+def build_gpt(setup: ModelSetup, vp_stage: int | None = None) -> tuple[GPTModel, TransformerConfig]:
     """This pipeline stage's GPTModel with segment-mask attention, not wrapped (conversion,
-    generation). Parallel state must be initialised.
+    generation); with virtual stages, this rank's model chunk `vp_stage`. Parallel state must be
+    initialised.
 
     Weights are initialised from the global torch seed as one master tensor split across TP
     ranks, so any TP size starts from the same model; a pipeline stage builds (and draws the
@@ -110,6 +114,7 @@ def build_gpt(setup: ModelSetup) -> tuple[GPTModel, TransformerConfig]:
         num_layers_in_first_pipeline_stage=setup.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=setup.num_layers_in_last_pipeline_stage,
         pipeline_model_parallel_layout=layout,
+        virtual_pipeline_model_parallel_size=setup.virtual_pipeline_model_parallel_size,
         # Stages exchange activation shapes: FocuSFT's context objective sends [s, 2b, h]. (The
         # config refuses that with the MoE "allgather" dispatcher, which a dense model never uses.)
         variable_seq_lengths=setup.pipeline_model_parallel_size > 1,
@@ -124,15 +129,19 @@ def build_gpt(setup: ModelSetup) -> tuple[GPTModel, TransformerConfig]:
         params_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
         calculate_per_token_loss=True,
     )
+    if (setup.virtual_pipeline_model_parallel_size is None) != (vp_stage is None):
+        raise ValueError(f"vp_stage {vp_stage} with virtual_pipeline_model_parallel_size "
+                         f"{setup.virtual_pipeline_model_parallel_size}: give both or neither")
+    stage = stage_of_chunk(config, parallel_state.get_pipeline_model_parallel_rank(), vp_stage)
     layer_spec = get_segment_attention_layer_spec(setup.attention_backend)
-    model = build_gpt_model(config, preset, layer_spec, setup.fast_weights, pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage())
+    model = build_gpt_model(config, preset, layer_spec, setup.fast_weights, pre_process=stage == 0,
+                            post_process=stage == num_pipeline_stages(config) - 1, vp_stage=vp_stage)
     return model, config
 
 
-def build_model(setup: ModelSetup) -> tuple[DistributedDataParallel, TransformerConfig]:
+def build_model(setup: ModelSetup, vp_stage: int | None = None) -> tuple[DistributedDataParallel, TransformerConfig]:
     """`build_gpt` wrapped in Megatron's DDP (per-token loss averaging), for training."""
-    model, config = build_gpt(setup)
+    model, config = build_gpt(setup, vp_stage)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False), model
     )

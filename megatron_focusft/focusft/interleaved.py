@@ -54,6 +54,7 @@ Not done here: virtual pipeline stages (simulated only: engine/pipeline_plan.sim
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from collections.abc import Iterator
@@ -65,7 +66,13 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _
 from megatron.core.pipeline_parallel.schedules import backward_step, forward_step
 from megatron.core.utils import get_attr_wrapped_model
 
-from megatron_focusft.engine.pipeline import INNER, first_adapted_stage, stage_layer_numbers
+from megatron_focusft.engine.pipeline import (
+    INNER,
+    first_adapted_stage,
+    num_pipeline_stages,
+    stage_layer_numbers,
+    stage_of_chunk,
+)
 from megatron_focusft.engine.pipeline_plan import Unit
 from megatron_focusft.engine.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.fastweights.config import adapted_layer_numbers
@@ -98,21 +105,62 @@ _CONTROL = torch.float64  # flags and squared norms travel exactly, whatever the
 
 
 def focusft_pipeline(config, focusft_config, num_micro_batches: int) -> FocusftPipeline:
-    """The FocusftPipeline of a model config (every stage's layers, from Megatron's placement)."""
-    pp = config.pipeline_model_parallel_size
+    """The FocusftPipeline of a model config (every stage's layers in layer order, from Megatron's
+    placement; with virtual stages, stage s on rank s mod P)."""
     first = adapted_layer_numbers(config.num_layers, focusft_config.fast_weights.layer_fraction)[0]
-    counts = [len(stage_layer_numbers(config, s)) for s in range(pp)]
+    counts = [len(stage_layer_numbers(config, s)) for s in range(num_pipeline_stages(config))]
+    virtual = config.virtual_pipeline_model_parallel_size is not None
     return FocusftPipeline(stage_layers(config.num_layers, first, counts), focusft_config.inner_steps,
-                           focusft_config.inner_objective == "context", num_micro_batches)
+                           focusft_config.inner_objective == "context", num_micro_batches,
+                           config.pipeline_model_parallel_size if virtual else None)
+
+
+def message_target(unit: Unit, first_adapted: int, inner_steps: int, num_stages: int) -> Unit | None:
+    """The unit that receives what `unit` sends: a forward feeds the next stage's forward of the
+    same pass, a backward the previous stage's backward (inner passes: down to stage k only)."""
+    if not unit.backward:
+        return Unit(unit.stage + 1, unit.micro_batch, unit.step, False) if unit.stage + 1 < num_stages else None
+    lowest = first_adapted if unit.step < inner_steps else 0
+    return Unit(unit.stage - 1, unit.micro_batch, unit.step, True) if unit.stage > lowest else None
 
 
 class _Link:
-    """This stage's messages to and from its neighbours, through Megatron's p2p helper."""
+    """This rank's messages to and from its ring neighbours, through Megatron's p2p helper.
+
+    Receives are matched in the sender's order: messages on one link are not tagged, so each
+    peer's planned sends (`expect`) are received in the order the peer makes them and kept until
+    the unit they are for asks (`take`). A receive that waits for an earlier message waits for a
+    send the peer makes before the one asked for, so this adds no wait a unit would not have.
+    """
 
     def __init__(self, pp_group: torch.distributed.ProcessGroup, config) -> None:
         ranks = P2PCommunicator(pp_group=pp_group, config=config)
         self._where = {"group": pp_group, "prev_pipeline_rank": ranks.prev_rank, "next_pipeline_rank": ranks.next_rank}
         self._sends: list[tuple[torch.Tensor, object]] = []
+        self._expected: dict[bool, collections.deque] = {}  # from_prev -> the peer's messages to come, in order
+        self._arrived: dict[Unit, list[torch.Tensor]] = {}
+        self._specs = None
+
+    def expect(self, from_prev: bool, targets: list[Unit], specs, device: torch.device) -> None:
+        """The units that the peer (previous rank if from_prev, else next) sends to, in its order;
+        specs(unit) -> [(shape, dtype)] of that unit's message. With two ranks both peers are one:
+        pass them merged in that rank's order, from_prev True."""
+        self._expected[from_prev] = collections.deque(targets)
+        self._specs, self._device = specs, device
+
+    def take(self, unit: Unit) -> list[torch.Tensor]:
+        """The message `unit` receives (planned, see expect)."""
+        from_prev = True if len(self._expected) == 1 else not unit.backward
+        queue = self._expected[from_prev]
+        while unit not in self._arrived:
+            if not queue:
+                raise RuntimeError(f"no planned message for {unit} is left from that peer")
+            target = queue.popleft()
+            self._arrived[target] = self.recv(self._specs(target), from_prev, self._device)
+        return self._arrived.pop(unit)
+
+    def drained(self) -> bool:
+        return not self._arrived and not any(self._expected.values())
 
     def send(self, tensors: list[torch.Tensor], to_next: bool) -> None:
         for tensor in tensors:
@@ -142,7 +190,7 @@ class _Link:
 
 @dataclass
 class _Slot:
-    """One micro-batch on this stage: its inner-loop state and the tensors its later units need."""
+    """One micro-batch on one stage: its inner-loop state and the tensors its later units need."""
 
     inner: MicroBatchInner
     stage_in: torch.Tensor | None = None  # the received input of the outer forward's graph
@@ -162,7 +210,7 @@ class _Slot:
 
 @dataclass(frozen=True)
 class UnitRecord:
-    """A unit this stage ran: its compute seconds (receives and sends excluded)."""
+    """A unit this rank ran: its compute seconds (receives and sends excluded)."""
 
     unit: Unit
     seconds: float
@@ -170,8 +218,9 @@ class UnitRecord:
 
 class InterleavedSchedule:
     """A Megatron forward-backward function (the signature of `get_forward_backward_func()`'s
-    result) running FocuSFT's interleaved schedule (module doc); `records` holds the last
-    iteration's units on this stage."""
+    result) running FocuSFT's interleaved schedule (module doc) over this rank's model chunks
+    (one, or one per virtual stage, in chunk order); `records` holds the last iteration's units
+    on this rank."""
 
     def __init__(self, step: FocusftForwardStep) -> None:
         self.step = step
@@ -185,95 +234,154 @@ class InterleavedSchedule:
                              "get_forward_backward_func() for forward-only passes")
         if forward_step_func is not self.step:
             raise ValueError("the interleaved schedule runs the FocusftForwardStep it was made by")
-        model = model[0] if isinstance(model, list) else model
+        chunks = list(model) if isinstance(model, list) else [model]
+        # Every chunk reads the same micro-batches (Megatron passes one iterator per chunk).
         data_iterator = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
-        run = _Run(self.step, model, [next(data_iterator) for _ in range(num_microbatches)])
+        run = _Run(self.step, chunks, [next(data_iterator) for _ in range(num_microbatches)])
         self.records = run.records
         return run.execute()
 
 
 class _Run:
-    """One iteration of the schedule on this rank."""
+    """One iteration of the schedule on this rank: its stages' units in the planned order."""
 
-    def __init__(self, step: FocusftForwardStep, model, micro_batches: list) -> None:
-        self.model, self.gpt = model, (model.module if hasattr(model, "module") else model)
-        self.config, self.focusft = self.gpt.config, step.config
-        self.parallel = ParallelContext.of(self.gpt)
-        self.stage = parallel_state.get_pipeline_model_parallel_rank()
-        self.num_stages = self.config.pipeline_model_parallel_size
+    def __init__(self, step: FocusftForwardStep, chunks: list, micro_batches: list) -> None:
+        gpts = [chunk.module if hasattr(chunk, "module") else chunk for chunk in chunks]
+        self.chunks, self.config, self.focusft = chunks, gpts[0].config, step.config
+        self.parallel = ParallelContext.of(gpts[0])
+        rank = parallel_state.get_pipeline_model_parallel_rank()
+        virtual = self.config.virtual_pipeline_model_parallel_size
+        if len(chunks) != (virtual or 1):
+            raise ValueError(f"{len(chunks)} model chunks on this rank; the config has "
+                             f"virtual_pipeline_model_parallel_size {virtual}")
+        self.num_stages = num_pipeline_stages(self.config)
         self.k = first_adapted_stage(self.config, self.focusft.fast_weights)
-        self.steps = self.focusft.inner_steps
-        self.last = self.gpt.post_process
-        self.bottom, self.top = layer_ranges(self.gpt, self.focusft)
-        self.rows = 2 if self.focusft.inner_objective == "context" else 1
-        self.slots = [_Slot(step.initial_state(self.gpt, batch, self.top, self.parallel)) for batch in micro_batches]
-        for slot in self.slots:
-            slot.inner.active = slot.inner.has_targets.clone()
-        pipeline = focusft_pipeline(self.config, self.focusft, len(micro_batches))
-        self.units = pipeline.simulate(NOMINAL_COSTS).order[self.stage]
-        self.link = _Link(self.parallel.pp, self.config)
         self.store: list = []
         self.num_tokens = torch.zeros((), dtype=torch.int)
         self.records: list[UnitRecord] = []
+        self.device = micro_batches[0].tokens.device
+        self.link = _Link(self.parallel.pp, self.config)
+        # A micro-batch's initial fast weights are drawn once on this rank, for all its chunks.
+        tops = [layer_ranges(gpt, self.focusft)[1] for gpt in gpts]
+        initial = [step.fast_weights_for(batch) if any(tops) else {} for batch in micro_batches]
+        self.stages: dict[int, _Stage] = {}
+        for v, (chunk, gpt) in enumerate(zip(chunks, gpts)):
+            stage = stage_of_chunk(self.config, rank, v if virtual else None)
+            self.stages[stage] = _Stage(self, stage, chunk, gpt, step, micro_batches, initial)
+        plan = focusft_pipeline(self.config, self.focusft, len(micro_batches)).simulate(NOMINAL_COSTS)
+        pp = self.config.pipeline_model_parallel_size
+        self.units = plan.device_order(rank)
+        self._expect(plan, rank, pp)
 
-    # --- shapes and timers ------------------------------------------------------------------
+    def _expect(self, plan, rank: int, pp: int) -> None:
+        """Tell the link what each peer sends here, in the peer's planned order."""
+        def targets(peer: int) -> list[Unit]:
+            sent = (message_target(u, self.k, self.focusft.inner_steps, self.num_stages)
+                    for u in plan.device_order(peer))
+            return [t for t in sent if t is not None and t.stage % pp == rank]
+
+        def specs(unit: Unit):
+            return self.stages[unit.stage].receives(unit)
+
+        prev, nxt = (rank - 1) % pp, (rank + 1) % pp
+        if prev == nxt:
+            self.link.expect(True, targets(prev), specs, self.device)
+        else:
+            self.link.expect(True, [t for t in targets(prev) if not t.backward], specs, self.device)
+            self.link.expect(False, [t for t in targets(nxt) if t.backward], specs, self.device)
+
+    def execute(self) -> list:
+        timers = self.config.timers
+        if timers is not None:
+            timers("forward-backward", log_level=1).start()
+        steps = self.focusft.inner_steps
+        for unit in self.units:
+            stage = self.stages[unit.stage]
+            slot = stage.slots[unit.micro_batch]
+            if unit.backward:
+                (stage.outer_backward if unit.step == steps else stage.inner_backward)(unit, slot)
+            else:
+                (stage.outer_forward if unit.step == steps else stage.inner_forward)(unit, slot)
+        if not self.link.drained():
+            raise RuntimeError("planned messages were left unreceived (the plan and the stages disagree)")
+        # The guard's re-runs: every rank has the same micro-batches (the flags went down through
+        # every stage); per micro-batch, the forwards in layer order then the backwards in reverse.
+        for m in range(len(next(iter(self.stages.values())).slots)):
+            chain = [stage for _, stage in sorted(self.stages.items()) if stage.slots[m].rerun is not None]
+            for stage in chain:
+                stage.rerun_forward(stage.slots[m])
+            for stage in reversed(chain):
+                stage.rerun_backward(stage.slots[m])
+        self.link.close()
+        if self.config.finalize_model_grads_func is not None:
+            self.config.finalize_model_grads_func(
+                self.chunks, self.num_tokens if self.config.calculate_per_token_loss else None)
+        if timers is not None:
+            timers("forward-backward").stop()
+        return self.store
+
+
+class _Stage:
+    """One pipeline stage (a model chunk) of this rank and its micro-batches' units."""
+
+    def __init__(self, run: _Run, stage: int, model, gpt, step: FocusftForwardStep, micro_batches: list,
+                 initial: list) -> None:
+        self.run, self.stage, self.model, self.gpt = run, stage, model, gpt
+        self.config, self.focusft, self.parallel, self.link = run.config, run.focusft, run.parallel, run.link
+        self.k, self.steps = run.k, self.focusft.inner_steps
+        self.last = self.gpt.post_process
+        self.bottom, self.top = layer_ranges(self.gpt, self.focusft)
+        self.rows = 2 if self.focusft.inner_objective == "context" else 1
+        self.slots = [_Slot(step.initial_state(self.gpt, batch, self.top, self.parallel, fast_weights))
+                      for batch, fast_weights in zip(micro_batches, initial)]
+        for slot in self.slots:
+            slot.inner.active = slot.inner.has_targets.clone()
+
+    # --- shapes, messages and timers --------------------------------------------------------
 
     def _activation(self, slot: _Slot, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
         batch = slot.inner.batch
         s = batch.tokens.shape[1] // (self.parallel.tp_size if self.config.sequence_parallel else 1)
         return (s, rows * batch.tokens.shape[0], self.config.hidden_size), self.config.pipeline_dtype
 
+    def receives(self, unit: Unit) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """What `unit` of this stage receives (message_target's sender sends exactly that)."""
+        slot = self.slots[unit.micro_batch]
+        n = slot.inner.num_samples
+        if unit.backward:
+            if unit.step < self.steps:
+                return [self._activation(slot, 1), ((3 * n,), _CONTROL)]
+            return [((n,), _CONTROL), self._activation(slot, self.rows)]
+        if self.stage <= self.k:  # only pass 0 receives here (stage k keeps its inputs after that)
+            return [self._activation(slot, self.rows)]
+        if unit.step == self.steps:
+            return [self._activation(slot, self.rows), ((n + 1,), _CONTROL)]
+        return [self._activation(slot, 1)] + ([((n,), _CONTROL)] if unit.step else [])
+
     def _timer(self, name: str, start: bool) -> None:
         timers = self.config.timers
         if timers is not None:
             (timers(name, log_level=2).start() if start else timers(name).stop())
 
-    def _recv(self, specs, from_prev: bool) -> list[torch.Tensor]:
-        return self.link.recv(specs, from_prev, self.slots[0].inner.batch.tokens.device)
-
-    # --- the iteration ----------------------------------------------------------------------
-
-    def execute(self) -> list:
-        timers = self.config.timers
-        if timers is not None:
-            timers("forward-backward", log_level=1).start()
-        for unit in self.units:
-            slot = self.slots[unit.micro_batch]
-            if unit.backward:
-                (self._outer_backward if unit.step == self.steps else self._inner_backward)(unit, slot)
-            else:
-                (self._outer_forward if unit.step == self.steps else self._inner_forward)(unit, slot)
-        for slot in self.slots:  # every stage has the same ones: the flags went down through all of them
-            if slot.rerun is not None:
-                self._rerun(slot)
-        self.link.close()
-        if self.config.finalize_model_grads_func is not None:
-            self.config.finalize_model_grads_func(
-                [self.model], self.num_tokens if self.config.calculate_per_token_loss else None)
-        if timers is not None:
-            timers("forward-backward").stop()
-        return self.store
-
     def _record(self, unit: Unit, started: float) -> None:
-        self.records.append(UnitRecord(unit, time.perf_counter() - started))
+        self.run.records.append(UnitRecord(unit, time.perf_counter() - started))
 
     def _megatron_forward(self, slot: _Slot, func, input_tensor: torch.Tensor | None,
                           count_tokens: bool = True) -> torch.Tensor:
         """Megatron's forward_step (input set on the model, loss function on the last stage)."""
         output, num_tokens = forward_step(
-            lambda _it, _model: func(), iter(()), self.model, len(self.slots), input_tensor, self.store, self.config,
-            self.parallel.cp_size, is_last_stage=self.last)
+            lambda _it, _model: func(), iter(()), self.model, len(self.slots), input_tensor, self.run.store,
+            self.config, self.parallel.cp_size, is_last_stage=self.last)
         if count_tokens:
-            self.num_tokens += num_tokens
+            self.run.num_tokens += num_tokens
         return output
 
     # --- inner passes -----------------------------------------------------------------------
 
-    def _inner_forward(self, unit: Unit, slot: _Slot) -> None:
+    def inner_forward(self, unit: Unit, slot: _Slot) -> None:
         state, batch = slot.inner, slot.inner.batch
         if self.stage < self.k:  # pass 0 below the adapted stages: the outer forward, once
-            received = self._recv([self._activation(slot, self.rows)], True)[0].requires_grad_() \
-                if self.stage > 0 else None
+            received = self.link.take(unit)[0].requires_grad_() if self.stage > 0 else None
             started = time.perf_counter()
             slot.stage_in = received
             slot.outer_out = self._megatron_forward(
@@ -284,16 +392,14 @@ class _Run:
         control = None
         if self.stage == self.k:
             if unit.step == 0:
-                received = self._recv([self._activation(slot, self.rows)], True)[0].requires_grad_() \
-                    if self.stage > 0 else None
+                received = self.link.take(unit)[0].requires_grad_() if self.stage > 0 else None
                 started = time.perf_counter()
                 self._entry(slot, received)
             else:
                 started = time.perf_counter()
             hidden = slot.h_inner
         else:
-            specs = [self._activation(slot, 1)] + ([((state.num_samples,), _CONTROL)] if unit.step else [])
-            received = self._recv(specs, True)
+            received = self.link.take(unit)
             started = time.perf_counter()
             if unit.step:
                 control = received[1]
@@ -336,11 +442,11 @@ class _Run:
                 slot.h_inner = forward_layers(self.gpt, causal_hidden, state.objective.mask, slot.rotary, self.bottom)
         self._timer("forward-compute", False)
 
-    def _inner_backward(self, unit: Unit, slot: _Slot) -> None:
+    def inner_backward(self, unit: Unit, slot: _Slot) -> None:
         state, n = slot.inner, slot.inner.num_samples
         above = None
         if not self.last:
-            grad, above = self._recv([self._activation(slot, 1), ((3 * n,), _CONTROL)], False)
+            grad, above = self.link.take(unit)
         started = time.perf_counter()
         self._timer("backward-compute", True)
         self._timer(INNER, True)
@@ -395,14 +501,14 @@ class _Run:
 
     # --- the outer pass ---------------------------------------------------------------------
 
-    def _outer_forward(self, unit: Unit, slot: _Slot) -> None:
+    def outer_forward(self, unit: Unit, slot: _Slot) -> None:
         state, batch, n = slot.inner, slot.inner.batch, slot.inner.num_samples
         if self.stage == self.k:
             started = time.perf_counter()
             decision, sq_sum = slot.decision, torch.zeros((), dtype=_CONTROL, device=state.counts.device)
             hidden, inner_hidden, received = slot.h_bottom, slot.h_inner, None
         else:
-            received, control = self._recv([self._activation(slot, self.rows), ((n + 1,), _CONTROL)], True)
+            received, control = self.link.take(unit)
             started = time.perf_counter()
             received.requires_grad_()
             decision, sq_sum = control[:n].bool(), control[n]
@@ -412,7 +518,7 @@ class _Run:
             slot.stage_in = received  # slot.rotary: set by the inner passes
         own = update_sq_norm(state.initial, state.tensors, self.parallel)
         slot.sq_sum = sq_sum + own.to(device=sq_sum.device, dtype=_CONTROL)
-        slot.store_index = len(self.store)
+        slot.store_index = len(self.run.store)
         slot.outer_out = self._megatron_forward(slot, functools.partial(self._outer, slot, hidden, inner_hidden),
                                                 received)
         self._record(unit, started)
@@ -444,15 +550,17 @@ class _Run:
         output = FocusftOutput(per_token_loss, state.result(), loss_after, slot.sq_sum.float().sqrt().cpu())
         return per_token_loss, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
 
-    def _outer_backward(self, unit: Unit, slot: _Slot) -> None:
-        n = slot.inner.num_samples
-        broken = slot.broken if self.last else self._recv([((n,), _CONTROL)], False)[0].bool()
-        if bool(broken.any()):  # the guard's outer check: the backward waits for the re-run (_rerun)
+    def outer_backward(self, unit: Unit, slot: _Slot) -> None:
+        if self.last:
+            broken, grad = slot.broken, None
+        else:
+            flags, grad = self.link.take(unit)
+            broken = flags.bool()
+        if bool(broken.any()):  # the guard's outer check: the backward waits for the re-run
             slot.rerun = broken
-            if self.stage > 0:
-                self.link.send([broken.to(_CONTROL)], to_next=False)
+            if self.stage > 0:  # the gradient is a placeholder: every planned message has one shape
+                self.link.send([broken.to(_CONTROL), torch.zeros_like(slot.stage_in)], to_next=False)
             return
-        grad = None if self.last else self._recv([self._activation(slot, self.rows)], False)[0]
         started = time.perf_counter()
         input_grad = backward_step(slot.stage_in, slot.outer_out, grad, self.config)
         self._record(unit, started)
@@ -463,35 +571,40 @@ class _Run:
     def _release(self, slot: _Slot) -> None:
         slot.outer_out = slot.stage_in = slot.h_bottom = slot.h_inner = None
 
-    def _rerun(self, slot: _Slot) -> None:
+    def rerun_forward(self, slot: _Slot) -> None:
         """The guard's outer re-run of one micro-batch, as focusft_forward makes it in one process:
         the broken samples' fast weights back to their initial values (all their steps counted as
-        skipped), the outer forward again on stages k..P-1 (the stages below k keep theirs), its
-        store entry replaced, then its outer backward on every stage. Made once (no second check)."""
+        skipped) and the outer forward again on stages k.. (the stages below k keep theirs), its
+        store entry replaced. Made once (no second check); rerun_backward follows."""
+        if self.stage < self.k:
+            return
         state, batch = slot.inner, slot.inner.batch
-        if self.stage >= self.k:
-            broken = slot.rerun.to(state.active.device)
-            state.tensors = reset_samples(state.tensors, state.initial, broken)
-            state.skipped = torch.where(broken, self.steps, state.skipped)
-            if self.stage == self.k:
-                received, sq_sum = None, torch.zeros((), dtype=_CONTROL, device=state.counts.device)
-                hidden, inner_hidden = slot.h_bottom, slot.h_inner
-            else:
-                received, control = self._recv([self._activation(slot, self.rows), ((1,), _CONTROL)], True)
-                received.requires_grad_()
-                b = batch.tokens.shape[0]
-                hidden, inner_hidden, sq_sum = received[:, :b], received[:, b:].detach(), control[0]
-                slot.stage_in = received
-            own = update_sq_norm(state.initial, state.tensors, self.parallel)
-            slot.sq_sum = sq_sum + own.to(device=sq_sum.device, dtype=_CONTROL)
-            entry = len(self.store)
-            slot.outer_out = self._megatron_forward(slot, functools.partial(self._outer, slot, hidden, inner_hidden),
-                                                    received, count_tokens=False)  # counted by the first pass
-            if self.last:
-                self.store[slot.store_index] = self.store.pop(entry)
-            else:
-                self.link.send([slot.outer_out, slot.sq_sum.view(1)], to_next=True)
-        grad = None if self.last else self._recv([self._activation(slot, self.rows)], False)[0]
+        broken = slot.rerun.to(state.active.device)
+        state.tensors = reset_samples(state.tensors, state.initial, broken)
+        state.skipped = torch.where(broken, self.steps, state.skipped)
+        if self.stage == self.k:
+            received, sq_sum = None, torch.zeros((), dtype=_CONTROL, device=state.counts.device)
+            hidden, inner_hidden = slot.h_bottom, slot.h_inner
+        else:
+            received, control = self.link.recv([self._activation(slot, self.rows), ((1,), _CONTROL)], True,
+                                               self.run.device)
+            received.requires_grad_()
+            b = batch.tokens.shape[0]
+            hidden, inner_hidden, sq_sum = received[:, :b], received[:, b:].detach(), control[0]
+            slot.stage_in = received
+        own = update_sq_norm(state.initial, state.tensors, self.parallel)
+        slot.sq_sum = sq_sum + own.to(device=sq_sum.device, dtype=_CONTROL)
+        entry = len(self.run.store)
+        slot.outer_out = self._megatron_forward(slot, functools.partial(self._outer, slot, hidden, inner_hidden),
+                                                received, count_tokens=False)  # counted by the first pass
+        if self.last:
+            self.run.store[slot.store_index] = self.run.store.pop(entry)
+        else:
+            self.link.send([slot.outer_out, slot.sq_sum.view(1)], to_next=True)
+
+    def rerun_backward(self, slot: _Slot) -> None:
+        """The re-run micro-batch's outer backward on this stage."""
+        grad = None if self.last else self.link.recv([self._activation(slot, self.rows)], False, self.run.device)[0]
         input_grad = backward_step(slot.stage_in, slot.outer_out, grad, self.config)
         self._release(slot)
         if self.stage > 0:

@@ -303,7 +303,10 @@ class FocusftForwardStep(ForwardStep):
             timers(INNER).stop()
         self._prepared = collections.deque(states)
 
-    def initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range, parallel: ParallelContext) -> MicroBatchInner:
+    def initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range, parallel: ParallelContext,
+                      fast_weights: FastWeights | None = None) -> MicroBatchInner:
+        """The micro-batch's inner-loop state on this stage; fast_weights: its unsharded initial fast
+        weights when already drawn (once per micro-batch and rank), else fast_weights_for(batch)."""
         sample_index, n = batch.sample_index, batch.num_samples
         objective = inner_targets(batch, self.config.inner_objective)
         scored = objective.targets & (sample_index >= 0)
@@ -311,7 +314,8 @@ class FocusftForwardStep(ForwardStep):
         initial: FastWeights = {}
         if top:
             mine = {gpt.decoder.layers[index].layer_number for index in top}
-            initial = shard_fast_weights({k: v for k, v in self.fast_weights_for(batch).items() if k[0] in mine},
+            drawn = self.fast_weights_for(batch) if fast_weights is None else fast_weights
+            initial = shard_fast_weights({k: v for k, v in drawn.items() if k[0] in mine},
                                          parallel.tp_rank, parallel.tp_size)
         device = batch.tokens.device
         return MicroBatchInner(

@@ -26,6 +26,7 @@ def build_gpt_model(
     *,
     pre_process: bool = True,
     post_process: bool = True,
+    vp_stage: int | None = None,
 ) -> GPTModel:
     """A Llama-like GPTModel of shape `preset` (RoPE, optional Llama 3 RoPE scaling, tied or
     untied output layer); logits come out [b, s, vocab/tp].
@@ -35,7 +36,7 @@ def build_gpt_model(
     kept on the model (`model_shape`): checkpoints record it.
     """
     if isinstance(layer_spec, ModuleSpec) and issubclass(layer_spec.module, BaseTransformerLayer):
-        layer_spec = get_decoder_block_spec(layer_spec, config, fast_weights)
+        layer_spec = get_decoder_block_spec(layer_spec, config, fast_weights, vp_stage=vp_stage)
     scaling = preset.rope_scaling
     model = GPTModel(
         config=config,
@@ -44,6 +45,7 @@ def build_gpt_model(
         max_sequence_length=preset.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
+        vp_stage=vp_stage,
         share_embeddings_and_output_weights=preset.share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=preset.rotary_base,

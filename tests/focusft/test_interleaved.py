@@ -79,3 +79,17 @@ def test_the_guards_outer_rerun_matches_one_process(worker_pool, objective, frac
         assert log["inner skipped steps"][0] > 0 and torch.isfinite(log["lm loss"][0])
     parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=fraction, schedule="interleaved")
     check_parity(reference, parallel, focusft=True)
+
+
+@pytest.mark.parametrize("objective, fraction", [("response", 0.5), ("context", 0.75)],
+                         ids=["response-adapted-on-both-chunks-of-rank-0-and-1", "context-adapted-from-stage-1"])
+def test_virtual_stages_match_one_process(worker_pool, objective, fraction):
+    """Two model chunks per rank (four stages of one layer, stage s on rank s mod 2): the messages
+    of both chunks share each link, in the sender's order (interleaved._Link)."""
+    pool = worker_pool(2)
+    batches = pipeline_batches("focusft")
+    focusft = {"inner_objective": objective}
+    reference = reference_step(pool, batches, focusft, layer_fraction=fraction)
+    parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=fraction, schedule="interleaved", virtual=2)
+    assert {r["pp_rank"]: r["layers"] for r in parallel} == {0: [1, 3], 1: [2, 4]}
+    check_parity(reference, parallel, focusft=True)

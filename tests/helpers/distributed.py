@@ -97,8 +97,9 @@ class WorkerPool:
                 proc.kill()
 
 
-def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234) -> None:
-    """(Re)initialise Megatron's parallel state on a worker and seed torch identically on all ranks."""
+def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234, vp: int | None = None) -> None:
+    """(Re)initialise Megatron's parallel state on a worker and seed torch identically on all ranks
+    (vp: virtual pipeline stages per rank)."""
     import torch
     from megatron.core import parallel_state
 
@@ -106,6 +107,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, seed: int = 1234)
 
     release_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+        virtual_pipeline_model_parallel_size=vp,
     )
     torch.manual_seed(seed)

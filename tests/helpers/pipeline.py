@@ -46,14 +46,21 @@ def _renumber(name: str, offset: int) -> str:
 
 def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
          timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None,
-         perturb_seed: int | None = None, schedule: str = "sequential", layout: str | None = None) -> dict:
+         perturb_seed: int | None = None, schedule: str = "sequential", layout: str | None = None,
+         virtual: int | None = None) -> dict:
     """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
     else Megatron's); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
-    one ulp, for the noise band); `layout`: the stages' layers as a pipeline layout string instead."""
+    one ulp, for the noise band); `layout`: the stages' layers as a pipeline layout string instead;
+    `virtual`: that many model chunks per rank (virtual stages, FocuSFT's interleaved schedule)."""
     from megatron.core import parallel_state
 
     from megatron_focusft.data.cp_split import split_batch_for_cp
-    from megatron_focusft.engine.pipeline import collect_stage_times, schedule_timers, stage_layer_numbers
+    from megatron_focusft.engine.pipeline import (
+        collect_stage_times,
+        schedule_timers,
+        stage_layer_numbers,
+        stage_of_chunk,
+    )
     from megatron_focusft.engine.setup import ModelSetup, build_model
     from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
     from megatron_focusft.sft import sft_forward_step
@@ -64,20 +71,25 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
     init_model_parallel(tp=tp, seed=21)
     whole, _ = build_model(ModelSetup(tensor_model_parallel_size=tp, sequence_parallel=sp, fast_weights=fast))
     weights = whole.module.state_dict()
-    init_model_parallel(tp=tp, pp=pp, cp=cp, seed=99)  # another seed: the stage's own init is overwritten
+    init_model_parallel(tp=tp, pp=pp, cp=cp, seed=99, vp=virtual)  # another seed: the stage's own init is overwritten
     first_layers = None if last_stage_layers is None else 4 - last_stage_layers
-    model, config = build_model(ModelSetup(
+    setup = ModelSetup(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp, fast_weights=fast,
-        context_parallel_size=cp, pipeline_model_parallel_layout=layout,
-        num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers))
+        context_parallel_size=cp, pipeline_model_parallel_layout=layout, virtual_pipeline_model_parallel_size=virtual,
+        num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers)
+    built = [build_model(setup, vp_stage=v) for v in range(virtual)] if virtual else [build_model(setup)]
+    models, config = [model for model, _ in built], built[0][1]
+    model = models[0]
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
     # Under CP every rank holds its load-balanced chunks of each row (and the global mask).
     local = [split_batch_for_cp(batch, cp, cp_rank) for batch in batches] if cp > 1 else batches
-    offset = stage_layer_numbers(config, pp_rank)[0] - 1
-    model.module.load_state_dict({k: weights[_renumber(k, offset)] for k in model.module.state_dict()})
-    if perturb_seed is not None:
-        perturb_by_one_ulp(model.module, perturb_seed)
+    offsets = [stage_layer_numbers(config, stage_of_chunk(config, pp_rank, v if virtual else None))[0] - 1
+               for v in range(len(models))]
+    for chunk, offset in zip(models, offsets):
+        chunk.module.load_state_dict({k: weights[_renumber(k, offset)] for k in chunk.module.state_dict()})
+        if perturb_seed is not None:
+            perturb_by_one_ulp(chunk.module, perturb_seed)
     if focusft is None:
         forward_step = sft_forward_step
     else:
@@ -86,17 +98,20 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
                                                                **focusft), lambda _: initial())
     if timed:
         config.timers = schedule_timers()
-    model.zero_grad_buffer()
+    for chunk in models:
+        chunk.zero_grad_buffer()
     if focusft is not None:  # as engine.train_step.train_step does
         forward_step.prepare(model, local)
     logs = forward_step.forward_backward_func(model)(
-        forward_step_func=forward_step, data_iterator=iter(local), model=[model], num_microbatches=len(local),
+        forward_step_func=forward_step, data_iterator=iter(local), model=models, num_microbatches=len(local),
         seq_length=batches[0].tokens.shape[1], micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
     grads = {_renumber(name, offset): (p.main_grad.clone(), getattr(p, "partition_dim", -1),
                                        getattr(p, "partition_stride", 1))
-             for name, p in model.module.named_parameters()}
+             for chunk, offset in zip(models, offsets) for name, p in chunk.module.named_parameters()}
     return {"logs": logs, "grads": grads, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-            "pp_rank": pp_rank, "cp_rank": cp_rank, "layers": list(stage_layer_numbers(config, pp_rank)),
+            "pp_rank": pp_rank, "cp_rank": cp_rank,
+            "layers": [n for v in range(len(models))
+                       for n in stage_layer_numbers(config, stage_of_chunk(config, pp_rank, v if virtual else None))],
             "stage_times": collect_stage_times(config.timers) if timed else None}
 
 
