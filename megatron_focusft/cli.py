@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--warmup", type=int, default=pipe_defaults.warmup, help="untimed steps first")
     pipe.add_argument("--simulate-stages", type=_int_list, default=",".join(map(str, pipe_defaults.simulate_stages)),
                       help="PP sizes to simulate from the measured layer costs")
+    pipe.add_argument("--virtual-stages", type=_int_list, default=",".join(map(str, pipe_defaults.virtual_stages)),
+                      help="also run the interleaved schedule with this many model chunks per rank (virtual "
+                           "pipeline stages, even chunks; where the layers split evenly)")
     pipe.add_argument("--simulate-virtual-stages", type=_int_list,
                       default=",".join(map(str, pipe_defaults.simulate_virtual_stages)),
                       help="virtual pipeline stages per device to simulate at each --simulate-stages size "
@@ -245,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 preset=args.preset, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                 num_micro_batches=args.num_micro_batches, inner_steps=args.inner_steps,
                 inner_objective=args.inner_objective, iters=args.iters, warmup=args.warmup,
-                simulate_stages=args.simulate_stages, simulate_virtual_stages=args.simulate_virtual_stages,
+                virtual_stages=args.virtual_stages, simulate_stages=args.simulate_stages,
+                simulate_virtual_stages=args.simulate_virtual_stages,
                 simulate_micro_batches=args.simulate_micro_batches)
         else:
             from megatron_focusft.bench.attention import AttentionBenchConfig

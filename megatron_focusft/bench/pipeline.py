@@ -4,17 +4,18 @@ Launched with torchrun over P ranks (PP = P, TP = CP = 1, one rank per stage). O
 - "sequential, even split": Megatron's 1F1B with the inner loop in the last stage's forward (or in
   schedule calls of its own, if the adapted layers span stages), layers split evenly (today's default);
 - "sequential, balanced split" and "interleaved, balanced split": the split `best_split` picks from the
-  layer costs measured on the first model (focusft/pipeline_measure.py), under each schedule.
+  layer costs measured on the first model (focusft/pipeline_measure.py), under each schedule;
+- "interleaved, V virtual stages per device" (`--virtual-stages`): V model chunks per rank, even
+  chunks (Megatron's interleaved placement: stage s on rank s mod P).
 Their optimizer steps on the same micro-batches alternate, repetition by repetition, so a machine
 shared with other work disturbs them alike. Per schedule: the median step time, tokens/s, every
 stage's busy share ((forward + backward compute) / step time, Megatron's schedule timers), pipeline
 efficiency (their mean) and bubble fraction (1 - efficiency).
 
-The simulator (engine/pipeline_plan.py): the interleaved run's measured unit times (mean per stage
+The simulator (engine/pipeline_plan.py): each interleaved run's measured unit times (mean per stage
 and unit kind) replayed give its predicted forward-backward time, against the measured one; the
-measured layer costs give the balanced split and simulated efficiency at other PP sizes, and with
-virtual pipeline stages (Megatron's interleaved placement, even chunks; simulated only: the executor
-runs one stage per device).
+measured layer costs give the balanced split and simulated efficiency at other PP sizes, also
+with virtual pipeline stages (even chunks).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class PipelineBenchConfig:
     iters: int = 3
     warmup: int = 1
     simulate_stages: tuple[int, ...] = (4, 8)
+    virtual_stages: tuple[int, ...] = (2,)
     simulate_virtual_stages: tuple[int, ...] = (2, 4)
     simulate_micro_batches: int = 16
     seed: int = 1234
@@ -71,6 +73,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.engine.pipeline import (
         collect_stage_times,
         layout_of_counts,
+        num_pipeline_stages,
         schedule_timers,
         stage_layer_numbers,
     )
@@ -97,36 +100,40 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     batches = [_batch(config.seq_length, config.micro_batch_size, preset.vocab_size, torch.device("cpu"),
                       config.seed + m) for m in range(config.num_micro_batches)]
 
-    def build(layout: str | None, schedule: str):
+    def build(layout: str | None, schedule: str, virtual: int | None = None):
         torch.manual_seed(config.seed)
-        model, model_config = build_model(ModelSetup(
-            preset=config.preset, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=layout,
-            fast_weights=fast))
-        model_config.timers = schedule_timers()
+        setup = ModelSetup(preset=config.preset, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=layout,
+                           virtual_pipeline_model_parallel_size=virtual, fast_weights=fast)
+        built = [build_model(setup, vp_stage=v) for v in range(virtual)] if virtual else [build_model(setup)]
+        chunks, model_config = [chunk for chunk, _ in built], built[0][1]
+        model_config.timers = schedule_timers()  # the schedules time with the first chunk's config
         focusft = FocusftConfig(inner_steps=config.inner_steps, inner_objective=config.inner_objective,
                                 pipeline_schedule=schedule, fast_weights=fast)
         source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed)
-        return model, model_config, build_optimizer(model, OptimizerSetup()), make_focusft_forward_step(focusft, source)
+        return chunks, model_config, build_optimizer(chunks, OptimizerSetup()), make_focusft_forward_step(focusft, source)
 
     even = build(None, "sequential")
     probe_source = SeededFastWeights(fast_weight_layout(even[1], fast), fast.rank, config.seed + 1)
-    costs = measure_layer_costs(even[0].module, batches[0], even[3].config, probe_source(batches[0]))
+    costs = measure_layer_costs(even[0][0].module, batches[0], even[3].config, probe_source(batches[0]))
     chosen = best_split(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
                         costs)
     balanced = layout_of_counts(chosen.counts)
     runs = {"sequential, even split": even, "sequential, balanced split": build(balanced, "sequential"),
             "interleaved, balanced split": build(balanced, "interleaved")}
+    for virtual in config.virtual_stages:
+        if preset.num_layers % (pp * virtual) == 0:
+            runs[f"interleaved, {virtual} virtual stages per device"] = build(None, "interleaved", virtual)
     step_s: dict[str, list[float]] = defaultdict(list)
     busy: dict[str, list[list[float]]] = defaultdict(list)
     fb_s: dict[str, list[float]] = defaultdict(list)
-    unit_s: dict[tuple[int, str], list[float]] = defaultdict(list)
-    interleaved = runs["interleaved, balanced split"]
-    pipeline = focusft_pipeline(interleaved[1], interleaved[3].config, config.num_micro_batches)
+    unit_s: dict[str, dict[tuple[int, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    pipelines = {name: focusft_pipeline(run[1], run[3].config, config.num_micro_batches)
+                 for name, run in runs.items() if name.startswith("interleaved")}
     for rep in range(config.warmup + config.iters):
-        for name, (model, model_config, optimizer, forward_step) in runs.items():
+        for name, (chunks, model_config, optimizer, forward_step) in runs.items():
             dist.barrier()
             t0 = time.perf_counter()
-            train_step(model, optimizer, batches, forward_step)
+            train_step(chunks, optimizer, batches, forward_step)
             dt = time.perf_counter() - t0
             dt = max(_all(dt))  # the step ends when its slowest stage does
             times = collect_stage_times(model_config.timers)
@@ -135,13 +142,9 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             step_s[name].append(dt)
             busy[name].append([(t.forward + t.backward) / dt for t in times])
             fb_s[name].append(max(t.total for t in times))
-            if forward_step.interleaved(model):
-                for record in forward_step.forward_backward_func(model).records:
-                    unit_s[(record.unit.stage, _unit_kind(record.unit, pipeline))].append(record.seconds)
-    measured_units = _gather_units(unit_s)
-    # The order the executor ran (planned from nominal costs), replayed with the measured unit times.
-    planned = pipeline.simulate(NOMINAL_COSTS).order
-    predicted = pipeline.simulate(lambda u: measured_units[(u.stage, _unit_kind(u, pipeline))], planned).makespan
+            if name in pipelines:
+                for record in forward_step.forward_backward_func(chunks[0]).records:
+                    unit_s[name][(record.unit.stage, _unit_kind(record.unit, pipelines[name]))].append(record.seconds)
     tokens = config.num_micro_batches * config.micro_batch_size * config.seq_length
     base = statistics.median(step_s["sequential, even split"])
     records = []
@@ -152,16 +155,23 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             "schedule": name, "stages": pp, "preset": config.preset, "micro_batches": config.num_micro_batches,
             "micro_batch_size": config.micro_batch_size, "seq_length": config.seq_length,
             "inner_steps": config.inner_steps, "inner_objective": config.inner_objective,
-            "layers_per_stage": [len(stage_layer_numbers(runs[name][1], s)) for s in range(pp)],
+            "layers_per_stage": [len(stage_layer_numbers(runs[name][1], s))
+                                 for s in range(num_pipeline_stages(runs[name][1]))],
             "step_s": median, "tokens_per_s": tokens / median, "speedup_vs_sequential_even": base / median,
             "stage_busy_share": shares, "pipeline_efficiency": statistics.mean(shares),
             "bubble_fraction": 1 - statistics.mean(shares), "forward_backward_s": statistics.median(fb_s[name]),
         })
-    measured_fb = statistics.median(fb_s["interleaved, balanced split"])
-    unit_busy = [sum(measured_units[(u.stage, _unit_kind(u, pipeline))] for u in planned[s]) for s in range(pp)]
-    records.append({"simulator": "interleaved, balanced split", "stages": pp, "predicted_forward_backward_s": predicted,
-                    "measured_forward_backward_s": measured_fb, "predicted_over_measured": predicted / measured_fb,
-                    "measured_unit_busy_s": unit_busy})
+    for name, pipeline in pipelines.items():
+        measured_units = _gather_units(unit_s[name])
+        # The order the executor ran (planned from nominal costs), replayed with the measured unit times.
+        planned = pipeline.simulate(NOMINAL_COSTS)
+        # (With virtual stages each stage keeps its order; a device runs its earliest ready unit.)
+        timeline = pipeline.simulate(lambda u: measured_units[(u.stage, _unit_kind(u, pipeline))], planned.order)
+        measured_fb = statistics.median(fb_s[name])
+        records.append({"simulator": name, "stages": pp, "predicted_forward_backward_s": timeline.makespan,
+                        "measured_forward_backward_s": measured_fb,
+                        "predicted_over_measured": timeline.makespan / measured_fb,
+                        "measured_unit_busy_s": [timeline.device_busy(d) for d in range(pp)]})
     for stages in config.simulate_stages:
         if stages > preset.num_layers:
             continue
@@ -212,7 +222,7 @@ def _line(record: dict[str, Any]) -> str:
                 f" busy {shares}, efficiency {100 * record['pipeline_efficiency']:.0f}%, layers "
                 f"{record['layers_per_stage']}")
     if "simulator" in record:
-        return (f"simulator, PP {record['stages']}: predicted {record['predicted_forward_backward_s']:.3f} s vs "
+        return (f"simulator ({record['simulator']}), PP {record['stages']}: predicted {record['predicted_forward_backward_s']:.3f} s vs "
                 f"measured {record['measured_forward_backward_s']:.3f} s ({record['predicted_over_measured']:.2f}x)")
     if "simulated_stages" in record:
         return (f"simulated PP {record['simulated_stages']}, {record['micro_batches']} micro-batches, "

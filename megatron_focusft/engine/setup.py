@@ -151,10 +151,12 @@ def build_model(setup: ModelSetup, vp_stage: int | None = None) -> tuple[Distrib
     return ddp, config
 
 
-def build_optimizer(model: DistributedDataParallel, setup: OptimizerSetup, bf16: bool = False) -> MegatronOptimizer:
+def build_optimizer(model: DistributedDataParallel | list[DistributedDataParallel], setup: OptimizerSetup,
+                    bf16: bool = False) -> MegatronOptimizer:
+    """Megatron's Adam over the model (or its model chunks, virtual pipeline stages)."""
     config = OptimizerConfig(
         optimizer="adam", lr=setup.lr, min_lr=setup.min_lr, weight_decay=setup.weight_decay,
         adam_beta1=setup.adam_beta1, adam_beta2=setup.adam_beta2, clip_grad=setup.clip_grad,
         bf16=bf16, fp16=False,
     )
-    return get_megatron_optimizer(config, [model])
+    return get_megatron_optimizer(config, model if isinstance(model, list) else [model])

@@ -39,7 +39,7 @@ class ForwardStep:
 
 
 def train_step(
-    model: DistributedDataParallel,
+    model: DistributedDataParallel | list[DistributedDataParallel],
     optimizer: MegatronOptimizer,
     micro_batches: list[SegmentBatch],
     forward_step: ForwardStep,
@@ -47,24 +47,28 @@ def train_step(
     """One optimizer step over `micro_batches`: token-mean loss, token count, grad norm, and the mean
     of every other [sum, count] log of the forward step (e.g. inner_loss_before for FocuSFT).
 
-    Under pipeline parallelism the losses exist on the last stage; every stage returns them.
+    model: this rank's model, or its model chunks in order (virtual pipeline stages). Under
+    pipeline parallelism the losses exist on the last stage; every stage returns them.
     """
-    model.zero_grad_buffer()
+    chunks = model if isinstance(model, list) else [model]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    model = chunks[0]
     forward_step.prepare(model, micro_batches)
     # Under context parallelism tokens are this rank's share; Megatron's schedules take the global length.
     b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
     logs = forward_step.forward_backward_func(model)(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),
-        model=[model],
+        model=chunks,
         num_microbatches=len(micro_batches),
         seq_length=s,
         micro_batch_size=b,
         forward_only=False,
     )
     _, grad_norm, _ = optimizer.step()
-    last_stage = model.module.post_process
+    last_stage = chunks[-1].module.post_process
     stats = _summarise(logs, float(grad_norm)) if last_stage else None
     return _from_last_stage(stats, ParallelContext.of(model))
 

@@ -1,4 +1,4 @@
-"""`focusft bench pipeline` runs the three schedules, the layer-cost measurement, the balance and the
+"""`focusft bench pipeline` runs the schedules (with virtual stages too), the layer-cost measurement, the balance and the
 simulator end to end on two gloo ranks (tiny preset, small shapes). No timing is asserted: speed is
 measured by the benchmark (docs/BENCHMARKS.md); this checks the records are whole and consistent."""
 
@@ -20,21 +20,25 @@ def _bench(config: PipelineBenchConfig) -> list[dict]:
 
 def test_bench_pipeline_reports_every_schedule_and_the_simulator(worker_pool):
     config = PipelineBenchConfig(preset="tiny", seq_length=32, num_micro_batches=2, iters=1, warmup=0,
-                                 simulate_stages=(2,), simulate_virtual_stages=(2, 3), simulate_micro_batches=4)
+                                 virtual_stages=(2, 3), simulate_stages=(2,), simulate_virtual_stages=(2, 3),
+                                 simulate_micro_batches=4)
     records = worker_pool(2).run(_bench, config)
     assert records[0] == records[1]  # every figure is gathered: both ranks report the same
     runs = [r for r in records[0] if "schedule" in r]
+    # tiny: 4 layers; 2 x 3 virtual stages do not divide them, so that size is left out.
     assert [r["schedule"] for r in runs] == ["sequential, even split", "sequential, balanced split",
-                                             "interleaved, balanced split"]
+                                             "interleaved, balanced split", "interleaved, 2 virtual stages per device"]
+    assert runs[3]["layers_per_stage"] == [1, 1, 1, 1]
     for run in runs:
         assert sum(run["layers_per_stage"]) == 4 and run["tokens_per_s"] > 0
         assert all(0 < share <= 1 for share in run["stage_busy_share"])
         assert run["pipeline_efficiency"] == pytest.approx(sum(run["stage_busy_share"]) / 2)
     assert runs[1]["layers_per_stage"] == runs[2]["layers_per_stage"]
-    (sim,) = [r for r in records[0] if "simulator" in r]
-    assert sim["predicted_forward_backward_s"] > 0 and len(sim["measured_unit_busy_s"]) == 2
+    sims = [r for r in records[0] if "simulator" in r]
+    assert [r["simulator"] for r in sims] == [runs[2]["schedule"], runs[3]["schedule"]]
+    for sim in sims:
+        assert sim["predicted_forward_backward_s"] > 0 and len(sim["measured_unit_busy_s"]) == 2
     simulated = [r for r in records[0] if "simulated_stages" in r]
-    # tiny: 4 layers; 2 x 3 virtual stages do not divide them, so that size is left out.
     assert [(r["simulated_stages"], r["split"]) for r in simulated] == [
         (2, "first/last-stage flags"), (2, "any layer count per stage"), (2, "2 virtual stages per device, even")]
     assert simulated[2]["layers_per_stage"] == [1, 1, 1, 1] and len(simulated[2]["predicted_stage_busy_s"]) == 2
