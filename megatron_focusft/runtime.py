@@ -109,9 +109,10 @@ def release_model_parallel() -> None:
 @contextmanager
 def megatron_session(
     tensor_model_parallel_size: int = 1, seed: int = 1234, context_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1, virtual_pipeline_model_parallel_size: int | None = None,
 ) -> Iterator[torch.device]:
-    """Process group, CPU shim (without CUDA), Megatron parallel state and seeds for a command.
+    """Process group, CPU shim (without CUDA), Megatron parallel state and seeds for a command
+    (virtual_pipeline_model_parallel_size: model chunks per pipeline rank, or None).
 
     Joins torchrun's world or starts a 1-process one; tears down only what it created, so it
     also runs inside a test process that already set things up. Yields this rank's device.
@@ -132,6 +133,7 @@ def megatron_session(
             parallel_state.initialize_model_parallel(
                 tensor_model_parallel_size=tensor_model_parallel_size,
                 pipeline_model_parallel_size=pipeline_model_parallel_size,
+                virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
                 context_parallel_size=context_parallel_size)
         torch.manual_seed(seed)
         if cuda:

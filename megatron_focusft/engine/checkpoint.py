@@ -144,8 +144,8 @@ def save_checkpoint(
 ) -> Path:
     """Save and commit the checkpoint of `iteration` (collective: every rank calls it).
 
-    model: the Megatron DDP model (or the bare MegatronModule). optimizer / scheduler may be
-    None (not saved). extra_state: the caller's state, e.g. the data position (module doc).
+    model: the Megatron DDP model (or the bare MegatronModule), or a rank's list of model chunks
+    (virtual pipeline stages). optimizer / scheduler may be None (not saved). extra_state: the caller's state, e.g. the data position (module doc).
     run_config: the run's settings, compared on load. keep_last: after committing, delete all
     but the newest `keep_last` complete checkpoints (and incomplete leftovers older than this
     one). Returns the iteration directory.
@@ -163,8 +163,9 @@ def save_checkpoint(
     rank = dist.get_rank()
     save_dir = Path(save_dir)
     target = iteration_dir(save_dir, iteration)
-    module = _unwrap(model)
-    model_sd = module.sharded_state_dict()
+    modules = _modules(model)
+    module = modules[0]
+    model_sd = _nest([m.sharded_state_dict() for m in modules])
     state: dict[str, Any] = {
         "model": model_sd,
         "focusft": {
@@ -328,10 +329,10 @@ def load_checkpoint(
     Raises CheckpointError naming the path and the problem for a corrupt or mismatched one.
     """
     candidates = _agree_on_candidates(Path(load_dir), iteration)
-    module = _unwrap(model)
+    modules = _modules(model)
     for index, chosen in enumerate(candidates):
         try:
-            extra = _load_one(iteration_dir(load_dir, chosen), module, optimizer, scheduler, run_config, restore_rng)
+            extra = _load_one(iteration_dir(load_dir, chosen), modules, optimizer, scheduler, run_config, restore_rng)
         except CheckpointDamaged as damage:
             if index + 1 == len(candidates):
                 older = " (no older complete checkpoint to fall back to)" if iteration is None else ""
@@ -343,23 +344,25 @@ def load_checkpoint(
     return None
 
 
-def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer | None,
+def _load_one(path: Path, modules: list[torch.nn.Module], optimizer: MegatronOptimizer | None,
               scheduler: OptimizerParamScheduler | None, run_config: Mapping[str, Any] | None,
               restore_rng: bool) -> dict[str, Any]:
-    """Load one checkpoint directory; CheckpointDamaged (on every rank) when its files fail to read."""
+    """Load one checkpoint directory into a rank's model (its chunks); CheckpointDamaged (on every
+    rank) when its files fail to read."""
     damage = None
     try:
         meta = _read_meta(path)
     except CheckpointDamaged as error:
         damage = error
     _raise_if_damaged_anywhere(damage)
-    _check_compatible(path, meta, module, optimizer, scheduler, run_config)
+    _check_compatible(path, meta, modules[0], optimizer, scheduler, run_config)
 
-    model_sd = module.sharded_state_dict()
-    fresh = _fresh_keys(meta, module, model_sd) if optimizer is None else []
-    request: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in fresh}}
+    model_sds = [m.sharded_state_dict() for m in modules]
+    fresh = [_fresh_keys(meta, m, sd) if optimizer is None else [] for m, sd in zip(modules, model_sds)]
+    request: dict[str, Any] = {"model": _nest([{k: v for k, v in sd.items() if k not in keys}
+                                              for sd, keys in zip(model_sds, fresh)])}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        request["optimizer"] = optimizer.sharded_state_dict(_nest(model_sds), is_loading=True)
     same_layout = meta["layout"] == _parallel_layout()
     if same_layout and restore_rng:
         request[_RNG_KEY] = _rng_sharded_object(_rng_state())
@@ -376,12 +379,14 @@ def _load_one(path: Path, module: torch.nn.Module, optimizer: MegatronOptimizer 
         damage = CheckpointDamaged(f"checkpoint {path} cannot be loaded: {short_error(error)}")
     _raise_if_damaged_anywhere(damage)
     try:
-        if fresh:
-            missing, unexpected = module.load_state_dict(state["model"], strict=False)
-            if sorted(missing) != sorted(fresh) or unexpected:
-                raise ValueError(f"missing keys {missing} (expected only {fresh}), unexpected keys {unexpected}")
-        else:
-            module.load_state_dict(state["model"])
+        loaded = [state["model"]] if len(modules) == 1 else [state["model"][f"model{v}"] for v in range(len(modules))]
+        for module, module_state, keys in zip(modules, loaded, fresh):
+            if keys:
+                missing, unexpected = module.load_state_dict(module_state, strict=False)
+                if sorted(missing) != sorted(keys) or unexpected:
+                    raise ValueError(f"missing keys {missing} (expected only {keys}), unexpected keys {unexpected}")
+            else:
+                module.load_state_dict(module_state)
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
@@ -650,14 +655,29 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model)
 
 
+def _modules(model: torch.nn.Module | list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The GPTModels of a rank: one, or one per model chunk (virtual pipeline stages), in order."""
+    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def _nest(per_chunk: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's (sharded) state dict, or Megatron's {"model0": ..., "model1": ...} for chunks.
+    The sharded keys hold global layer numbers either way, so a checkpoint loads into any layout."""
+    return per_chunk[0] if len(per_chunk) == 1 else {f"model{v}": sd for v, sd in enumerate(per_chunk)}
+
+
 def _parallel_layout() -> dict[str, int]:
-    return {
+    layout = {
         "world_size": dist.get_world_size(),
         "tensor": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
         "context": parallel_state.get_context_parallel_world_size(),
         "data": parallel_state.get_data_parallel_world_size(),
     }
+    virtual = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if virtual is not None:  # only then: checkpoints saved before the key existed keep their layout
+        layout["virtual"] = virtual
+    return layout
 
 
 def _rng_state() -> dict[str, Any]:

@@ -47,7 +47,7 @@ def layout_stage_counts(layout: str, num_stages: int) -> list[int]:
     """Decoder layers per stage of Megatron's pipeline layout string (`E` the embedding, `t` a
     decoder layer, `L` the loss, `|` between stages, `(...)*n` and `t*n` repeat: "Et*5|t*3L").
 
-    ValueError unless it has exactly `num_stages` stages (virtual stages are not run here), each
+    ValueError unless it has exactly `num_stages` stages (no virtual stages in a layout), each
     with a decoder layer, the embedding first, the loss last and nothing else.
     """
     where = f"--pipeline-model-parallel-layout {layout!r}"
@@ -57,7 +57,8 @@ def layout_stage_counts(layout: str, num_stages: int) -> list[int]:
         raise ValueError(f"{where}: {error}") from None
     if len(stages) != num_stages:
         raise ValueError(f"{where} has {len(stages)} stages for --pipeline-model-parallel-size {num_stages} "
-                         f"(virtual pipeline stages are not supported)")
+                         f"(a layout with virtual stages is not supported: give even chunks with "
+                         f"--num-virtual-stages-per-pipeline-rank)")
     flat = [kind for stage in stages for kind in stage]
     extra = set(flat) - {LayerType.embedding, LayerType.decoder, LayerType.loss}
     if extra or flat.count(LayerType.embedding) != 1 or flat.count(LayerType.loss) != 1 \

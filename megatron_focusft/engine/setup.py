@@ -46,6 +46,22 @@ class ModelSetup:
     fast_weights: FastWeightConfig | None = None  # FocuSFT adapters in the top layers
 
 
+def virtual_stages_per_rank(args: argparse.Namespace, num_layers: int) -> int | None:
+    """V from the virtual-stage flags for a model of `num_layers` layers (even chunks); None without them."""
+    pp = args.pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers_per_virtual_pipeline_stage
+        if num_layers % (pp * per_stage):
+            raise ValueError(f"--num-layers-per-virtual-pipeline-stage {per_stage}: {num_layers} layers do not "
+                             f"split into PP {pp} x chunks of that many")
+        return num_layers // (pp * per_stage)
+    virtual = args.num_virtual_stages_per_pipeline_rank
+    if virtual is not None and num_layers % (pp * virtual):
+        raise ValueError(f"--num-virtual-stages-per-pipeline-rank {virtual}: {num_layers} layers do not split into "
+                         f"PP {pp} x {virtual} even chunks")
+    return virtual
+
+
 def model_setup_from_args(args: argparse.Namespace, preset: ModelPreset,
                           fast_weights: FastWeightConfig | None = None) -> ModelSetup:
     """The ModelSetup that the training flags (Megatron's names) describe, for shape `preset`."""
@@ -56,6 +72,7 @@ def model_setup_from_args(args: argparse.Namespace, preset: ModelPreset,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
+        virtual_pipeline_model_parallel_size=virtual_stages_per_rank(args, preset.num_layers),
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers, bf16=args.bf16, fast_weights=fast_weights)
@@ -101,6 +118,10 @@ def build_gpt(setup: ModelSetup, vp_stage: int | None = None) -> tuple[GPTModel,
                          "cannot hold a SegmentMask; use 'full'")
     preset = resolve_shape(setup)
     check_parallel_fit(preset, setup.tensor_model_parallel_size, setup.pipeline_model_parallel_size)
+    virtual = setup.virtual_pipeline_model_parallel_size
+    if virtual is not None and preset.num_layers % (virtual * setup.pipeline_model_parallel_size):
+        raise ValueError(f"{virtual} virtual pipeline stages per rank x PP {setup.pipeline_model_parallel_size}: the "
+                         f"model's {preset.num_layers} layers do not split into that many even chunks")
     layout = setup.pipeline_model_parallel_layout
     if layout is not None:
         placed = sum(layout_stage_counts(layout, setup.pipeline_model_parallel_size))
@@ -149,6 +170,16 @@ def build_model(setup: ModelSetup, vp_stage: int | None = None) -> tuple[Distrib
     # them by the number of loss tokens (calculate_per_token_loss).
     config.finalize_model_grads_func = finalize_model_grads
     return ddp, config
+
+
+def build_model_chunks(setup: ModelSetup) -> tuple[DistributedDataParallel | list[DistributedDataParallel],
+                                                   TransformerConfig]:
+    """`build_model`, or with virtual pipeline stages this rank's model chunks in order (Megatron's
+    model-chunk list); the config is the first chunk's (the schedules' timers go there)."""
+    if setup.virtual_pipeline_model_parallel_size is None:
+        return build_model(setup)
+    built = [build_model(setup, vp_stage=v) for v in range(setup.virtual_pipeline_model_parallel_size)]
+    return [model for model, _ in built], built[0][1]
 
 
 def build_optimizer(model: DistributedDataParallel | list[DistributedDataParallel], setup: OptimizerSetup,

@@ -41,6 +41,14 @@ Megatron's p2p helper (`p2p_communication._p2p_ops`, the ranks of its P2PCommuni
 message; shapes are known on both ends, so nothing is exchanged but the tensors; sends are waited for
 at the end of the iteration.
 
+Virtual stages (model chunks, `virtual_pipeline_model_parallel_size` V): the stages above are the
+V x P stages in layer order, stage s = chunk x P + rank (Megatron's interleaved placement), and
+a rank runs the units of its chunks in the order the plan gives its device
+(Timeline.device_order). Messages of different chunks then share each link (with P = 2 both
+directions share one), and untagged p2p matches them in order; so each rank receives each
+peer's messages in the order the peer's plan sends them (`_Link.expect` / `take`, from the same
+deterministic plan on every rank), keeping early ones until their unit runs.
+
 In-flight bound: stage s holds the outer activations of at most W_s = stride x (inner_steps + 1) +
 P - 1 - s micro-batches (engine.pipeline_plan.default_window: opened by their first forward there,
 freed by their outer backward there), plus, on the adapted stages, the activations of at most one
@@ -48,8 +56,6 @@ inner pass of each of them (slow weights frozen: the adapted layers only). With 
 stride 1 that would be 1F1B's P - s; the inner steps lengthen each micro-batch's stay by
 stride x inner_steps positions. A micro-batch to re-run keeps its activations until the end of
 the iteration (the rare case the guard exists for).
-
-Not done here: virtual pipeline stages (simulated only: engine/pipeline_plan.simulate).
 """
 
 from __future__ import annotations

@@ -68,6 +68,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                      help="any layer count per stage, Megatron's layout string: E the embedding, t a decoder "
                           "layer, L the loss, | between stages, t*n repeats (e.g. 'Et*10|t*6L'); instead of "
                           "--decoder-first/last-pipeline-num-layers")
+    par.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None, metavar="V",
+                     help="virtual pipeline stages: V model chunks per rank, stage s on rank s mod PP, even "
+                          "chunks (FocuSFT's interleaved schedule); or give --num-layers-per-virtual-pipeline-stage")
+    par.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N",
+                     help="virtual pipeline stages of N layers each (V = layers / (PP x N))")
     par.add_argument("--pipeline-balance", choices=("manual", "auto"), default="manual",
                      help="manual: stages as --decoder-first/last-pipeline-num-layers or "
                           "--pipeline-model-parallel-layout say (even without them); auto: measure each layer "
@@ -162,6 +167,31 @@ def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace
     return args
 
 
+def _check_virtual_stages(args: argparse.Namespace, uneven: list[str]) -> None:
+    """Virtual pipeline stages: what they need and exclude (the layer count is checked against
+    the model shape later, by build_gpt)."""
+    given = [flag for flag in ("num_virtual_stages_per_pipeline_rank", "num_layers_per_virtual_pipeline_stage")
+             if getattr(args, flag) is not None]
+    if not given:
+        return
+    name = f"--{given[0].replace('_', '-')}"
+    if len(given) > 1:
+        raise ValueError("give --num-virtual-stages-per-pipeline-rank or --num-layers-per-virtual-pipeline-stage, "
+                         "not both")
+    if getattr(args, given[0]) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(args, given[0])}")
+    if args.pipeline_model_parallel_size == 1:
+        raise ValueError(f"{name} needs --pipeline-model-parallel-size > 1")
+    if uneven or args.pipeline_balance == "auto":
+        what = f"--{uneven[0].replace('_', '-')}" if uneven else "--pipeline-balance auto"
+        raise ValueError(f"{name} splits the layers into even chunks: drop {what}")
+    if args.training_mode != "focusft" or getattr(args, "focusft_pipeline_schedule", None) != "interleaved":
+        raise ValueError(f"{name}: virtual pipeline stages run with --training-mode focusft and its interleaved "
+                         f"schedule (--focusft-pipeline-schedule interleaved) only")
+    if args.attention_metrics_interval:
+        raise ValueError(f"{name}: --attention-metrics-interval is not supported with virtual pipeline stages yet")
+
+
 def validate_training_args(args: argparse.Namespace) -> None:
     """Reject settings this build cannot run, before any process group, model or data exists.
 
@@ -179,6 +209,7 @@ def validate_training_args(args: argparse.Namespace) -> None:
             raise ValueError("--pipeline-model-parallel-layout places every stage's layers: drop "
                              f"--{uneven[0].replace('_', '-')}")
         layout_stage_counts(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
+    _check_virtual_stages(args, uneven)
     if args.pipeline_balance == "auto":
         if args.pipeline_model_parallel_size == 1:
             raise ValueError("--pipeline-balance auto needs --pipeline-model-parallel-size > 1")

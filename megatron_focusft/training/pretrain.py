@@ -105,13 +105,14 @@ def _dp_mean(stats: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _count_parameters(model: torch.nn.Module) -> int:
+def _count_parameters(model: torch.nn.Module | list[torch.nn.Module]) -> int:
     """Parameters of the whole model: this rank's, minus tensor-parallel duplicates, summed over TP x PP."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    local = sum(p.numel() for p in model.parameters() if param_is_not_tensor_parallel_duplicate(p))
+    chunks = model if isinstance(model, list) else [model]
+    local = sum(p.numel() for chunk in chunks for p in chunk.parameters() if param_is_not_tensor_parallel_duplicate(p))
     count = torch.tensor([float(local)], dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(count, group=parallel_state.get_model_parallel_group())
     return int(count.item())
@@ -159,7 +160,8 @@ class _Position:
 def pretrain(args: argparse.Namespace, on_finish: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Train; returns a summary (losses per iteration, settings). Rank 0 logs and writes TensorBoard.
 
-    on_finish(model) is called with the trained (DDP-wrapped) model before the process group and
+    on_finish(model) is called with the trained (DDP-wrapped) model (with virtual pipeline stages,
+    the list of this rank's model chunks) before the process group and
     parallel state are torn down, e.g. to evaluate it. A SIGINT or SIGTERM (without
     --exit-signal-handler) raises TrainingInterrupted after one line naming the latest checkpoint.
     """
@@ -215,22 +217,31 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         collect_stage_times,
         format_stage_times,
         layout_of_counts,
+        num_pipeline_stages,
         schedule_timers,
         stage_layer_numbers,
     )
-    from megatron_focusft.engine.setup import OptimizerSetup, build_model, build_optimizer, model_setup_from_args
+    from megatron_focusft.engine.setup import (
+        OptimizerSetup,
+        build_model,
+        build_model_chunks,
+        build_optimizer,
+        model_setup_from_args,
+        virtual_stages_per_rank,
+    )
     from megatron_focusft.engine.train_step import train_step
     from megatron_focusft.training.methods import METHODS
     from megatron_focusft.training.starting_point import starting_point
 
+    start = starting_point(args)  # read-only: before the process group
     with megatron_session(args.tensor_model_parallel_size, args.seed, args.context_parallel_size,
-                          args.pipeline_model_parallel_size) as device:
+                          args.pipeline_model_parallel_size,
+                          virtual_stages_per_rank(args, start.shape.num_layers)) as device:
         rank = dist.get_rank()
         log = print if rank == 0 else (lambda *a, **k: None)
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         global_batch = args.global_batch_size or args.micro_batch_size * dp_size
         num_micro_batches = global_batch // (args.micro_batch_size * dp_size)  # a multiple: arguments.py
-        start = starting_point(args)
         for note in start.notes:
             log(f"model shape: {note}")
         if start.tokenizer_dir is not None and args.tokenizer_model is None and not args.mock_data:
@@ -255,7 +266,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         probe = _build_data(args, preset, needs, start.tokenizer_dir, 0, 1, device, log,
                             seed_offset=7919).next_micro_batch()
         rng = _rng_states()
-        model, model_config = build_model(setup)
+        model, model_config = build_model_chunks(setup)  # with virtual stages: this rank's chunks
         if args.pipeline_balance == "auto":
             counts, line = method.balance(
                 args, model, probe if cp == 1 else split_batch_for_cp(probe, cp, cp_rank, chunk_multiple=chunk_multiple),
@@ -296,7 +307,8 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
         tokens_per_iter = global_batch * args.seq_length
         log(f"training {args.training_mode} ({'mask ' + mask_kind}): {preset.num_layers} layers, "
             f"{n_params / 1e6:.1f}M params, TP {args.tensor_model_parallel_size}"
-            f"{' (SP)' if args.sequence_parallel else ''}, PP {args.pipeline_model_parallel_size}, "
+            f"{' (SP)' if args.sequence_parallel else ''}, PP {args.pipeline_model_parallel_size}"
+            f"{f' x {len(model)} virtual stages' if isinstance(model, list) else ''}, "
             f"CP {args.context_parallel_size}, "
             f"DP {dp_size}, "
             f"{num_micro_batches} micro-batch(es) of [{args.micro_batch_size}, {args.seq_length}] per iteration, "
@@ -398,7 +410,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             writer.close()
         if on_finish is not None:
             on_finish(model)
-        stage_layers = [len(stage_layer_numbers(model_config, s)) for s in range(args.pipeline_model_parallel_size)]
+        stage_layers = [len(stage_layer_numbers(model_config, s)) for s in range(num_pipeline_stages(model_config))]
         return {"losses": losses, "history": history, "args": vars(args), "start_iteration": start_iteration,
                 "stage_layers": stage_layers}
 

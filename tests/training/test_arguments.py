@@ -54,8 +54,25 @@ CASES = [
       "--decoder-first-pipeline-num-layers", "1"], {"WORLD_SIZE": "2"},
      "--pipeline-model-parallel-layout places every stage's layers: drop --decoder-first-pipeline-num-layers"),
     (["--pipeline-model-parallel-layout", "Et|t|ttL", "--pipeline-model-parallel-size", "2"], {"WORLD_SIZE": "2"},
-     "--pipeline-model-parallel-layout 'Et|t|ttL' has 3 stages for --pipeline-model-parallel-size 2 (virtual "
-     "pipeline stages are not supported)"),
+     "--pipeline-model-parallel-layout 'Et|t|ttL' has 3 stages for --pipeline-model-parallel-size 2 (a layout "
+     "with virtual stages is not supported: give even chunks with --num-virtual-stages-per-pipeline-rank)"),
+    (["--num-virtual-stages-per-pipeline-rank", "2"], {},
+     "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1"),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--num-layers-per-virtual-pipeline-stage", "1"], {},
+     "give --num-virtual-stages-per-pipeline-rank or --num-layers-per-virtual-pipeline-stage, not both"),
+    (["--num-layers-per-virtual-pipeline-stage", "0", "--pipeline-model-parallel-size", "2"], {"WORLD_SIZE": "2"},
+     "--num-layers-per-virtual-pipeline-stage must be >= 1, got 0"),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2",
+      "--pipeline-model-parallel-layout", "Et|tttL"], {"WORLD_SIZE": "2"},
+     "--num-virtual-stages-per-pipeline-rank splits the layers into even chunks: drop "
+     "--pipeline-model-parallel-layout"),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
+     {"WORLD_SIZE": "2"}, "--num-virtual-stages-per-pipeline-rank: virtual pipeline stages run with --training-mode "
+                          "focusft and its interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2",
+      "--attention-metrics-interval", "2"], {"WORLD_SIZE": "2"},
+     "--num-virtual-stages-per-pipeline-rank: --attention-metrics-interval is not supported with virtual pipeline "
+     "stages yet"),
     (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout",
       "Et|tttL"], {"WORLD_SIZE": "2"},
      "--pipeline-balance auto chooses the stage sizes itself: drop --pipeline-model-parallel-layout"),
@@ -98,3 +115,22 @@ def test_data_paths_are_checked_with_the_flags(path, message, tmp_path: Path, ca
         main([*flags, "--data-path", str(tmp_path / path)])
     assert exit_info.value.code == 2
     assert f"pretrain_focusft.py: error: {message.format(tmp=tmp_path)}" in capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-layers-per-virtual-pipeline-stage", "3"],
+     "--num-layers-per-virtual-pipeline-stage 3: 4 layers do not split into PP 2 x chunks of that many"),
+    (["--num-virtual-stages-per-pipeline-rank", "4"],
+     "--num-virtual-stages-per-pipeline-rank 4: 4 layers do not split into PP 2 x 4 even chunks"),
+], ids=["layers-per-stage", "stages-per-rank"])
+def test_virtual_stages_that_do_not_split_the_model_are_errors_before_any_process_group(flags, message, monkeypatch,
+                                                                                       capsys):
+    # The model's layer count is known from its shape (the tiny preset: 4 layers), after parsing.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    def no_session(*args, **kwargs):
+        raise AssertionError("a process group was started")
+
+    monkeypatch.setattr(pretrain_module, "megatron_session", no_session)
+    code = main([*BASE, "--pipeline-model-parallel-size", "2", *flags])
+    assert code == 1 and f"pretrain_focusft.py: error: {message}" in capsys.readouterr().err

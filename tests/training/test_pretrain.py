@@ -200,6 +200,35 @@ def test_pipeline_parallel_training_continues_a_one_rank_run(worker_pool, tmp_pa
         assert 0 < got["pipeline/stage0_busy_fraction"] <= 1 and 0 < got["pipeline/stage1_busy_fraction"] <= 1
 
 
+def test_virtual_pipeline_stages_continue_a_one_rank_run_and_their_checkpoint_resumes_on_one_rank(
+        worker_pool, tmp_path: Path):
+    # PP = 2 with two model chunks per rank (four stages of one layer, stage s on rank s mod 2;
+    # adapted layers 2-4 from stage 1 on) resumes the one-rank run's checkpoint of iteration 1,
+    # optimizer included, resharded into the chunks, and runs iteration 2 under FocuSFT's
+    # interleaved schedule; it saves (Megatron's model0 / model1 nesting), and a one-rank run
+    # resumes that checkpoint for iteration 3. Both continue the uninterrupted run's curves
+    # within its noise band (as in the PP test above).
+    ckpt = str(tmp_path / "ckpt")
+    argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", "focusft",
+            "--focusft-layer-fraction", "0.75"]
+    uninterrupted = _pretrain_history(argv)
+    perturbed = [_pretrain_history(argv, seed) for seed in PERTURBATION_SEEDS]
+    pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
+    results = worker_pool(2).run(_pretrain_result, [*argv, "--load", ckpt, "--save", ckpt, "--exit-interval", "2",
+                                                    "--pipeline-model-parallel-size", "2",
+                                                    "--num-virtual-stages-per-pipeline-rank", "2"])
+    assert results[0]["stage_layers"] == [1, 1, 1, 1]
+    virtual = [r["history"] for r in results]
+    assert [h["loss"] for h in virtual[0]] == [h["loss"] for h in virtual[1]]
+    resumed = _pretrain_history([*argv, "--load", ckpt, "--save", ckpt])
+    continued = virtual[0] + resumed
+    assert [h["iteration"] for h in continued] == [2, 3]
+    for key in ("loss", "grad_norm", "inner_loss_before", "inner_loss_after"):
+        band = noise_band([h[key] for h in uninterrupted], [[h[key] for h in run] for run in perturbed])
+        assert_curve_within([h[key] for h in continued], [h[key] for h in uninterrupted[1:]], band[1:],
+                            f"virtual stages, then one rank: {key}")
+
+
 @pytest.mark.parametrize("mode", ["focusft", "sft"])
 def test_resumed_run_reproduces_the_uninterrupted_loss_curve(tmp_path: Path, mode: str):
     argv = ["--train-iters", "4", "--seq-length", "64", "--micro-batch-size", "2", "--lr", "5e-4",
