@@ -4,7 +4,7 @@ The harness (tests/helpers/pipeline.py) runs Megatron's 1F1B schedule here, with
 sequential arrangement (engine/pipeline.py): the inner loop on the last stage, or in schedule
 calls of its own when the adapted layers span stages. tests/focusft/test_interleaved.py runs the
 PP = 2 comparisons through the interleaved schedule; here it also runs with TP = 2 + SP (adapted
-layers on both stages) and with CP = 2.
+layers on both stages), with CP = 2 (also with two model chunks per rank) and at PP = 4.
 """
 
 from __future__ import annotations
@@ -39,6 +39,22 @@ def test_focusft_step_pp2_cp2_matches_one_process(worker_pool, schedule):
     focusft = {"inner_objective": "context"}
     reference = reference_step(pool, batches, focusft)
     parallel = pool.run(run_step, 1, 2, batches, focusft, None, False, False, 2, schedule=schedule)
+    check_parity(reference, parallel, focusft=True)
+
+
+@pytest.mark.parametrize("pp, cp, virtual", [(4, 1, None), (2, 2, 2)],
+                         ids=["interleaved-pp4", "interleaved-pp2-cp2-two-chunks-per-rank"])
+def test_interleaved_schedule_at_pp4_and_with_model_chunks_under_cp(worker_pool, pp, cp, virtual):
+    # PP = 4 (one layer per stage): a rank's previous and next stages are different ranks, so its
+    # messages come over two links (interleaved._Link). PP = 2 x CP = 2 with two model chunks per
+    # rank. Adapted layers 2-4 (from stage 1), context objective; the reference is the one of the
+    # context case adapted on both stages above (the same arguments).
+    pool = worker_pool(4)
+    batches = pipeline_batches("focusft")
+    focusft = {"inner_objective": "context"}
+    reference = reference_step(pool, batches, focusft, layer_fraction=0.75)
+    parallel = pool.run(run_step, 1, pp, batches, focusft, None, False, False, cp, layer_fraction=0.75,
+                        schedule="interleaved", virtual=virtual)
     check_parity(reference, parallel, focusft=True)
 
 
