@@ -20,7 +20,7 @@ def test_layout_of_counts_is_megatron_syntax():
 
 
 @pytest.mark.parametrize("layout, message", [
-    ("Et|t|tL", "has 3 stages for --pipeline-model-parallel-size 2 (virtual pipeline stages are not supported)"),
+    ("Et|t|tL", "has 3 stages for --pipeline-model-parallel-size 2 (a layout with virtual stages is not supported"),
     ("tE|tL", "embedding first, loss last"),
     ("Et|tLL", "embedding first, loss last"),
     ("Et|tmL", "embedding first, loss last"),
