@@ -128,7 +128,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     fb_s: dict[str, list[float]] = defaultdict(list)
     unit_s: dict[str, dict[tuple[int, str], list[float]]] = defaultdict(lambda: defaultdict(list))
     pipelines = {name: focusft_pipeline(run[1], run[3].config, config.num_micro_batches)
-                 for name, run in runs.items() if name.startswith("interleaved")}
+                 for name, run in runs.items() if run[3].interleaved(run[0][0])}
     for rep in range(config.warmup + config.iters):
         for name, (chunks, model_config, optimizer, forward_step) in runs.items():
             dist.barrier()

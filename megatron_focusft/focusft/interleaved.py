@@ -79,7 +79,7 @@ from megatron_focusft.engine.pipeline import (
     stage_layer_numbers,
     stage_of_chunk,
 )
-from megatron_focusft.engine.pipeline_plan import Unit
+from megatron_focusft.engine.pipeline_plan import Timeline, Unit
 from megatron_focusft.engine.split_model import forward_layers, lm_head_loss, stage_input
 from megatron_focusft.fastweights.config import adapted_layer_numbers
 from megatron_focusft.fastweights.linear import FastWeightBinding, bind_fast_weights
@@ -139,30 +139,29 @@ class _Link:
     send the peer makes before the one asked for, so this adds no wait a unit would not have.
     """
 
-    def __init__(self, pp_group: torch.distributed.ProcessGroup, config) -> None:
+    def __init__(self, pp_group: torch.distributed.ProcessGroup, config, expected: dict[int, list[Unit]],
+                 specs, device: torch.device) -> None:
+        """expected: per peer (its rank in pp_group), the units here that it sends to, in its planned
+        order (forwards come from the previous rank, backwards from the next; with two ranks they
+        are one);
+        specs(unit) -> [(shape, dtype)] of the message `unit` receives."""
         ranks = P2PCommunicator(pp_group=pp_group, config=config)
         self._where = {"group": pp_group, "prev_pipeline_rank": ranks.prev_rank, "next_pipeline_rank": ranks.next_rank}
+        rank, size = pp_group.rank(), pp_group.size()
+        self._peers = ((rank - 1) % size, (rank + 1) % size)  # a forward's sender, a backward's
         self._sends: list[tuple[torch.Tensor, object]] = []
-        self._expected: dict[bool, collections.deque] = {}  # from_prev -> the peer's messages to come, in order
+        self._expected = {peer: collections.deque(units) for peer, units in expected.items()}
         self._arrived: dict[Unit, list[torch.Tensor]] = {}
-        self._specs = None
-
-    def expect(self, from_prev: bool, targets: list[Unit], specs, device: torch.device) -> None:
-        """The units that the peer (previous rank if from_prev, else next) sends to, in its order;
-        specs(unit) -> [(shape, dtype)] of that unit's message. With two ranks both peers are one:
-        pass them merged in that rank's order, from_prev True."""
-        self._expected[from_prev] = collections.deque(targets)
         self._specs, self._device = specs, device
 
     def take(self, unit: Unit) -> list[torch.Tensor]:
-        """The message `unit` receives (planned, see expect)."""
-        from_prev = True if len(self._expected) == 1 else not unit.backward
-        queue = self._expected[from_prev]
+        """The planned message `unit` receives."""
+        queue = self._expected[self._peers[unit.backward]]
         while unit not in self._arrived:
             if not queue:
                 raise RuntimeError(f"no planned message for {unit} is left from that peer")
             target = queue.popleft()
-            self._arrived[target] = self.recv(self._specs(target), from_prev, self._device)
+            self._arrived[target] = self.recv(self._specs(target), not target.backward, self._device)
         return self._arrived.pop(unit)
 
     def drained(self) -> bool:
@@ -231,6 +230,7 @@ class InterleavedSchedule:
     def __init__(self, step: FocusftForwardStep) -> None:
         self.step = step
         self.records: list[UnitRecord] = []
+        self._plans: dict[int, Timeline] = {}  # micro-batches per iteration -> the plan (the model is fixed)
 
     def __call__(self, *, forward_step_func, data_iterator: Iterator, model, num_microbatches: int, seq_length: int,
                  micro_batch_size: int, decoder_seq_length: int | None = None, forward_only: bool = False,
@@ -243,7 +243,12 @@ class InterleavedSchedule:
         chunks = list(model) if isinstance(model, list) else [model]
         # Every chunk reads the same micro-batches (Megatron passes one iterator per chunk).
         data_iterator = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
-        run = _Run(self.step, chunks, [next(data_iterator) for _ in range(num_microbatches)])
+        config = (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
+        if num_microbatches not in self._plans:
+            pipeline = focusft_pipeline(config, self.step.config, num_microbatches)
+            self._plans[num_microbatches] = pipeline.simulate(NOMINAL_COSTS)
+        run = _Run(self.step, chunks, [next(data_iterator) for _ in range(num_microbatches)],
+                   self._plans[num_microbatches])
         self.records = run.records
         return run.execute()
 
@@ -251,7 +256,7 @@ class InterleavedSchedule:
 class _Run:
     """One iteration of the schedule on this rank: its stages' units in the planned order."""
 
-    def __init__(self, step: FocusftForwardStep, chunks: list, micro_batches: list) -> None:
+    def __init__(self, step: FocusftForwardStep, chunks: list, micro_batches: list, plan: Timeline) -> None:
         gpts = [chunk.module if hasattr(chunk, "module") else chunk for chunk in chunks]
         self.chunks, self.config, self.focusft = chunks, gpts[0].config, step.config
         self.parallel = ParallelContext.of(gpts[0])
@@ -265,8 +270,8 @@ class _Run:
         self.store: list = []
         self.num_tokens = torch.zeros((), dtype=torch.int)
         self.records: list[UnitRecord] = []
+        self.num_micro_batches = len(micro_batches)
         self.device = micro_batches[0].tokens.device
-        self.link = _Link(self.parallel.pp, self.config)
         # A micro-batch's initial fast weights are drawn once on this rank, for all its chunks.
         tops = [layer_ranges(gpt, self.focusft)[1] for gpt in gpts]
         initial = [step.fast_weights_for(batch) if any(tops) else {} for batch in micro_batches]
@@ -274,27 +279,14 @@ class _Run:
         for v, (chunk, gpt) in enumerate(zip(chunks, gpts)):
             stage = stage_of_chunk(self.config, rank, v if virtual else None)
             self.stages[stage] = _Stage(self, stage, chunk, gpt, step, micro_batches, initial)
-        plan = focusft_pipeline(self.config, self.focusft, len(micro_batches)).simulate(NOMINAL_COSTS)
-        pp = self.config.pipeline_model_parallel_size
         self.units = plan.device_order(rank)
-        self._expect(plan, rank, pp)
-
-    def _expect(self, plan, rank: int, pp: int) -> None:
-        """Tell the link what each peer sends here, in the peer's planned order."""
-        def targets(peer: int) -> list[Unit]:
-            sent = (message_target(u, self.k, self.focusft.inner_steps, self.num_stages)
-                    for u in plan.device_order(peer))
-            return [t for t in sent if t is not None and t.stage % pp == rank]
-
-        def specs(unit: Unit):
-            return self.stages[unit.stage].receives(unit)
-
-        prev, nxt = (rank - 1) % pp, (rank + 1) % pp
-        if prev == nxt:
-            self.link.expect(True, targets(prev), specs, self.device)
-        else:
-            self.link.expect(True, [t for t in targets(prev) if not t.backward], specs, self.device)
-            self.link.expect(False, [t for t in targets(nxt) if t.backward], specs, self.device)
+        pp = self.config.pipeline_model_parallel_size
+        expected = {}
+        for peer in {(rank - 1) % pp, (rank + 1) % pp}:  # one peer with two ranks
+            sent = (message_target(u, self.k, self.focusft.inner_steps, self.num_stages) for u in plan.device_order(peer))
+            expected[peer] = [t for t in sent if t is not None and t.stage % pp == rank]
+        self.link = _Link(self.parallel.pp, self.config, expected,
+                          lambda unit: self.stages[unit.stage].receives(unit), self.device)
 
     def execute(self) -> list:
         timers = self.config.timers
@@ -312,7 +304,7 @@ class _Run:
             raise RuntimeError("planned messages were left unreceived (the plan and the stages disagree)")
         # The guard's re-runs: every rank has the same micro-batches (the flags went down through
         # every stage); per micro-batch, the forwards in layer order then the backwards in reverse.
-        for m in range(len(next(iter(self.stages.values())).slots)):
+        for m in range(self.num_micro_batches):
             chain = [stage for _, stage in sorted(self.stages.items()) if stage.slots[m].rerun is not None]
             for stage in chain:
                 stage.rerun_forward(stage.slots[m])
@@ -333,7 +325,7 @@ class _Stage:
     def __init__(self, run: _Run, stage: int, model, gpt, step: FocusftForwardStep, micro_batches: list,
                  initial: list) -> None:
         self.run, self.stage, self.model, self.gpt = run, stage, model, gpt
-        self.config, self.focusft, self.parallel, self.link = run.config, run.focusft, run.parallel, run.link
+        self.config, self.focusft, self.parallel = run.config, run.focusft, run.parallel
         self.k, self.steps = run.k, self.focusft.inner_steps
         self.last = self.gpt.post_process
         self.bottom, self.top = layer_ranges(self.gpt, self.focusft)
@@ -344,6 +336,10 @@ class _Stage:
             slot.inner.active = slot.inner.has_targets.clone()
 
     # --- shapes, messages and timers --------------------------------------------------------
+
+    @property
+    def link(self) -> _Link:
+        return self.run.link
 
     def _activation(self, slot: _Slot, rows: int) -> tuple[tuple[int, ...], torch.dtype]:
         batch = slot.inner.batch
