@@ -6,7 +6,8 @@ Launched with torchrun over P ranks (PP = P, TP = CP = 1, one rank per stage). O
 - "sequential, balanced split" and "interleaved, balanced split": the split `best_split` picks from the
   layer costs measured on the first model (focusft/pipeline_measure.py), under each schedule;
 - "interleaved, V virtual stages per device" (`--virtual-stages`): V model chunks per rank, even
-  chunks (Megatron's interleaved placement: stage s on rank s mod P).
+  chunks (Megatron's interleaved placement: stage s on rank s mod P), and ", balanced": chunk sizes
+  from `virtual_balance` on the same measured costs (a layout of V x P stages).
 Their optimizer steps on the same micro-batches alternate, repetition by repetition, so a machine
 shared with other work disturbs them alike. Per schedule: the median step time, tokens/s, every
 stage's busy share ((forward + backward compute) / step time, Megatron's schedule timers), pipeline
@@ -15,7 +16,7 @@ efficiency (their mean) and bubble fraction (1 - efficiency).
 The simulator (engine/pipeline_plan.py): each interleaved run's measured unit times (mean per stage
 and unit kind) replayed give its predicted forward-backward time, against the measured one; the
 measured layer costs give the balanced split and simulated efficiency at other PP sizes, also
-with virtual pipeline stages (even chunks).
+with virtual pipeline stages (even and balanced chunks).
 """
 
 from __future__ import annotations
@@ -83,7 +84,13 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.fastweights.linear import fast_weight_layout
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron_focusft.focusft.interleaved import focusft_pipeline
-    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, balance, best_split, virtual_split
+    from megatron_focusft.focusft.pipeline_cost import (
+        NOMINAL_COSTS,
+        balance,
+        best_split,
+        virtual_balance,
+        virtual_split,
+    )
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
     from megatron_focusft.models.presets import get_preset
 
@@ -104,7 +111,12 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
         torch.manual_seed(config.seed)
         setup = ModelSetup(preset=config.preset, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=layout,
                            virtual_pipeline_model_parallel_size=virtual, fast_weights=fast)
-        built = [build_model(setup, vp_stage=v) for v in range(virtual)] if virtual else [build_model(setup)]
+        # Megatron reads a layout's virtual stages through the global virtual size (engine/setup.py).
+        parallel_state.set_virtual_pipeline_model_parallel_world_size(virtual if layout else None)
+        try:
+            built = [build_model(setup, vp_stage=v) for v in range(virtual)] if virtual else [build_model(setup)]
+        finally:
+            parallel_state.set_virtual_pipeline_model_parallel_world_size(None)
         chunks, model_config = [chunk for chunk, _ in built], built[0][1]
         model_config.timers = schedule_timers()  # the schedules time with the first chunk's config
         focusft = FocusftConfig(inner_steps=config.inner_steps, inner_objective=config.inner_objective,
@@ -114,15 +126,21 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
 
     even = build(None, "sequential")
     probe_source = SeededFastWeights(fast_weight_layout(even[1], fast), fast.rank, config.seed + 1)
-    costs = measure_layer_costs(even[0][0].module, batches[0], even[3].config, probe_source(batches[0]))
+    costs = measure_layer_costs([even[0][0].module], batches[0], even[3].config, probe_source(batches[0]))
     chosen = best_split(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
                         costs)
     balanced = layout_of_counts(chosen.counts)
     runs = {"sequential, even split": even, "sequential, balanced split": build(balanced, "sequential"),
             "interleaved, balanced split": build(balanced, "interleaved")}
+    virtual_chosen = {}
     for virtual in config.virtual_stages:
         if preset.num_layers % (pp * virtual) == 0:
             runs[f"interleaved, {virtual} virtual stages per device"] = build(None, "interleaved", virtual)
+        if preset.num_layers >= pp * virtual:
+            virtual_chosen[virtual] = virtual_balance(preset.num_layers, pp, virtual, first_adapted, config.inner_steps,
+                                                      context, config.num_micro_batches, costs)
+            runs[f"interleaved, {virtual} virtual stages per device, balanced"] = build(
+                layout_of_counts(virtual_chosen[virtual].counts), "interleaved", virtual)
     step_s: dict[str, list[float]] = defaultdict(list)
     busy: dict[str, list[list[float]]] = defaultdict(list)
     fb_s: dict[str, list[float]] = defaultdict(list)
@@ -183,15 +201,20 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
                             "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
                             "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
         for virtual in config.simulate_virtual_stages:
-            if preset.num_layers % (stages * virtual):
-                continue
-            sim = virtual_split(preset.num_layers, stages, virtual, first_adapted, config.inner_steps, context,
-                                config.simulate_micro_batches, costs)
-            records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
-                            "split": f"{virtual} virtual stages per device, even", "virtual_stages": virtual,
-                            "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
-                            "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
-    records.append({"layer_costs_s": costs.__dict__, "balanced_split": chosen.describe()})
+            sims = {}
+            if preset.num_layers % (stages * virtual) == 0:
+                sims["even"] = virtual_split(preset.num_layers, stages, virtual, first_adapted, config.inner_steps,
+                                             context, config.simulate_micro_batches, costs)
+            if preset.num_layers >= stages * virtual:
+                sims["balanced"] = virtual_balance(preset.num_layers, stages, virtual, first_adapted,
+                                                   config.inner_steps, context, config.simulate_micro_batches, costs)
+            for kind, sim in sims.items():
+                records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
+                                "split": f"{virtual} virtual stages per device, {kind}", "virtual_stages": virtual,
+                                "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                                "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
+    records.append({"layer_costs_s": costs.__dict__, "balanced_split": chosen.describe(),
+                    "virtual_balanced_splits": {str(v): b.describe() for v, b in virtual_chosen.items()}})
     if rank0:
         for record in records:
             print(json.dumps(record) if as_json else _line(record), flush=True)
@@ -228,4 +251,6 @@ def _line(record: dict[str, Any]) -> str:
         return (f"simulated PP {record['simulated_stages']}, {record['micro_batches']} micro-batches, "
                 f"{record['split']}: efficiency {100 * record['predicted_efficiency']:.0f}%, layers "
                 f"{record['layers_per_stage']}")
-    return f"layer costs (s): {record['layer_costs_s']}; balanced: {record['balanced_split']}"
+    virtual = "".join(f"; {v} virtual stages per device, balanced: {line}"
+                      for v, line in record["virtual_balanced_splits"].items())
+    return f"layer costs (s): {record['layer_costs_s']}; balanced: {record['balanced_split']}{virtual}"

@@ -43,22 +43,23 @@ FORWARD, BACKWARD, TOTAL, INNER = "forward-compute", "backward-compute", "forwar
 _LOG_LEVELS = {FORWARD: 2, BACKWARD: 2, INNER: 2, TOTAL: 1}
 
 
-def layout_stage_counts(layout: str, num_stages: int) -> list[int]:
-    """Decoder layers per stage of Megatron's pipeline layout string (`E` the embedding, `t` a
-    decoder layer, `L` the loss, `|` between stages, `(...)*n` and `t*n` repeat: "Et*5|t*3L").
+def layout_stage_counts(layout: str, pipeline_size: int) -> list[int]:
+    """Decoder layers per stage, in layer order, of Megatron's pipeline layout string (`E` the
+    embedding, `t` a decoder layer, `L` the loss, `|` between stages, `(...)*n` and `t*n` repeat:
+    "Et*5|t*3L"). A layout of V x P stages gives V virtual stages per rank (Megatron's reading:
+    stage s on rank s mod P), so its list has V x P counts.
 
-    ValueError unless it has exactly `num_stages` stages (no virtual stages in a layout), each
-    with a decoder layer, the embedding first, the loss last and nothing else.
+    ValueError unless its stage count is a multiple of `pipeline_size`, each stage holds a decoder
+    layer, the embedding comes first, the loss last and nothing else.
     """
     where = f"--pipeline-model-parallel-layout {layout!r}"
     try:
         stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
     except AssertionError as error:
         raise ValueError(f"{where}: {error}") from None
-    if len(stages) != num_stages:
-        raise ValueError(f"{where} has {len(stages)} stages for --pipeline-model-parallel-size {num_stages} "
-                         f"(a layout with virtual stages is not supported: give even chunks with "
-                         f"--num-virtual-stages-per-pipeline-rank)")
+    if len(stages) % pipeline_size:
+        raise ValueError(f"{where} has {len(stages)} stages, not a multiple of --pipeline-model-parallel-size "
+                         f"{pipeline_size} (V x P stages give V virtual stages per rank)")
     flat = [kind for stage in stages for kind in stage]
     extra = set(flat) - {LayerType.embedding, LayerType.decoder, LayerType.loss}
     if extra or flat.count(LayerType.embedding) != 1 or flat.count(LayerType.loss) != 1 \
@@ -71,8 +72,15 @@ def layout_stage_counts(layout: str, num_stages: int) -> list[int]:
     return counts
 
 
+def layout_virtual_stages(layout: str, pipeline_size: int) -> int | None:
+    """Virtual stages per rank that a valid layout implies: V for V x P stages with V > 1, else None."""
+    virtual = len(layout_stage_counts(layout, pipeline_size)) // pipeline_size
+    return virtual if virtual > 1 else None
+
+
 def layout_of_counts(counts: Sequence[int]) -> str:
-    """The pipeline layout string with `counts[s]` decoder layers on stage s (layout_stage_counts' inverse)."""
+    """The pipeline layout string with `counts[s]` decoder layers on stage s, in layer order
+    (layout_stage_counts' inverse; V x P counts for virtual stages)."""
     return "E" + "|".join("t" * n for n in counts) + "L"
 
 

@@ -12,7 +12,12 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_focusft.engine.pipeline import layout_stage_counts, num_pipeline_stages, stage_of_chunk
+from megatron_focusft.engine.pipeline import (
+    layout_stage_counts,
+    layout_virtual_stages,
+    num_pipeline_stages,
+    stage_of_chunk,
+)
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.models.gpt import build_gpt_model
 from megatron_focusft.models.presets import ModelPreset, get_preset, transformer_config
@@ -30,10 +35,12 @@ class ModelSetup:
     # Uneven pipeline stages (Megatron's --decoder-first/last-pipeline-num-layers); None: even.
     num_layers_in_first_pipeline_stage: int | None = None
     num_layers_in_last_pipeline_stage: int | None = None
-    # Any layer count per stage: Megatron's --pipeline-model-parallel-layout ("Et*5|t*3L"); None: the above.
+    # Any layer count per stage: Megatron's --pipeline-model-parallel-layout ("Et*5|t*3L"; V x P
+    # stages for V virtual stages per rank, which virtual_pipeline_model_parallel_size must then say); None: the above.
     pipeline_model_parallel_layout: str | None = None
     # Model chunks per rank (Megatron's virtual pipeline stages): stage s = chunk x P + rank, run
-    # by FocuSFT's interleaved schedule only (focusft/interleaved.py); None: one stage per rank.
+    # by FocuSFT's interleaved schedule only (focusft/interleaved.py); even chunks unless a layout
+    # sizes them; None: one stage per rank.
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
@@ -47,8 +54,11 @@ class ModelSetup:
 
 
 def virtual_stages_per_rank(args: argparse.Namespace, num_layers: int) -> int | None:
-    """V from the virtual-stage flags for a model of `num_layers` layers (even chunks); None without them."""
+    """V from the virtual-stage flags for a model of `num_layers` layers (even chunks), or from a
+    layout of V x P stages; None without either."""
     pp = args.pipeline_model_parallel_size
+    if args.pipeline_model_parallel_layout is not None:
+        return layout_virtual_stages(args.pipeline_model_parallel_layout, pp)
     if args.num_layers_per_virtual_pipeline_stage is not None:
         per_stage = args.num_layers_per_virtual_pipeline_stage
         if num_layers % (pp * per_stage):
@@ -118,16 +128,24 @@ def build_gpt(setup: ModelSetup, vp_stage: int | None = None) -> tuple[GPTModel,
                          "cannot hold a SegmentMask; use 'full'")
     preset = resolve_shape(setup)
     check_parallel_fit(preset, setup.tensor_model_parallel_size, setup.pipeline_model_parallel_size)
-    virtual = setup.virtual_pipeline_model_parallel_size
-    if virtual is not None and preset.num_layers % (virtual * setup.pipeline_model_parallel_size):
+    virtual, layout = setup.virtual_pipeline_model_parallel_size, setup.pipeline_model_parallel_layout
+    if layout is None and virtual is not None and preset.num_layers % (virtual * setup.pipeline_model_parallel_size):
         raise ValueError(f"{virtual} virtual pipeline stages per rank x PP {setup.pipeline_model_parallel_size}: the "
                          f"model's {preset.num_layers} layers do not split into that many even chunks")
-    layout = setup.pipeline_model_parallel_layout
     if layout is not None:
         placed = sum(layout_stage_counts(layout, setup.pipeline_model_parallel_size))
         if placed != preset.num_layers:
             raise ValueError(f"--pipeline-model-parallel-layout {layout!r} places {placed} decoder layers; the model "
                              f"has {preset.num_layers}")
+        if layout_virtual_stages(layout, setup.pipeline_model_parallel_size) != virtual:
+            raise ValueError(f"--pipeline-model-parallel-layout {layout!r} gives "
+                             f"{layout_virtual_stages(layout, setup.pipeline_model_parallel_size)} virtual stages per "
+                             f"rank, the setup {virtual}")
+        # Megatron numbers a layout's layers for chunk 0 unless the global virtual size is set.
+        if virtual is not None and parallel_state.get_virtual_pipeline_model_parallel_world_size() != virtual:
+            raise ValueError(f"a layout of virtual stages needs parallel state's virtual pipeline world size "
+                             f"{virtual} (megatron_session sets it), got "
+                             f"{parallel_state.get_virtual_pipeline_model_parallel_world_size()}")
     config = transformer_config(
         preset,
         tensor_model_parallel_size=setup.tensor_model_parallel_size,

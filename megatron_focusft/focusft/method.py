@@ -92,21 +92,27 @@ def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int
 
 
 def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> tuple[tuple[int, ...], str]:
-    """`--pipeline-balance auto`: layer costs measured on each stage, then the split whose simulated
-    iteration is shortest (focusft/pipeline_cost.best_split)."""
+    """`--pipeline-balance auto`: layer costs measured on each stage (each model chunk with virtual
+    stages), then the split whose simulated iteration is shortest (focusft/pipeline_cost.best_split;
+    with V virtual stages per rank, virtual_balance's V x P chunk sizes)."""
     from megatron_focusft.fastweights.config import adapted_layer_numbers
-    from megatron_focusft.focusft.pipeline_cost import best_split
+    from megatron_focusft.focusft.pipeline_cost import best_split, virtual_balance
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
 
     config = focusft_config(vars(args))
-    gpt = model.module
-    layout = fast_weight_layout(gpt.config, config.fast_weights)
-    initial = SeededFastWeights(layout, config.fast_weights.rank, args.seed, dtype=gpt.config.params_dtype)
-    costs = measure_layer_costs(gpt, micro_batch, config, initial(micro_batch))
-    num_layers = gpt.config.num_layers
-    chosen = best_split(num_layers, gpt.config.pipeline_model_parallel_size,
-                        adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
-                        config.inner_objective == "context", num_micro_batches, costs)
+    chunks = [chunk.module for chunk in (model if isinstance(model, list) else [model])]
+    gpt_config = chunks[0].config
+    layout = fast_weight_layout(gpt_config, config.fast_weights)
+    initial = SeededFastWeights(layout, config.fast_weights.rank, args.seed, dtype=gpt_config.params_dtype)
+    costs = measure_layer_costs(chunks, micro_batch, config, initial(micro_batch))
+    num_layers, pp = gpt_config.num_layers, gpt_config.pipeline_model_parallel_size
+    split = (num_layers, adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
+             config.inner_objective == "context", num_micro_batches, costs)
+    virtual = gpt_config.virtual_pipeline_model_parallel_size
+    if virtual:
+        chosen = virtual_balance(split[0], pp, virtual, *split[1:])
+    else:
+        chosen = best_split(split[0], pp, *split[1:])
     return chosen.counts, chosen.describe()
 
 

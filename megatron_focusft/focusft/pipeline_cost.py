@@ -18,10 +18,13 @@ head, measured by focusft/pipeline_measure.py), the units of engine/pipeline_pla
 (`--decoder-first/last-pipeline-num-layers`, the middle stages even) and keeps the one whose
 simulated iteration (engine.pipeline_plan.simulate) is shortest; `best_split` also weighs the
 min-max split of the layers' loads (any count per stage: `--pipeline-model-parallel-layout`).
+With virtual stages, `virtual_split` simulates even chunks and `virtual_balance` searches chunk
+sizes (a layout of V x P stages).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_focusft.engine.pipeline import layout_of_counts
@@ -166,9 +169,12 @@ class Balance:
     @property
     def flags(self) -> str:
         """The flags that give this split: Megatron's first/last-stage flags when the middle stages
-        are even, else the layout; with virtual stages, Megatron's chunk size (not run here yet)."""
+        are even, else the layout; with virtual stages, the chunk size when the chunks are even,
+        else the layout of V x P stages."""
+        if self.virtual_stages > 1 and len(set(self.counts)) == 1:
+            return f"--num-layers-per-virtual-pipeline-stage {self.counts[0]}"
         if self.virtual_stages > 1:
-            return f"--num-layers-per-virtual-pipeline-stage {self.counts[0]} (simulated only)"
+            return f"--pipeline-model-parallel-layout {layout_of_counts(self.counts)}"
         if len(set(self.counts[1:-1])) <= 1:
             return f"--decoder-first-pipeline-num-layers {self.first} --decoder-last-pipeline-num-layers {self.last}"
         return f"--pipeline-model-parallel-layout {layout_of_counts(self.counts)}"
@@ -246,6 +252,17 @@ def best_split(num_layers: int, num_stages: int, first_adapted_layer: int, inner
     return any_counts if any_counts.iteration < flags.iteration else flags
 
 
+def _virtual_balance(num_layers: int, counts: Sequence[int], num_devices: int, virtual_stages: int,
+                     first_adapted_layer: int, inner_steps: int, context_objective: bool, num_micro_batches: int,
+                     costs: LayerCosts) -> Balance:
+    """The simulated iteration of virtual stages of `counts` layers (layer order, stage v on device v % P)."""
+    pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, list(counts)), inner_steps,
+                               context_objective, num_micro_batches, num_devices)
+    timeline = pipeline.simulate(costs)
+    busy = tuple(timeline.device_busy(d) for d in range(num_devices))
+    return Balance(counts[0], counts[-1], tuple(counts), busy, timeline.makespan, virtual_stages)
+
+
 def virtual_split(num_layers: int, num_stages: int, virtual_stages: int, first_adapted_layer: int, inner_steps: int,
                   context_objective: bool, num_micro_batches: int, costs: LayerCosts) -> Balance:
     """Megatron's interleaved placement simulated: num_layers / (num_stages x virtual_stages) layers
@@ -254,9 +271,51 @@ def virtual_split(num_layers: int, num_stages: int, virtual_stages: int, first_a
     if virtual_stages < 1 or num_layers % chunks:
         raise ValueError(f"{num_layers} layers do not split evenly into {num_stages} x {virtual_stages} virtual "
                          f"pipeline stages")
-    counts = [num_layers // chunks] * chunks
-    pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, counts), inner_steps, context_objective,
-                               num_micro_batches, num_stages)
-    timeline = pipeline.simulate(costs)
-    busy = tuple(timeline.device_busy(d) for d in range(num_stages))
-    return Balance(counts[0], counts[-1], tuple(counts), busy, timeline.makespan, virtual_stages)
+    return _virtual_balance(num_layers, [num_layers // chunks] * chunks, num_stages, virtual_stages,
+                            first_adapted_layer, inner_steps, context_objective, num_micro_batches, costs)
+
+
+def virtual_balance(num_layers: int, num_stages: int, virtual_stages: int, first_adapted_layer: int,
+                    inner_steps: int, context_objective: bool, num_micro_batches: int,
+                    costs: LayerCosts) -> Balance:
+    """`--pipeline-balance auto` with virtual stages: chunk sizes (any count per chunk, a layout of
+    V x P stages) found by local search on the simulated iteration. It starts from the even split
+    (or, when the layers do not split evenly, the min-max split of their loads over the chunks) and
+    moves one layer across one chunk boundary at a time, taking the move that shortens the
+    iteration most (ties: the lower busiest device), until none does; so it is never worse than
+    its start."""
+    chunks = num_stages * virtual_stages
+    if virtual_stages < 1 or num_layers < chunks:
+        raise ValueError(f"{num_layers} layers cannot fill {num_stages} x {virtual_stages} virtual pipeline stages")
+    args = (first_adapted_layer, inner_steps, context_objective, num_micro_batches, costs)
+    seen: dict[tuple[int, ...], Balance] = {}
+
+    def simulated(counts: tuple[int, ...]) -> Balance:
+        if counts not in seen:
+            seen[counts] = _virtual_balance(num_layers, counts, num_stages, virtual_stages, *args)
+        return seen[counts]
+
+    def key(chosen: Balance) -> tuple[float, float]:
+        return round(chosen.iteration, 12), max(chosen.stage_busy)
+
+    if num_layers % chunks == 0:
+        start = (num_layers // chunks,) * chunks
+    else:
+        head = costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
+            costs.head_inner_forward + costs.head_inner_backward)
+        start = tuple(min_max_split(layer_loads(num_layers, first_adapted_layer, inner_steps, context_objective,
+                                                costs), chunks, head))
+    best = simulated(start)
+    while True:
+        moves = []
+        for boundary in range(chunks - 1):
+            for step in (1, -1):
+                counts = list(best.counts)
+                counts[boundary] += step
+                counts[boundary + 1] -= step
+                if min(counts) >= 1:
+                    moves.append(simulated(tuple(counts)))
+        candidate = min(moves, key=key, default=best)
+        if key(candidate) >= key(best):
+            return best
+        best = candidate

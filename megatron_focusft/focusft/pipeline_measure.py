@@ -6,8 +6,8 @@ frozen and fast weights as leaves, its backward; the outer forward with the fast
 constants, its backward), and on the last stage the scored LM head (on the inner objective's
 targets and on the response targets). The fastest of `reps` runs after one warm-up; the stages
 measure one after the other (a barrier between them), so two ranks sharing cores do not slow each
-other's figures. They are gathered over the world (the slowest rank of each kind), so every rank
-gets the same LayerCosts. A kind no stage holds (no layer below the fast weights) costs 0.
+other's figures; with virtual stages a rank measures each of its chunks. They are gathered over
+the world (the slowest stage of each kind), so every rank gets the same LayerCosts. A kind no stage holds (no layer below the fast weights) costs 0.
 
 The slow-weight gradients these backwards leave in Megatron's grad buffers are not cleared here:
 train_step zeroes the buffers before every step.
@@ -16,7 +16,7 @@ train_step zeroes the buffers before every step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,14 +88,17 @@ def measure_stage_costs(gpt: GPTModel, batch: SegmentBatch, config: FocusftConfi
     return costs
 
 
-def measure_layer_costs(gpt: GPTModel, batch: SegmentBatch, config: FocusftConfig, initial: FastWeights,
-                        reps: int = 5) -> LayerCosts:
-    """measure_stage_costs on every pipeline stage in turn, gathered (a collective over the world)."""
-    stage = gpt.pg_collection.pp.rank()
+def measure_layer_costs(chunks: Sequence[GPTModel], batch: SegmentBatch, config: FocusftConfig,
+                        initial: FastWeights, reps: int = 5) -> LayerCosts:
+    """measure_stage_costs on every pipeline rank in turn, for each of its model chunks (one, or
+    one per virtual stage), gathered (a collective over the world)."""
+    rank = chunks[0].pg_collection.pp.rank()
     costs: dict[str, float] = {}
-    for turn in range(gpt.pg_collection.pp.size()):
-        if turn == stage:
-            costs = measure_stage_costs(gpt, batch, config, initial, reps)
+    for turn in range(chunks[0].pg_collection.pp.size()):
+        if turn == rank:
+            for chunk in chunks:
+                for name, seconds in measure_stage_costs(chunk, batch, config, initial, reps).items():
+                    costs[name] = max(seconds, costs.get(name, 0.0))
         dist.barrier()
     return _gather(costs)
 

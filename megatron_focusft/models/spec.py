@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 
+from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -62,16 +63,21 @@ def final_norm(layer_spec: ModuleSpec) -> LayerNormBuilder:
 
 def stage_layer_span(config: TransformerConfig, vp_stage: int | None = None,
                      pp_rank: int | None = None) -> tuple[int, int]:
-    """(decoder layers below pipeline stage `pp_rank`, its own decoder layers); None: this rank's.
+    """(decoder layers below pipeline stage `pp_rank`'s chunk `vp_stage`, its own decoder layers);
+    pp_rank None: this rank's.
 
-    Megatron's get_transformer_layer_offset and get_num_layers_to_build, except that with a
-    pipeline layout they honour `pp_rank` (megatron-core 0.19 answers for the current rank there,
-    whatever pp_rank says)."""
+    Megatron's get_transformer_layer_offset and get_num_layers_to_build, except that a pipeline
+    layout is read from the layout itself: megatron-core 0.19 answers there for the current rank
+    whatever pp_rank says, and for chunk 0 whatever vp_stage says unless the global virtual world
+    size is set."""
     layout = config.pipeline_model_parallel_layout
-    if layout is not None and config.pipeline_model_parallel_size > 1:
-        kind = LayerType.decoder
-        return (layout.get_layer_offset(layer_type=kind, vp_stage=vp_stage, pp_rank=pp_rank),
-                layout.get_num_layers_to_build(layer_type=kind, vp_stage=vp_stage, pp_rank=pp_rank))
+    pp = config.pipeline_model_parallel_size
+    if layout is not None and pp > 1:
+        rank = parallel_state.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+        counts = [layout.layout[s % pp][s // pp].count(LayerType.decoder)
+                  for s in range(pp * layout.virtual_pipeline_model_parallel_size)]
+        stage = (vp_stage or 0) * pp + rank
+        return sum(counts[:stage]), counts[stage]
     return (get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank),
             get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
 

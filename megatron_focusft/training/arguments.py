@@ -17,7 +17,7 @@ import torch
 from megatron_focusft.attention.backends import attention_backend, attention_backend_names, context_parallel_backend_names
 from megatron_focusft.data.blend import DataBlend
 from megatron_focusft.data.chat import data_files
-from megatron_focusft.engine.pipeline import layout_stage_counts
+from megatron_focusft.engine.pipeline import layout_stage_counts, layout_virtual_stages
 from megatron_focusft.engine.setup import OptimizerSetup
 from megatron_focusft.models.presets import PRESETS, get_preset
 from megatron_focusft.training.lr_schedule import OVERRIDE_FLAG, USE_CHECKPOINT_FLAG, LrSchedule
@@ -67,7 +67,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     par.add_argument("--pipeline-model-parallel-layout", default=None, metavar="LAYOUT",
                      help="any layer count per stage, Megatron's layout string: E the embedding, t a decoder "
                           "layer, L the loss, | between stages, t*n repeats (e.g. 'Et*10|t*6L'); instead of "
-                          "--decoder-first/last-pipeline-num-layers")
+                          "--decoder-first/last-pipeline-num-layers. V x PP stages: V virtual stages per rank of "
+                          "these sizes, stage s on rank s mod PP (e.g. 'Et*5|t*3|t*5|t*3L' at PP 2)")
     par.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None, metavar="V",
                      help="virtual pipeline stages: V model chunks per rank, stage s on rank s mod PP, even "
                           "chunks (FocuSFT's interleaved schedule); or give --num-layers-per-virtual-pipeline-stage")
@@ -79,7 +80,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                           "kind's cost on the even split, then use the split whose simulated iteration is "
                           "shortest, among those the first/last-stage flags express and the min-max split of "
                           "the layers' loads (printed, with the predicted per-stage load and the flags that "
-                          "give it)")
+                          "give it); with virtual stages, the chunk sizes (a layout of V x PP stages)")
     par.add_argument("--context-parallel-size", type=int, default=1)
     par.add_argument("--sequence-parallel", action="store_true",
                      help="split activations outside the tensor-parallel regions along the sequence (needs TP > 1)")
@@ -168,23 +169,27 @@ def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace
 
 
 def _check_virtual_stages(args: argparse.Namespace, uneven: list[str]) -> None:
-    """Virtual pipeline stages: what they need and exclude (the layer count is checked against
-    the model shape later, by build_gpt)."""
+    """Virtual pipeline stages (from their flags, or a layout of V x P stages): what they need and
+    exclude (the layer count is checked against the model shape later, by build_gpt)."""
     given = [flag for flag in ("num_virtual_stages_per_pipeline_rank", "num_layers_per_virtual_pipeline_stage")
              if getattr(args, flag) is not None]
-    if not given:
+    layout = args.pipeline_model_parallel_layout
+    virtual_layout = layout is not None and layout_virtual_stages(layout, args.pipeline_model_parallel_size)
+    if not given and not virtual_layout:
         return
-    name = f"--{given[0].replace('_', '-')}"
+    name = f"--{given[0].replace('_', '-')}" if given else f"--pipeline-model-parallel-layout {layout!r}"
     if len(given) > 1:
         raise ValueError("give --num-virtual-stages-per-pipeline-rank or --num-layers-per-virtual-pipeline-stage, "
                          "not both")
-    if getattr(args, given[0]) < 1:
+    if given and getattr(args, given[0]) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(args, given[0])}")
     if args.pipeline_model_parallel_size == 1:
         raise ValueError(f"{name} needs --pipeline-model-parallel-size > 1")
-    if uneven or args.pipeline_balance == "auto":
-        what = f"--{uneven[0].replace('_', '-')}" if uneven else "--pipeline-balance auto"
-        raise ValueError(f"{name} splits the layers into even chunks: drop {what}")
+    if given and layout is not None:
+        raise ValueError(f"{name} splits the layers into even chunks; a layout of V x P stages sizes each chunk "
+                         f"itself: drop one of them")
+    if given and uneven:
+        raise ValueError(f"{name} splits the layers into even chunks: drop --{uneven[0].replace('_', '-')}")
     if args.training_mode != "focusft" or getattr(args, "focusft_pipeline_schedule", None) != "interleaved":
         raise ValueError(f"{name}: virtual pipeline stages run with --training-mode focusft and its interleaved "
                          f"schedule (--focusft-pipeline-schedule interleaved) only")

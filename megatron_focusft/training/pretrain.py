@@ -223,7 +223,6 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
     )
     from megatron_focusft.engine.setup import (
         OptimizerSetup,
-        build_model,
         build_model_chunks,
         build_optimizer,
         model_setup_from_args,
@@ -273,8 +272,8 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
                 num_micro_batches)
             log(f"pipeline balance: {line}")
             _restore_rng_states(rng)  # the model is then initialised as a run given these flags would be
-            model, model_config = build_model(dataclasses.replace(
-                setup, pipeline_model_parallel_layout=layout_of_counts(counts)))
+            setup = dataclasses.replace(setup, pipeline_model_parallel_layout=layout_of_counts(counts))
+            model, model_config = build_model_chunks(setup)
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()

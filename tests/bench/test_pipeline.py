@@ -25,24 +25,30 @@ def test_bench_pipeline_reports_every_schedule_and_the_simulator(worker_pool):
     records = worker_pool(2).run(_bench, config)
     assert records[0] == records[1]  # every figure is gathered: both ranks report the same
     runs = [r for r in records[0] if "schedule" in r]
-    # tiny: 4 layers; 2 x 3 virtual stages do not divide them, so that size is left out.
+    # tiny: 4 layers; 2 x 3 virtual stages do not fit them, so that size is left out, and 2 x 2
+    # balanced chunks can only be the even ones.
     assert [r["schedule"] for r in runs] == ["sequential, even split", "sequential, balanced split",
-                                             "interleaved, balanced split", "interleaved, 2 virtual stages per device"]
-    assert runs[3]["layers_per_stage"] == [1, 1, 1, 1]
+                                             "interleaved, balanced split", "interleaved, 2 virtual stages per device",
+                                             "interleaved, 2 virtual stages per device, balanced"]
+    assert runs[3]["layers_per_stage"] == runs[4]["layers_per_stage"] == [1, 1, 1, 1]
     for run in runs:
         assert sum(run["layers_per_stage"]) == 4 and run["tokens_per_s"] > 0
         assert all(0 < share <= 1 for share in run["stage_busy_share"])
         assert run["pipeline_efficiency"] == pytest.approx(sum(run["stage_busy_share"]) / 2)
     assert runs[1]["layers_per_stage"] == runs[2]["layers_per_stage"]
     sims = [r for r in records[0] if "simulator" in r]
-    assert [r["simulator"] for r in sims] == [runs[2]["schedule"], runs[3]["schedule"]]
+    assert [r["simulator"] for r in sims] == [run["schedule"] for run in runs[2:]]
     for sim in sims:
         assert sim["predicted_forward_backward_s"] > 0 and len(sim["measured_unit_busy_s"]) == 2
     simulated = [r for r in records[0] if "simulated_stages" in r]
     assert [(r["simulated_stages"], r["split"]) for r in simulated] == [
-        (2, "first/last-stage flags"), (2, "any layer count per stage"), (2, "2 virtual stages per device, even")]
-    assert simulated[2]["layers_per_stage"] == [1, 1, 1, 1] and len(simulated[2]["predicted_stage_busy_s"]) == 2
+        (2, "first/last-stage flags"), (2, "any layer count per stage"), (2, "2 virtual stages per device, even"),
+        (2, "2 virtual stages per device, balanced")]
+    for sim in simulated[2:]:
+        assert sim["layers_per_stage"] == [1, 1, 1, 1] and len(sim["predicted_stage_busy_s"]) == 2
+    assert simulated[2]["predicted_iteration_s"] == simulated[3]["predicted_iteration_s"]  # the same chunks
     assert all(0 < r["predicted_efficiency"] <= 1 for r in simulated)
+    assert set(records[0][-1]["virtual_balanced_splits"]) == {"2"}
 
 
 def test_bench_pipeline_needs_one_rank_per_stage(single_rank, capsys):

@@ -93,3 +93,18 @@ def test_virtual_stages_match_one_process(worker_pool, objective, fraction):
     parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=fraction, schedule="interleaved", virtual=2)
     assert {r["pp_rank"]: r["layers"] for r in parallel} == {0: [1, 3], 1: [2, 4]}
     check_parity(reference, parallel, focusft=True)
+
+
+def test_uneven_virtual_stages_from_a_layout_match_one_process(worker_pool):
+    """Six layers in chunks of 1 / 2 / 1 / 2 layers (layout Et|tt|t|ttL at PP 2, as
+    --pipeline-balance auto writes for virtual stages): rank 0 holds layers 1 and 4, rank 1 layers
+    2-3 and 5-6; the context objective with layers 4-6 adapted, so the inner loop runs from
+    rank 0's second chunk to rank 1's and back."""
+    pool = worker_pool(2)
+    batches = pipeline_batches("focusft")
+    focusft = {"inner_objective": "context"}
+    reference = reference_step(pool, batches, focusft, layer_fraction=0.5, num_layers=6)
+    parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=0.5, schedule="interleaved", virtual=2,
+                        layout="Et|tt|t|ttL", num_layers=6)
+    assert {r["pp_rank"]: r["layers"] for r in parallel} == {0: [1, 4], 1: [2, 3, 5, 6]}
+    check_parity(reference, parallel, focusft=True)

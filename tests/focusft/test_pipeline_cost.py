@@ -19,6 +19,7 @@ from megatron_focusft.focusft.pipeline_cost import (
     megatron_splits,
     min_max_split,
     stage_layers,
+    virtual_balance,
     virtual_split,
 )
 
@@ -83,7 +84,7 @@ def test_virtual_split_places_chunks_round_robin():
     assert chosen.counts == (2, 2, 2, 2) and chosen.virtual_stages == 2
     assert chosen.stage_busy == (4 * 4 * 3.0, 4 * (2 * 3.0 + 2 * 9.0 + 5.625))
     assert chosen.iteration >= max(chosen.stage_busy)
-    assert "--num-layers-per-virtual-pipeline-stage 2" in chosen.describe()
+    assert chosen.flags == "--num-layers-per-virtual-pipeline-stage 2"
     with pytest.raises(ValueError, match="do not split evenly"):
         virtual_split(8, 2, 3, 7, 2, False, 4, COSTS)
 
@@ -101,3 +102,40 @@ def test_best_split_takes_any_counts_when_the_flags_cannot_balance():
     # With two stages every split is a first/last one: the flags, as before.
     two = best_split(4, 2, 3, 2, False, 16, costs)
     assert two.counts == (3, 1) and two.flags.startswith("--decoder-first-pipeline-num-layers 3")
+
+
+def _moves(counts):
+    """Every split one layer away from `counts` across one chunk boundary (each chunk keeps a layer)."""
+    for boundary in range(len(counts) - 1):
+        for step in (1, -1):
+            moved = list(counts)
+            moved[boundary] += step
+            moved[boundary + 1] -= step
+            if min(moved) >= 1:
+                yield tuple(moved)
+
+
+def test_virtual_balance_moves_layers_off_the_device_with_the_adapted_chunk():
+    # 8 layers, 7-8 adapted, 2 devices x 2 chunks, 4 micro-batches. Per micro-batch a bottom layer
+    # costs 3, an adapted one 9, the head 5.625 (as above). Even chunks put layers 3-4 and 7-8 +
+    # the head on device 1: 4 x 29.625 busy against device 0's 4 x 12. The search must shorten
+    # the iteration, leave device 1 less busy, and stop at a split no one-layer move improves.
+    even = virtual_split(8, 2, 2, 7, 2, False, 4, COSTS)
+    chosen = virtual_balance(8, 2, 2, 7, 2, False, 4, COSTS)
+    assert sum(chosen.counts) == 8 and min(chosen.counts) >= 1 and chosen.virtual_stages == 2
+    assert chosen.iteration < even.iteration and max(chosen.stage_busy) < max(even.stage_busy)
+    assert sum(chosen.stage_busy) == pytest.approx(sum(even.stage_busy))  # the same work, moved
+    for moved in _moves(chosen.counts):
+        layout = "E" + "|".join("t" * n for n in moved) + "L"
+        other = FocusftPipeline(stage_layers(8, 7, list(moved)), 2, False, 4, 2).simulate(COSTS)
+        assert (round(other.makespan, 12), max(other.device_busy(d) for d in range(2))) >= (
+            round(chosen.iteration, 12), max(chosen.stage_busy)), layout
+    assert chosen.flags == "--pipeline-model-parallel-layout " + "E" + "|".join("t" * n for n in chosen.counts) + "L"
+
+
+def test_virtual_balance_of_layers_that_do_not_split_evenly():
+    # 7 layers over 2 x 2 chunks: the search starts from the min-max split of the layers' loads.
+    chosen = virtual_balance(7, 2, 2, 6, 2, False, 4, COSTS)
+    assert sum(chosen.counts) == 7 and len(chosen.counts) == 4 and min(chosen.counts) >= 1
+    with pytest.raises(ValueError, match="3 layers cannot fill 2 x 2 virtual pipeline stages"):
+        virtual_balance(3, 2, 2, 3, 2, False, 4, COSTS)

@@ -47,11 +47,12 @@ def _renumber(name: str, offset: int) -> str:
 def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
          timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None,
          perturb_seed: int | None = None, schedule: str = "sequential", layout: str | None = None,
-         virtual: int | None = None) -> dict:
+         virtual: int | None = None, num_layers: int = 4) -> dict:
     """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
     else Megatron's); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
     one ulp, for the noise band); `layout`: the stages' layers as a pipeline layout string instead;
-    `virtual`: that many model chunks per rank (virtual stages, FocuSFT's interleaved schedule)."""
+    `virtual`: that many model chunks per rank (virtual stages, FocuSFT's interleaved schedule);
+    `num_layers`: the tiny model with that many layers."""
     from megatron.core import parallel_state
 
     from megatron_focusft.data.cp_split import split_batch_for_cp
@@ -63,18 +64,22 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
     )
     from megatron_focusft.engine.setup import ModelSetup, build_model
     from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
+    from megatron_focusft.models.presets import get_preset, with_layers
     from megatron_focusft.sft import sft_forward_step
 
     fast = None
     if focusft is not None:
         fast = FAST if layer_fraction is None else dataclasses.replace(FAST, layer_fraction=layer_fraction)
+    preset = with_layers(get_preset("tiny"), num_layers)
     init_model_parallel(tp=tp, seed=21)
-    whole, _ = build_model(ModelSetup(tensor_model_parallel_size=tp, sequence_parallel=sp, fast_weights=fast))
+    whole, _ = build_model(ModelSetup(preset=preset, tensor_model_parallel_size=tp, sequence_parallel=sp,
+                                      fast_weights=fast))
     weights = whole.module.state_dict()
     init_model_parallel(tp=tp, pp=pp, cp=cp, seed=99, vp=virtual)  # another seed: the stage's own init is overwritten
-    first_layers = None if last_stage_layers is None else 4 - last_stage_layers
+    first_layers = None if last_stage_layers is None else num_layers - last_stage_layers
     setup = ModelSetup(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp, fast_weights=fast,
+        preset=preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
+        fast_weights=fast,
         context_parallel_size=cp, pipeline_model_parallel_layout=layout, virtual_pipeline_model_parallel_size=virtual,
         num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers)
     built = [build_model(setup, vp_stage=v) for v in range(virtual)] if virtual else [build_model(setup)]

@@ -54,8 +54,12 @@ CASES = [
       "--decoder-first-pipeline-num-layers", "1"], {"WORLD_SIZE": "2"},
      "--pipeline-model-parallel-layout places every stage's layers: drop --decoder-first-pipeline-num-layers"),
     (["--pipeline-model-parallel-layout", "Et|t|ttL", "--pipeline-model-parallel-size", "2"], {"WORLD_SIZE": "2"},
-     "--pipeline-model-parallel-layout 'Et|t|ttL' has 3 stages for --pipeline-model-parallel-size 2 (a layout "
-     "with virtual stages is not supported: give even chunks with --num-virtual-stages-per-pipeline-rank)"),
+     "--pipeline-model-parallel-layout 'Et|t|ttL' has 3 stages, not a multiple of --pipeline-model-parallel-size 2 "
+     "(V x P stages give V virtual stages per rank)"),
+    (["--pipeline-model-parallel-layout", "Et|t|t|tL", "--pipeline-model-parallel-size", "2", "--training-mode",
+      "sft"], {"WORLD_SIZE": "2"},
+     "--pipeline-model-parallel-layout 'Et|t|t|tL': virtual pipeline stages run with --training-mode focusft and its "
+     "interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
     (["--num-virtual-stages-per-pipeline-rank", "2"], {},
      "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1"),
     (["--num-virtual-stages-per-pipeline-rank", "2", "--num-layers-per-virtual-pipeline-stage", "1"], {},
@@ -64,8 +68,12 @@ CASES = [
      "--num-layers-per-virtual-pipeline-stage must be >= 1, got 0"),
     (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2",
       "--pipeline-model-parallel-layout", "Et|tttL"], {"WORLD_SIZE": "2"},
+     "--num-virtual-stages-per-pipeline-rank splits the layers into even chunks; a layout of V x P stages sizes "
+     "each chunk itself: drop one of them"),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2",
+      "--decoder-first-pipeline-num-layers", "1"], {"WORLD_SIZE": "2"},
      "--num-virtual-stages-per-pipeline-rank splits the layers into even chunks: drop "
-     "--pipeline-model-parallel-layout"),
+     "--decoder-first-pipeline-num-layers"),
     (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
      {"WORLD_SIZE": "2"}, "--num-virtual-stages-per-pipeline-rank: virtual pipeline stages run with --training-mode "
                           "focusft and its interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
@@ -134,3 +142,19 @@ def test_virtual_stages_that_do_not_split_the_model_are_errors_before_any_proces
     monkeypatch.setattr(pretrain_module, "megatron_session", no_session)
     code = main([*BASE, "--pipeline-model-parallel-size", "2", *flags])
     assert code == 1 and f"pretrain_focusft.py: error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, virtual", [
+    (["--pipeline-model-parallel-layout", "Et|tt|t|tL"], 2),
+    (["--pipeline-model-parallel-layout", "Ett|ttL"], None),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-balance", "auto"], 2),
+], ids=["layout-of-virtual-stages", "layout", "auto-balanced-chunks"])
+def test_virtual_stages_from_a_layout_or_balanced_automatically_are_accepted(flags, virtual, monkeypatch):
+    # A layout of V x P stages gives V chunks per rank of its sizes (Megatron's reading); with
+    # --pipeline-balance auto the even chunks are only the start: the chunk sizes are measured.
+    from megatron_focusft.engine.setup import virtual_stages_per_rank
+    from megatron_focusft.training.arguments import parse_training_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_training_args([*BASE, "--pipeline-model-parallel-size", "2", *flags])
+    assert virtual_stages_per_rank(args, num_layers=4) == virtual

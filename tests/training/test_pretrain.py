@@ -203,7 +203,8 @@ def test_pipeline_parallel_training_continues_a_one_rank_run(worker_pool, tmp_pa
 def test_virtual_pipeline_stages_continue_a_one_rank_run_and_their_checkpoint_resumes_on_one_rank(
         worker_pool, tmp_path: Path):
     # PP = 2 with two model chunks per rank (four stages of one layer, stage s on rank s mod 2;
-    # adapted layers 2-4 from stage 1 on) resumes the one-rank run's checkpoint of iteration 1,
+    # adapted layers 2-4 from stage 1 on; --pipeline-balance auto measures every chunk and, with
+    # one layer per chunk, can only keep that split) resumes the one-rank run's checkpoint of iteration 1,
     # optimizer included, resharded into the chunks, and runs iteration 2 under FocuSFT's
     # interleaved schedule; it saves (Megatron's model0 / model1 nesting), and a one-rank run
     # resumes that checkpoint for iteration 3. Both continue the uninterrupted run's curves
@@ -216,7 +217,8 @@ def test_virtual_pipeline_stages_continue_a_one_rank_run_and_their_checkpoint_re
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
     results = worker_pool(2).run(_pretrain_result, [*argv, "--load", ckpt, "--save", ckpt, "--exit-interval", "2",
                                                     "--pipeline-model-parallel-size", "2",
-                                                    "--num-virtual-stages-per-pipeline-rank", "2"])
+                                                    "--num-virtual-stages-per-pipeline-rank", "2",
+                                                    "--pipeline-balance", "auto"])
     assert results[0]["stage_layers"] == [1, 1, 1, 1]
     virtual = [r["history"] for r in results]
     assert [h["loss"] for h in virtual[0]] == [h["loss"] for h in virtual[1]]
