@@ -16,7 +16,8 @@ efficiency (their mean) and bubble fraction (1 - efficiency).
 The simulator (engine/pipeline_plan.py): each interleaved run's measured unit times (mean per stage
 and unit kind) replayed give its predicted forward-backward time, against the measured one; the
 measured layer costs give the balanced split and simulated efficiency at other PP sizes, also
-with virtual pipeline stages (even and balanced chunks).
+with virtual pipeline stages (even and balanced chunks), each with the efficiency no schedule of
+its units can exceed (`FocusftPipeline.efficiency_bound`; also on the interleaved runs).
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.focusft.interleaved import focusft_pipeline
     from megatron_focusft.focusft.pipeline_cost import (
         NOMINAL_COSTS,
+        FocusftPipeline,
         balance,
         best_split,
         virtual_balance,
+        stage_layers,
         virtual_split,
     )
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
@@ -163,6 +166,12 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             if name in pipelines:
                 for record in forward_step.forward_backward_func(chunks[0]).records:
                     unit_s[name][(record.unit.stage, _unit_kind(record.unit, pipelines[name]))].append(record.seconds)
+    def efficiency_bound(counts: list[int], devices: int, virtual: int | None, micro_batches: int) -> float:
+        """The best efficiency any schedule of these units could reach (FocusftPipeline.efficiency_bound)."""
+        pipeline = FocusftPipeline(stage_layers(preset.num_layers, first_adapted, counts), config.inner_steps,
+                                   context, micro_batches, devices if virtual else None)
+        return pipeline.efficiency_bound(costs)
+
     tokens = config.num_micro_batches * config.micro_batch_size * config.seq_length
     base = statistics.median(step_s["sequential, even split"])
     records = []
@@ -179,6 +188,10 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             "stage_busy_share": shares, "pipeline_efficiency": statistics.mean(shares),
             "bubble_fraction": 1 - statistics.mean(shares), "forward_backward_s": statistics.median(fb_s[name]),
         })
+        if name in pipelines:
+            records[-1]["efficiency_bound"] = efficiency_bound(
+                records[-1]["layers_per_stage"], pp, runs[name][1].virtual_pipeline_model_parallel_size,
+                config.num_micro_batches)
     for name, pipeline in pipelines.items():
         measured_units = _gather_units(unit_s[name])
         # The order the executor ran (planned from nominal costs), replayed with the measured unit times.
@@ -199,6 +212,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
                             "split": "any layer count per stage" if any_counts else "first/last-stage flags",
                             "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                            "efficiency_bound": efficiency_bound(list(sim.counts), stages, None,
+                                                                 config.simulate_micro_batches),
                             "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
         for virtual in config.simulate_virtual_stages:
             sims = {}
@@ -212,6 +227,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
                 records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
                                 "split": f"{virtual} virtual stages per device, {kind}", "virtual_stages": virtual,
                                 "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                                "efficiency_bound": efficiency_bound(list(sim.counts), stages, virtual,
+                                                                     config.simulate_micro_batches),
                                 "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
     records.append({"layer_costs_s": costs.__dict__, "balanced_split": chosen.describe(),
                     "virtual_balanced_splits": {str(v): b.describe() for v, b in virtual_chosen.items()}})
@@ -249,8 +266,8 @@ def _line(record: dict[str, Any]) -> str:
                 f"measured {record['measured_forward_backward_s']:.3f} s ({record['predicted_over_measured']:.2f}x)")
     if "simulated_stages" in record:
         return (f"simulated PP {record['simulated_stages']}, {record['micro_batches']} micro-batches, "
-                f"{record['split']}: efficiency {100 * record['predicted_efficiency']:.0f}%, layers "
-                f"{record['layers_per_stage']}")
+                f"{record['split']}: efficiency {100 * record['predicted_efficiency']:.0f}% (any schedule: <= "
+                f"{100 * record['efficiency_bound']:.0f}%), layers {record['layers_per_stage']}")
     virtual = "".join(f"; {v} virtual stages per device, balanced: {line}"
                       for v, line in record["virtual_balanced_splits"].items())
     return f"layer costs (s): {record['layer_costs_s']}; balanced: {record['balanced_split']}{virtual}"

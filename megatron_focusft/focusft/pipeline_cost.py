@@ -103,6 +103,36 @@ class FocusftPipeline:
             cost += layers.adapted * costs.adapted_inner_forward + head * costs.head_inner_forward
         return cost
 
+    def iteration_bound(self, costs: LayerCosts) -> float:
+        """A lower bound on the iteration of any schedule of these units on these devices.
+
+        One micro-batch's units form a single chain (focusft_passes: each pass's forwards ascend,
+        its backwards descend, and the next pass starts where that one ended), the same for every
+        micro-batch. A device runs one unit at a time, cannot start before the chain's units ahead
+        of its first one have run, and after its last unit the rest of that chain must still run:
+        iteration >= prefix_d + busy_d + suffix_d for every device d, and >= the whole chain."""
+        chain = [Unit(s, 0, p.step, backward)
+                 for p in focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps, 1, self.stride)
+                 for backward, stages in ((False, p.forward_stages), (True, reversed(p.backward_stages)))
+                 for s in stages]
+        seconds = [self.unit_cost(unit, costs) for unit in chain]
+        devices = self.num_devices or len(self.stages)
+        bound = sum(seconds)
+        for d in range(devices):
+            mine = [i for i, unit in enumerate(chain) if unit.stage % devices == d]
+            busy = self.num_micro_batches * sum(seconds[i] for i in mine)
+            bound = max(bound, sum(seconds[:mine[0]]) + busy + sum(seconds[mine[-1] + 1:]))
+        return bound
+
+    def efficiency_bound(self, costs: LayerCosts) -> float:
+        """The highest pipeline efficiency any schedule can reach: all work / (devices x iteration_bound)."""
+        devices = self.num_devices or len(self.stages)
+        work = self.num_micro_batches * sum(
+            self.unit_cost(Unit(s, 0, p.step, backward), costs)
+            for p in focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps, 1, self.stride)
+            for backward, stages in ((False, p.forward_stages), (True, p.backward_stages)) for s in stages)
+        return work / (devices * self.iteration_bound(costs))
+
     def simulate(self, cost, order=None) -> Timeline:
         """The iteration replayed with `cost(unit)` (a LayerCosts, or a function of the unit); with
         `order`, each stage's units in that order (engine.pipeline_plan.simulate)."""

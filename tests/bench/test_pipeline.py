@@ -47,7 +47,8 @@ def test_bench_pipeline_reports_every_schedule_and_the_simulator(worker_pool):
     for sim in simulated[2:]:
         assert sim["layers_per_stage"] == [1, 1, 1, 1] and len(sim["predicted_stage_busy_s"]) == 2
     assert simulated[2]["predicted_iteration_s"] == simulated[3]["predicted_iteration_s"]  # the same chunks
-    assert all(0 < r["predicted_efficiency"] <= 1 for r in simulated)
+    assert all(0 < r["predicted_efficiency"] <= r["efficiency_bound"] <= 1 for r in simulated)
+    assert all(0 < run["efficiency_bound"] <= 1 for run in runs[2:]) and "efficiency_bound" not in runs[0]
     assert set(records[0][-1]["virtual_balanced_splits"]) == {"2"}
 
 

@@ -139,3 +139,24 @@ def test_virtual_balance_of_layers_that_do_not_split_evenly():
     assert sum(chosen.counts) == 7 and len(chosen.counts) == 4 and min(chosen.counts) >= 1
     with pytest.raises(ValueError, match="3 layers cannot fill 2 x 2 virtual pipeline stages"):
         virtual_balance(3, 2, 2, 3, 2, False, 4, COSTS)
+
+
+def test_iteration_bound_by_hand_and_no_simulated_schedule_beats_it():
+    # Stage 0: one bottom layer; stage 1: one adapted layer + the head; two inner steps, 4
+    # micro-batches. One micro-batch's chain: inner pass 0 forward on stage 0 (1) and stage 1
+    # (1 + 0.25), backward on stage 1 (2 + 0.5); pass 1 on stage 1 (1.25, 2.5); the outer forward
+    # on stage 1 (1 + 0.125), backward on stage 1 (2 + 4) and stage 0 (2): 17.625 in all. Device 1
+    # runs 14.625 of it per micro-batch, after the chain's first unit (1) and before its last (2):
+    # iteration >= 1 + 4 x 14.625 + 2 = 61.5; efficiency <= 4 x 17.625 / (2 x 61.5).
+    pipe = FocusftPipeline((StageLayers(1, 0, False), StageLayers(0, 1, True)), 2, False, 4)
+    assert pipe.iteration_bound(COSTS) == pytest.approx(61.5)
+    assert pipe.efficiency_bound(COSTS) == pytest.approx(4 * 17.625 / (2 * 61.5))
+    for layers, stages, virtual, micro_batches in [(8, 2, None, 4), (8, 4, None, 16), (8, 2, 2, 4), (16, 4, 2, 16),
+                                                   (16, 8, 2, 16)]:
+        counts = [layers // (stages * (virtual or 1))] * (stages * (virtual or 1))
+        for context in (False, True):
+            pipe = FocusftPipeline(stage_layers(layers, layers - layers // 4 + 1, counts), 2, context, micro_batches,
+                                   stages if virtual else None)
+            timeline = pipe.simulate(COSTS)
+            assert timeline.makespan >= pipe.iteration_bound(COSTS) - 1e-9
+            assert timeline.efficiency <= pipe.efficiency_bound(COSTS) + 1e-9
