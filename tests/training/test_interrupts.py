@@ -26,7 +26,10 @@ from megatron_focusft.engine.checkpoint import iteration_dir, latest_checkpoint
 from megatron_focusft.training.arguments import parse_training_args
 from megatron_focusft.training.pretrain import pretrain
 
-ARGV = ["--mock-data", "--train-iters", "5", "--seq-length", "64", "--micro-batch-size", "1",
+# 10 iterations: the kills target saves up to iteration 5 (2 + 1 + 2 saves past the committed
+# one), and the run must outlast the random wait after each (an idle machine finished 5 iterations
+# inside it, so the kill found the trainer gone with exit code 0).
+ARGV = ["--mock-data", "--train-iters", "10", "--seq-length", "64", "--micro-batch-size", "1",
         "--lr", "5e-4", "--lr-warmup-iters", "1"]
 TOKEN_VARIABLE = "FOCUSFT_TEST_TRAINER"
 PRELOAD = ["megatron_focusft.training.pretrain", "megatron_focusft.engine.train_step",
