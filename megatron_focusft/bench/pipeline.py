@@ -90,8 +90,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
         FocusftPipeline,
         balance,
         best_split,
-        virtual_balance,
         stage_layers,
+        virtual_balance,
         virtual_split,
     )
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
@@ -166,6 +166,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             if name in pipelines:
                 for record in forward_step.forward_backward_func(chunks[0]).records:
                     unit_s[name][(record.unit.stage, _unit_kind(record.unit, pipelines[name]))].append(record.seconds)
+
     def efficiency_bound(counts: list[int], devices: int, virtual: int | None, micro_batches: int) -> float:
         """The best efficiency any schedule of these units could reach (FocusftPipeline.efficiency_bound)."""
         pipeline = FocusftPipeline(stage_layers(preset.num_layers, first_adapted, counts), config.inner_steps,

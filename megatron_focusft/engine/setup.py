@@ -137,10 +137,10 @@ def build_gpt(setup: ModelSetup, vp_stage: int | None = None) -> tuple[GPTModel,
         if placed != preset.num_layers:
             raise ValueError(f"--pipeline-model-parallel-layout {layout!r} places {placed} decoder layers; the model "
                              f"has {preset.num_layers}")
-        if layout_virtual_stages(layout, setup.pipeline_model_parallel_size) != virtual:
-            raise ValueError(f"--pipeline-model-parallel-layout {layout!r} gives "
-                             f"{layout_virtual_stages(layout, setup.pipeline_model_parallel_size)} virtual stages per "
-                             f"rank, the setup {virtual}")
+        implied = layout_virtual_stages(layout, setup.pipeline_model_parallel_size)
+        if implied != virtual:
+            raise ValueError(f"--pipeline-model-parallel-layout {layout!r} gives {implied} virtual stages per rank, "
+                             f"the setup {virtual}")
         # Megatron numbers a layout's layers for chunk 0 unless the global virtual size is set.
         if virtual is not None and parallel_state.get_virtual_pipeline_model_parallel_world_size() != virtual:
             raise ValueError(f"a layout of virtual stages needs parallel state's virtual pipeline world size "

@@ -106,13 +106,10 @@ def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: in
     initial = SeededFastWeights(layout, config.fast_weights.rank, args.seed, dtype=gpt_config.params_dtype)
     costs = measure_layer_costs(chunks, micro_batch, config, initial(micro_batch))
     num_layers, pp = gpt_config.num_layers, gpt_config.pipeline_model_parallel_size
-    split = (num_layers, adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
-             config.inner_objective == "context", num_micro_batches, costs)
     virtual = gpt_config.virtual_pipeline_model_parallel_size
-    if virtual:
-        chosen = virtual_balance(split[0], pp, virtual, *split[1:])
-    else:
-        chosen = best_split(split[0], pp, *split[1:])
+    work = (adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
+            config.inner_objective == "context", num_micro_batches, costs)
+    chosen = virtual_balance(num_layers, pp, virtual, *work) if virtual else best_split(num_layers, pp, *work)
     return chosen.counts, chosen.describe()
 
 

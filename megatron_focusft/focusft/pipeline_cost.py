@@ -103,18 +103,22 @@ class FocusftPipeline:
             cost += layers.adapted * costs.adapted_inner_forward + head * costs.head_inner_forward
         return cost
 
+    def _chain(self) -> list[Unit]:
+        """One micro-batch's units in dependency order (focusft_passes: each pass's forwards ascend,
+        its backwards descend, and the next pass starts where that one ended)."""
+        return [Unit(s, 0, p.step, backward)
+                for p in focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps, 1, self.stride)
+                for backward, stages in ((False, p.forward_stages), (True, reversed(p.backward_stages)))
+                for s in stages]
+
     def iteration_bound(self, costs: LayerCosts) -> float:
         """A lower bound on the iteration of any schedule of these units on these devices.
 
-        One micro-batch's units form a single chain (focusft_passes: each pass's forwards ascend,
-        its backwards descend, and the next pass starts where that one ended), the same for every
-        micro-batch. A device runs one unit at a time, cannot start before the chain's units ahead
-        of its first one have run, and after its last unit the rest of that chain must still run:
+        One micro-batch's units form a single chain (`_chain`), the same for every micro-batch. A
+        device runs one unit at a time, cannot start before the chain's units ahead of its first
+        one have run, and after its last unit the rest of that chain must still run:
         iteration >= prefix_d + busy_d + suffix_d for every device d, and >= the whole chain."""
-        chain = [Unit(s, 0, p.step, backward)
-                 for p in focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps, 1, self.stride)
-                 for backward, stages in ((False, p.forward_stages), (True, reversed(p.backward_stages)))
-                 for s in stages]
+        chain = self._chain()
         seconds = [self.unit_cost(unit, costs) for unit in chain]
         devices = self.num_devices or len(self.stages)
         bound = sum(seconds)
@@ -126,12 +130,8 @@ class FocusftPipeline:
 
     def efficiency_bound(self, costs: LayerCosts) -> float:
         """The highest pipeline efficiency any schedule can reach: all work / (devices x iteration_bound)."""
-        devices = self.num_devices or len(self.stages)
-        work = self.num_micro_batches * sum(
-            self.unit_cost(Unit(s, 0, p.step, backward), costs)
-            for p in focusft_passes(len(self.stages), self.first_adapted_stage, self.inner_steps, 1, self.stride)
-            for backward, stages in ((False, p.forward_stages), (True, p.backward_stages)) for s in stages)
-        return work / (devices * self.iteration_bound(costs))
+        work = self.num_micro_batches * sum(self.unit_cost(unit, costs) for unit in self._chain())
+        return work / ((self.num_devices or len(self.stages)) * self.iteration_bound(costs))
 
     def simulate(self, cost, order=None) -> Timeline:
         """The iteration replayed with `cost(unit)` (a LayerCosts, or a function of the unit); with
@@ -221,6 +221,12 @@ def layer_loads(num_layers: int, first_adapted_layer: int, inner_steps: int, con
     return [adapted if n >= first_adapted_layer else bottom for n in range(1, num_layers + 1)]
 
 
+def head_load(inner_steps: int, costs: LayerCosts) -> float:
+    """The scored LM head's whole work per micro-batch (all its units' shares), on the last stage."""
+    return costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
+        costs.head_inner_forward + costs.head_inner_backward)
+
+
 def min_max_split(loads: list[float], num_stages: int, last_extra: float = 0.0) -> list[int]:
     """Contiguous layer counts (each >= 1) minimising the busiest stage's load (`last_extra`, the
     head, added to the last stage): the classic linear-partition dynamic programme."""
@@ -254,10 +260,8 @@ def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_st
     min_max_split instead (any layer count per stage: `--pipeline-model-parallel-layout`)."""
     splits = megatron_splits(num_layers, num_stages)
     if any_counts:
-        head = costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
-            costs.head_inner_forward + costs.head_inner_backward)
         counts = min_max_split(layer_loads(num_layers, first_adapted_layer, inner_steps, context_objective, costs),
-                               num_stages, head)
+                               num_stages, head_load(inner_steps, costs))
         splits = [(counts[0], counts[-1], counts)]
     best = None
     for first, last, counts in splits:
@@ -282,10 +286,10 @@ def best_split(num_layers: int, num_stages: int, first_adapted_layer: int, inner
     return any_counts if any_counts.iteration < flags.iteration else flags
 
 
-def _virtual_balance(num_layers: int, counts: Sequence[int], num_devices: int, virtual_stages: int,
+def _simulate_chunks(num_layers: int, counts: Sequence[int], num_devices: int, virtual_stages: int,
                      first_adapted_layer: int, inner_steps: int, context_objective: bool, num_micro_batches: int,
                      costs: LayerCosts) -> Balance:
-    """The simulated iteration of virtual stages of `counts` layers (layer order, stage v on device v % P)."""
+    """Virtual stages of `counts` layers (layer order, stage v on device v % P), simulated."""
     pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, list(counts)), inner_steps,
                                context_objective, num_micro_batches, num_devices)
     timeline = pipeline.simulate(costs)
@@ -301,7 +305,7 @@ def virtual_split(num_layers: int, num_stages: int, virtual_stages: int, first_a
     if virtual_stages < 1 or num_layers % chunks:
         raise ValueError(f"{num_layers} layers do not split evenly into {num_stages} x {virtual_stages} virtual "
                          f"pipeline stages")
-    return _virtual_balance(num_layers, [num_layers // chunks] * chunks, num_stages, virtual_stages,
+    return _simulate_chunks(num_layers, [num_layers // chunks] * chunks, num_stages, virtual_stages,
                             first_adapted_layer, inner_steps, context_objective, num_micro_batches, costs)
 
 
@@ -322,7 +326,7 @@ def virtual_balance(num_layers: int, num_stages: int, virtual_stages: int, first
 
     def simulated(counts: tuple[int, ...]) -> Balance:
         if counts not in seen:
-            seen[counts] = _virtual_balance(num_layers, counts, num_stages, virtual_stages, *args)
+            seen[counts] = _simulate_chunks(num_layers, counts, num_stages, virtual_stages, *args)
         return seen[counts]
 
     def key(chosen: Balance) -> tuple[float, float]:
@@ -331,10 +335,8 @@ def virtual_balance(num_layers: int, num_stages: int, virtual_stages: int, first
     if num_layers % chunks == 0:
         start = (num_layers // chunks,) * chunks
     else:
-        head = costs.head_outer_forward + costs.head_outer_backward + inner_steps * (
-            costs.head_inner_forward + costs.head_inner_backward)
         start = tuple(min_max_split(layer_loads(num_layers, first_adapted_layer, inner_steps, context_objective,
-                                                costs), chunks, head))
+                                                costs), chunks, head_load(inner_steps, costs)))
     best = simulated(start)
     while True:
         moves = []

@@ -7,7 +7,8 @@ constants, its backward), and on the last stage the scored LM head (on the inner
 targets and on the response targets). The fastest of `reps` runs after one warm-up; the stages
 measure one after the other (a barrier between them), so two ranks sharing cores do not slow each
 other's figures; with virtual stages a rank measures each of its chunks. They are gathered over
-the world (the slowest stage of each kind), so every rank gets the same LayerCosts. A kind no stage holds (no layer below the fast weights) costs 0.
+the world (the slowest stage of each kind), so every rank gets the same LayerCosts. A kind no
+stage holds (no layer below the fast weights) costs 0.
 
 The slow-weight gradients these backwards leave in Megatron's grad buffers are not cleared here:
 train_step zeroes the buffers before every step.
