@@ -19,6 +19,7 @@ TARGET_TOKENS=${TARGET_TOKENS:-160}  # word tokens per sample (blocks + question
 TRAIN_ROWS=${TRAIN_ROWS:-8000}
 BASE_QUESTIONS=${BASE_QUESTIONS:-4}  # the base's rows ask about this many passages in turn
 DISTINCT_WORDS=${DISTINCT_WORDS:-1}  # 1: a sample's entities share no word (an easier look-up)
+ANSWER_FORM=${ANSWER_FORM:-code}   # code: six digits; label: "The <entity> <4 code words>." (data/rag_task.py)
 EVAL_ROWS=${EVAL_ROWS:-200}
 BASE_SEED_DATA=${BASE_SEED_DATA:-1}
 TRAIN_SEED=${TRAIN_SEED:-3}
@@ -30,7 +31,8 @@ SEED=${SEED:-1}
 # base, first stage: from random init, repeat random sequences of the task's words (learns to copy)
 COPY_ITERS=${COPY_ITERS:-400}
 COPY_ROWS=${COPY_ROWS:-20000}
-COPY_WORDS=${COPY_WORDS:-50}
+COPY_FORM=${COPY_FORM:-repeat}     # repeat the words, or continue them after a key (data/copy_task.py)
+COPY_WORDS=${COPY_WORDS:-50}       # continue: the most words per row (20 the fewest)
 COPY_LR=${COPY_LR:-2e-3}
 COPY_MIN_LR=${COPY_MIN_LR:-2e-4}
 COPY_WARMUP=${COPY_WARMUP:-100}
@@ -89,11 +91,11 @@ DISTINCT_FLAG=()
 # answered, as the code alone and as the fact sentence. Fine-tuning and evaluation: one code question per sample,
 # the layout block attention is for.
 [[ -f "$OUT/copy.jsonl" ]] || { log "data: copy.jsonl"; cli data copy --output "$OUT/copy.jsonl" \
-    --num-samples "$COPY_ROWS" --words "$COPY_WORDS" --seed 0; }
-rag_rows "$OUT/rag_base.jsonl" "$TRAIN_ROWS" "$BASE_SEED_DATA" "$BASE_QUESTIONS" code
+    --num-samples "$COPY_ROWS" --form "$COPY_FORM" --words "$COPY_WORDS" --seed 0; }
+rag_rows "$OUT/rag_base.jsonl" "$TRAIN_ROWS" "$BASE_SEED_DATA" "$BASE_QUESTIONS" "$ANSWER_FORM"
 rag_rows "$OUT/rag_base_sentences.jsonl" "$TRAIN_ROWS" 5 "$BASE_QUESTIONS" sentence
-rag_rows "$OUT/rag_train.jsonl" "$TRAIN_ROWS" "$TRAIN_SEED" 1 code
-rag_rows "$OUT/rag_eval.jsonl" "$EVAL_ROWS" "$EVAL_SEED" 1 code
+rag_rows "$OUT/rag_train.jsonl" "$TRAIN_ROWS" "$TRAIN_SEED" 1 "$ANSWER_FORM"
+rag_rows "$OUT/rag_eval.jsonl" "$EVAL_ROWS" "$EVAL_SEED" 1 "$ANSWER_FORM"
 
 COMMON=(--seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED" --log-interval 10)
 
@@ -213,7 +215,8 @@ for method in ["passages", *segmenters]:
     intact = []
     for row in rows:
         entity = re.fullmatch(r"What is the code of the (.+)\?", row["messages"][0]["content"]).group(1)
-        fact = f"The code of the {entity} is {row['messages'][1]['content']}."
+        answer = row["messages"][1]["content"]  # the label form's answer is the fact itself
+        fact = answer if answer.startswith("The ") else f"The code of the {entity} is {answer}."
         intact.append(any(fact in block for block in row["blocks"]))
     shape = (f"{sum(len(r['blocks']) for r in rows) / len(rows):.1f} | {100 * sum(intact) / len(rows):.0f}%"
              if rows else "not run | not run")

@@ -2,7 +2,7 @@
 rag_task.py, copy_task.py and word_tokenizer.py).
 
 rag        the RAG-style block-attention task (block rows)
-copy       repeat a random sequence of the task's words (copy practice from random init)
+copy       repeat a random sequence of the task's words, or continue it after a key (copy practice from random init)
 tokenizer  a word-level Hugging Face tokenizer of a corpus or of the RAG task's words
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 def add_data_commands(commands: Any) -> None:
     """Add ``data`` with its subcommands to the ``focusft`` subparsers `commands`."""
-    from megatron_focusft.data.copy_task import CopyTaskConfig
+    from megatron_focusft.data.copy_task import COPY_FORMS, CopyTaskConfig
     from megatron_focusft.data.rag_task import ANSWER_FORMS, RagTaskConfig
 
     rag_defaults = RagTaskConfig()
@@ -59,21 +59,28 @@ def add_data_commands(commands: Any) -> None:
     copy = data_commands.add_parser(
         "copy", help="repeat a random sequence of words: copy practice for a model trained from random init",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="JSONL chat rows whose reply repeats the user's random words, drawn from the RAG task's words "
-                    "(megatron_focusft/data/copy_task.py).")
+        description="JSONL chat rows whose reply repeats the user's random words (drawn from the RAG task's words), "
+                    "or continues them after a key word given at the end (megatron_focusft/data/copy_task.py).")
     copy.add_argument("--output", required=True, help="JSONL file to write")
     copy.add_argument("--num-samples", type=int, default=copy_defaults.num_samples)
-    copy.add_argument("--words", type=int, default=copy_defaults.words, help="words per sequence")
+    copy.add_argument("--form", choices=COPY_FORMS, default=copy_defaults.form,
+                      help="repeat: the reply repeats the sequence; continue: 'The <key> <next words>'")
+    copy.add_argument("--words", type=int, default=copy_defaults.words,
+                      help="words per sequence (continue: the most)")
+    copy.add_argument("--min-words", type=int, default=copy_defaults.min_words,
+                      help="continue: the fewest words per sequence")
+    copy.add_argument("--span", type=int, default=copy_defaults.span, help="continue: reply words from the key on")
     copy.add_argument("--seed", type=int, default=copy_defaults.seed)
 
 
 def run_copy(args: argparse.Namespace) -> None:
     from megatron_focusft.data.copy_task import CopyTaskConfig, copy_rows
 
-    rows = copy_rows(CopyTaskConfig(num_samples=args.num_samples, words=args.words, seed=args.seed))
+    rows = copy_rows(CopyTaskConfig(num_samples=args.num_samples, words=args.words, seed=args.seed, form=args.form,
+                                    min_words=args.min_words, span=args.span))
     with open(args.output, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    print(f"{len(rows)} copy rows ({args.words} words each) -> {args.output}", file=sys.stderr)
+    print(f"{len(rows)} {args.form} rows -> {args.output}", file=sys.stderr)
 
 
 def run_tokenizer(args: argparse.Namespace) -> None:

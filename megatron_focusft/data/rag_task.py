@@ -12,6 +12,13 @@ are distinct within a sample (and within the pool, when samples share one), valu
 digits and digits occur nowhere else, so the answer occurs in exactly one passage and nowhere
 else in the sample.
 
+The "label" answer form states the fact as "The <entity> <code>." with a code of CODE_LENGTH
+code words (CODE_WORDS), no two alike within a sample, and the reply repeats that sentence. Then
+every code word occurs once in the passages and right after the entity, so the answer is a copy
+a model can make one token at a time (the token after the entity's last word, then the token
+after each code word): the form a model trained from scratch on this CPU learns to look up
+(README, block attention Evidence).
+
 Rows (`RagSample.row`, written by `focusft data rag`) are block rows: local blocks as texts,
 each encoded alone with `tokenizer.encode`, and the conversation, whose rendered prompt (the
 chat template up to the assistant header) is the global block and whose final assistant
@@ -60,11 +67,21 @@ _OBJECTS = ("the brass hinges", "every shelf twice", "the dusty ledgers", "the f
 # Filler: no digits (they belong to the answers) and no entity names.
 FILLER_SENTENCES: tuple[str, ...] = tuple(f"{s} {v} {o}." for s in _SUBJECTS for v in _VERBS for o in _OBJECTS)
 
+# Code words of the "label" form: none is a word of the entities or the filler.
+CODE_WORDS: tuple[str, ...] = (
+    "alfa", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliett", "kilo", "lima",
+    "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
+    "xray", "yankee", "zulu", "alpha", "beta", "gamma", "epsilon", "zeta", "theta", "iota", "kappa", "lambda",
+    "omicron", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "nu", "xi", "mu", "pi", "eta")
+CODE_LENGTH = 4
+
 HEADER = ("Each passage below is about one place where things are kept and the code that opens it. "
           "Answer the question with the code alone.")
 
 
-def _fact(entity: str, value: str) -> str:
+def _fact(entity: str, value: str, answer_form: str) -> str:
+    if answer_form == "label":
+        return f"The {entity} {value}."
     return f"The code of the {entity} is {value}."
 
 
@@ -72,22 +89,25 @@ def _question(entity: str) -> str:
     return f"What is the code of the {entity}?"
 
 
-ANSWER_FORMS = ("code", "sentence")
+ANSWER_FORMS = ("code", "sentence", "label")
 
 
 def _turns(entity: str, value: str, answer_form: str) -> tuple[str, str]:
-    """(question, answer): the code alone, or the passage's whole fact sentence repeated."""
+    """(question, answer): the code alone, or the passage's whole fact sentence repeated (asked
+    for as such, or, in the label form, asked for the code)."""
     if answer_form == "code":
         return _question(entity), value
-    return f"Repeat the sentence about the {entity}.", _fact(entity, value)
+    if answer_form == "label":
+        return _question(entity), _fact(entity, value, answer_form)
+    return f"Repeat the sentence about the {entity}.", _fact(entity, value, answer_form)
 
 
 def vocabulary_texts() -> list[str]:
     """Texts holding every word any sample of the task can contain, opening a text, after a space
     and alone (for `focusft data tokenizer`, whose words keep the space before them)."""
     words = " ".join([*_ADJECTIVES, *_ANIMALS, *_CONTAINERS])
-    texts = [HEADER, *FILLER_SENTENCES, _fact(words, "0123456789"),
-             *(_turns(words, "0", form)[0] for form in ANSWER_FORMS)]
+    texts = [HEADER, *FILLER_SENTENCES, *(_fact(words, "0123456789", form) for form in ANSWER_FORMS),
+             " ".join(CODE_WORDS), *(_turns(words, "0", form)[0] for form in ANSWER_FORMS)]
     alone = sorted({word for text in texts for word in text.split()})
     return [*texts, *(" " + text for text in texts), *alone]
 
@@ -99,7 +119,9 @@ class RagTaskConfig:
     pool of this many passages (None: every sample has passages of its own). header: an
     instruction-header block first. answer_form: "code" asks for the code alone; "sentence" asks
     to repeat the fact ("Repeat the sentence about the <entity>." -> "The code of the <entity> is
-    <code>."), an answer a model can copy word by word from the passage. questions: the user asks
+    <code>."), an answer a model can copy word by word from the passage; "label" states the
+    fact as "The <entity> <code words>." and answers the code question with it (module doc).
+    questions: the user asks
     about this many distinct passages in turn, each answered (training rows with more supervision
     per sample; evaluation reads one-question rows); the earlier turns come on top of
     target_tokens, which bounds the blocks and the last question. distinct_words: the entities of
@@ -132,6 +154,11 @@ class RagTaskConfig:
             raise ValueError(f"--questions must be in [1, --passages {self.passages}], got {self.questions}")
         if self.answer_form not in ANSWER_FORMS:
             raise ValueError(f"--answer-form must be one of {ANSWER_FORMS}, got {self.answer_form!r}")
+        codes = self.passages if self.pool_size is None else self.pool_size
+        if self.answer_form == "label" and codes * CODE_LENGTH > len(CODE_WORDS):
+            raise ValueError(f"--answer-form label: {codes} codes of {CODE_LENGTH} distinct code words need "
+                             f"{codes * CODE_LENGTH} of the {len(CODE_WORDS)} there are; use at most "
+                             f"{len(CODE_WORDS) // CODE_LENGTH} passages (and pool size)")
 
 
 @dataclass(frozen=True)
@@ -165,24 +192,30 @@ class _Entry:
     value: str
     filler_seed: int
     depth: float
+    answer_form: str
 
     def text(self, sentences: int) -> str:
         rng = random.Random(self.filler_seed)
         filler = [rng.choice(FILLER_SENTENCES) for _ in range(sentences)]
         at = min(int(self.depth * (sentences + 1)), sentences)
-        return " ".join([*filler[:at], _fact(self.entity, self.value), *filler[at:]])
+        return " ".join([*filler[:at], _fact(self.entity, self.value, self.answer_form), *filler[at:]])
 
 
-def _entries(rng: random.Random, count: int, distinct_words: bool = False) -> list[_Entry]:
+def _entries(rng: random.Random, count: int, answer_form: str, distinct_words: bool = False) -> list[_Entry]:
     """`count` passages with distinct entities (with `distinct_words`, no two share a word) and
-    distinct values."""
+    distinct values (six digits; in the label form CODE_LENGTH code words, none used twice)."""
     if distinct_words:
         words = [rng.sample(group, count) for group in (_ADJECTIVES, _ANIMALS, _CONTAINERS)]
         entities = [" ".join(parts) for parts in zip(*words)]
     else:
         entities = rng.sample(ENTITIES, count)
-    values = rng.sample(range(100_000, 1_000_000), count)
-    return [_Entry(entity, str(value), rng.getrandbits(32), rng.random()) for entity, value in zip(entities, values)]
+    if answer_form == "label":
+        code_words = rng.sample(CODE_WORDS, CODE_LENGTH * count)
+        values = [" ".join(code_words[i:i + CODE_LENGTH]) for i in range(0, len(code_words), CODE_LENGTH)]
+    else:
+        values = [str(value) for value in rng.sample(range(100_000, 1_000_000), count)]
+    return [_Entry(entity, value, rng.getrandbits(32), rng.random(), answer_form)
+            for entity, value in zip(entities, values)]
 
 
 def _fill(entry: _Entry, budget: int, count_tokens: Callable[[str], int]) -> str:
@@ -208,7 +241,8 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
     header = (HEADER,) if config.header else ()
     room = config.target_tokens - sum(count_tokens(h) for h in header)  # for the passages and the question
     if config.pool_size is not None:
-        pool = _entries(random.Random(f"{config.seed}:rag:pool:{config.pool_size}"), config.pool_size)
+        pool = _entries(random.Random(f"{config.seed}:rag:pool:{config.pool_size}"), config.pool_size,
+                        config.answer_form)
         largest = max(count_tokens(_turns(e.entity, e.value, config.answer_form)[0]) for e in pool)
         pool_budget = (room - largest) // config.passages
         pool_texts: dict[int, str] = {}  # filled when first drawn
@@ -216,7 +250,7 @@ def rag_samples(config: RagTaskConfig, count_tokens: Callable[[str], int]) -> li
     for index in range(config.num_samples):
         rng = random.Random(f"{config.seed}:rag:sample:{index}")
         if config.pool_size is None:
-            entries = _entries(rng, config.passages, config.distinct_words)
+            entries = _entries(rng, config.passages, config.answer_form, config.distinct_words)
         else:
             chosen = rng.sample(range(config.pool_size), config.passages)
             entries = [pool[i] for i in chosen]

@@ -1,5 +1,5 @@
-"""The copy task (data/copy_task.py): the reply repeats the prompt's words exactly; rows are
-seeded per index; every word is one the RAG task's word-level tokenizer knows; bad settings are
+"""The copy tasks (data/copy_task.py): the reply repeats the prompt's words exactly, or continues
+them after the key; rows are seeded per index; every word is one the RAG task's word-level tokenizer knows; bad settings are
 errors naming the flag."""
 
 from __future__ import annotations
@@ -28,6 +28,25 @@ def test_rows_repeat_seeded_words_of_the_task():
     assert len({r["messages"][0]["content"] for r in rows}) == 8
 
 
+def test_continue_rows_copy_the_span_after_the_key_of_distinct_words():
+    rows = copy_rows(CopyTaskConfig(num_samples=40, words=30, min_words=8, span=4, seed=2, form="continue"))
+    assert copy_rows(CopyTaskConfig(num_samples=3, words=30, min_words=8, span=4, seed=2, form="continue")) == rows[:3]
+    lengths = set()
+    for row in rows:
+        user, assistant = row["messages"]
+        sequence, key = user["content"].split(" ? ")
+        words = sequence.split(" ")
+        assert len(set(words)) == len(words) and 8 <= len(words) <= 30 and set(words) <= set(task_words())
+        start = words.index(key)  # the key is a word of the sequence; the reply is what follows it
+        assert assistant["content"] == "The " + " ".join(words[start:start + 4]) and start + 4 <= len(words)
+        lengths.add(len(words))
+    assert len(lengths) > 5, "the length varies, so no fixed offset answers"
+    with pytest.raises(ValueError, match="--form continue needs --span <= --min-words <= --words"):
+        CopyTaskConfig(form="continue", words=10, min_words=12)
+    with pytest.raises(ValueError, match="--form must be one of"):
+        CopyTaskConfig(form="shuffle")
+
+
 def test_data_copy_command(tmp_path, capsys):
     out = tmp_path / "copy.jsonl"
     assert cli_main(["data", "copy", "--output", str(out), "--num-samples", "4", "--words", "5", "--seed", "1"]) == 0
@@ -36,3 +55,7 @@ def test_data_copy_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["data", "copy", "--output", str(out), "--words", "0"])
     assert "--words must be >= 1" in capsys.readouterr().err
+    assert cli_main(["data", "copy", "--output", str(out), "--num-samples", "3", "--form", "continue",
+                     "--words", "12", "--min-words", "6", "--span", "3"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == copy_rows(
+        CopyTaskConfig(num_samples=3, words=12, min_words=6, span=3, form="continue"))

@@ -11,7 +11,8 @@ import re
 import pytest
 
 from megatron_focusft.cli import main as cli_main
-from megatron_focusft.data.rag_task import ENTITIES, FILLER_SENTENCES, HEADER, RagTaskConfig, rag_samples
+from megatron_focusft.data.rag_task import (CODE_LENGTH, CODE_WORDS, ENTITIES, FILLER_SENTENCES, HEADER, RagTaskConfig,
+                                            rag_samples)
 from megatron_focusft.data.tokenizer import ByteChatTokenizer
 
 TOKENIZER = ByteChatTokenizer()
@@ -90,6 +91,26 @@ def test_sentence_answers_repeat_the_fact_of_the_answer_passage(pool_size):
         assert size(sample) <= 600
     with pytest.raises(ValueError, match="--answer-form must be one of"):
         RagTaskConfig(answer_form="essay")
+
+
+@pytest.mark.parametrize("pool_size", [None, 12])
+def test_label_answers_are_codes_of_words_each_once_in_the_sample_right_after_the_entity(pool_size):
+    config = RagTaskConfig(num_samples=10, passages=6, target_tokens=700, pool_size=pool_size, seed=4,
+                           answer_form="label")
+    code_word = "(?:%s)" % "|".join(CODE_WORDS)
+    label = re.compile(r"The ([a-z]+ [a-z]+ [a-z]+) (%s(?: %s){%d})\." % (code_word, code_word, CODE_LENGTH - 1))
+    for sample in rag_samples(config, count):
+        entity = sample.question.removeprefix("What is the code of the ").removesuffix("?")
+        assert entity in ENTITIES and sample.answer.startswith(f"The {entity} ")
+        assert [i for i, block in enumerate(sample.blocks) if sample.answer in block] == [sample.answer_block]
+        words = re.findall(r"[a-z]+", " ".join(sample.blocks).lower())
+        codes = [label.search(passage).group(2).split() for passage in sample.blocks[1:]]
+        # Every code word of the sample occurs exactly once in its text, so the token after the
+        # entity's last word and after each code word names the next answer token.
+        assert all(words.count(word) == 1 for code in codes for word in code)
+        assert size(sample) <= 700
+    with pytest.raises(ValueError, match="--answer-form label: 13 codes of 4 distinct code words need 52"):
+        RagTaskConfig(passages=13, answer_form="label")
 
 
 def test_several_questions_ask_about_distinct_passages_in_turn():
