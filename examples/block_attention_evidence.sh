@@ -19,8 +19,10 @@ TARGET_TOKENS=${TARGET_TOKENS:-160}  # word tokens per sample (blocks + question
 TRAIN_ROWS=${TRAIN_ROWS:-8000}
 BASE_QUESTIONS=${BASE_QUESTIONS:-4}  # the base's rows ask about this many passages in turn
 DISTINCT_WORDS=${DISTINCT_WORDS:-1}  # 1: a sample's entities share no word (an easier look-up)
-ANSWER_FORM=${ANSWER_FORM:-code}   # code: six digits; label: "The <entity> <4 code words>." (data/rag_task.py)
+ANSWER_FORM=${ANSWER_FORM:-label}  # label: "The <entity> <4 code words>."; code: six digits (data/rag_task.py)
 EVAL_ROWS=${EVAL_ROWS:-200}
+LONG_PASSAGES=${LONG_PASSAGES:-8}  # a second eval set of longer prompts than any training row's blocks
+LONG_TOKENS=${LONG_TOKENS:-320}
 BASE_SEED_DATA=${BASE_SEED_DATA:-1}
 TRAIN_SEED=${TRAIN_SEED:-3}
 EVAL_SEED=${EVAL_SEED:-2}
@@ -28,21 +30,24 @@ MODEL=(--model-preset tiny --hidden-size "${HIDDEN:-128}" --ffn-hidden-size "${F
 SEQ=${SEQ:-512}
 MB=${MB:-8}
 SEED=${SEED:-1}
-# base, first stage: from random init, repeat random sequences of the task's words (learns to copy)
-COPY_ITERS=${COPY_ITERS:-400}
-COPY_ROWS=${COPY_ROWS:-20000}
+# base, first stage: from random init, repeat random sequences of the task's words, of lengths
+# that vary (learns to copy by content: the induction pattern the label answers need)
+COPY_ITERS=${COPY_ITERS:-600}
+COPY_ROWS=${COPY_ROWS:-40000}
 COPY_FORM=${COPY_FORM:-repeat}     # repeat the words, or continue them after a key (data/copy_task.py)
-COPY_WORDS=${COPY_WORDS:-50}       # continue: the most words per row (20 the fewest)
+COPY_WORDS=${COPY_WORDS:-60}       # the most words per row
+COPY_MIN_WORDS=${COPY_MIN_WORDS:-10}  # the fewest (= COPY_WORDS: one length, which a fixed offset answers)
 COPY_LR=${COPY_LR:-2e-3}
 COPY_MIN_LR=${COPY_MIN_LR:-2e-4}
 COPY_WARMUP=${COPY_WARMUP:-100}
 # base, second stage: full-attention SFT on the questions and the copy rows (which keep the copy
-# skill: without them it was lost), from the first stage's weights
-BASE_ITERS=${BASE_ITERS:-1000}
+# skill: without them it was lost), from the first stage's weights; COPY_SHARE of its rows are copy rows
+BASE_ITERS=${BASE_ITERS:-1500}
+COPY_SHARE=${COPY_SHARE:-0.25}
 BASE_STOP=${BASE_STOP:-$BASE_ITERS}  # stop (and save) here: --exit-interval
 BASE_SAVE_EVERY=${BASE_SAVE_EVERY:-200}
-BASE_LR=${BASE_LR:-5e-4}
-BASE_MIN_LR=${BASE_MIN_LR:-5e-5}
+BASE_LR=${BASE_LR:-1e-3}
+BASE_MIN_LR=${BASE_MIN_LR:-1e-4}
 BASE_WARMUP=${BASE_WARMUP:-50}
 # fine-tunes from the base: identical data, steps and LR for every variant
 FT_ITERS=${FT_ITERS:-60}
@@ -76,26 +81,32 @@ if [[ ${TABLE_ONLY:-0} != 1 ]]; then
 # CPU time (README, Evidence).
 TOK="$OUT/tokenizer"
 [[ -f "$TOK/tokenizer.json" ]] || { log "data: tokenizer"; cli data tokenizer --rag-vocabulary --output "$TOK"; }
-rag_rows() {  # OUT_FILE ROWS SEED QUESTIONS ANSWER_FORM
+rag_rows() {  # OUT_FILE ROWS SEED QUESTIONS ANSWER_FORM [PASSAGES TARGET_TOKENS]
     [[ -f "$1" ]] && return 0
     log "data: $(basename "$1")"
-    cli data rag --output "$1" --num-samples "$2" --passages "$PASSAGES" --target-tokens "$TARGET_TOKENS" \
+    cli data rag --output "$1" --num-samples "$2" --passages "${6:-$PASSAGES}" --target-tokens "${7:-$TARGET_TOKENS}" \
         --no-header --seed "$3" --questions "$4" --answer-form "$5" --tokenizer-model "$TOK" \
         ${DISTINCT_FLAG[@]+"${DISTINCT_FLAG[@]}"}
 }
 DISTINCT_FLAG=()
 [[ $DISTINCT_WORDS == 1 ]] && DISTINCT_FLAG=(--distinct-words)
 # The base learns in two stages (README, Evidence: from random init on the questions alone it sat
-# at the no-copy loss for 500-700 steps): repeating random word sequences (every reply token a
-# copy from the context), then those rows and questions about several passages in turn, each
-# answered, as the code alone and as the fact sentence. Fine-tuning and evaluation: one code question per sample,
-# the layout block attention is for.
+# at the no-copy loss for 500-700 steps): repeating random word sequences of varying length (every
+# reply token a copy by content from the context), then those rows and questions about several
+# passages in turn, each answered (the code form adds fact-sentence rows). Fine-tuning and
+# evaluation: one question per sample, the layout block attention is for.
 [[ -f "$OUT/copy.jsonl" ]] || { log "data: copy.jsonl"; cli data copy --output "$OUT/copy.jsonl" \
-    --num-samples "$COPY_ROWS" --form "$COPY_FORM" --words "$COPY_WORDS" --seed 0; }
+    --num-samples "$COPY_ROWS" --form "$COPY_FORM" --words "$COPY_WORDS" --min-words "$COPY_MIN_WORDS" --seed 0; }
 rag_rows "$OUT/rag_base.jsonl" "$TRAIN_ROWS" "$BASE_SEED_DATA" "$BASE_QUESTIONS" "$ANSWER_FORM"
-rag_rows "$OUT/rag_base_sentences.jsonl" "$TRAIN_ROWS" 5 "$BASE_QUESTIONS" sentence
+# the code form's base also reads the fact-sentence rows (a copy of the passage's words)
+BASE_DATA=("$COPY_SHARE" "$OUT/copy.jsonl" "$(awk "BEGIN {print 1 - $COPY_SHARE}")" "$OUT/rag_base.jsonl")
+if [[ $ANSWER_FORM == code ]]; then
+    rag_rows "$OUT/rag_base_sentences.jsonl" "$TRAIN_ROWS" 5 "$BASE_QUESTIONS" sentence
+    BASE_DATA+=("$(awk "BEGIN {print 1 - $COPY_SHARE}")" "$OUT/rag_base_sentences.jsonl")
+fi
 rag_rows "$OUT/rag_train.jsonl" "$TRAIN_ROWS" "$TRAIN_SEED" 1 "$ANSWER_FORM"
 rag_rows "$OUT/rag_eval.jsonl" "$EVAL_ROWS" "$EVAL_SEED" 1 "$ANSWER_FORM"
+rag_rows "$OUT/rag_eval_long.jsonl" "$EVAL_ROWS" "$EVAL_SEED" 1 "$ANSWER_FORM" "$LONG_PASSAGES" "$LONG_TOKENS"
 
 COMMON=(--seq-length "$SEQ" --micro-batch-size "$MB" --seed "$SEED" --log-interval 10)
 
@@ -111,7 +122,7 @@ if ! done_ckpt "$OUT/base"; then
     log "train: base, stage 2 (questions)"
     "$PY" pretrain_focusft.py --pretrained-checkpoint "$OUT/base_copy" --finetune --training-mode sft \
         --sft-mask causal "${COMMON[@]}" --tokenizer-model "$TOK" \
-        --data-path "$OUT/copy.jsonl" "$OUT/rag_base.jsonl" "$OUT/rag_base_sentences.jsonl" --train-iters "$BASE_ITERS" \
+        --data-path "${BASE_DATA[@]}" --train-iters "$BASE_ITERS" \
         --exit-interval "$BASE_STOP" --lr "$BASE_LR" --min-lr "$BASE_MIN_LR" --lr-warmup-iters "$BASE_WARMUP" \
         --save "$OUT/base" --save-interval "$BASE_SAVE_EVERY" 2>&1 | quiet | tee "$OUT/base.log"
 fi
@@ -158,6 +169,7 @@ done
 for name in base "${ORDER[@]}"; do
     for attention in full block; do
         eval_run "$name" "$attention" "$OUT/rag_eval.jsonl" "$name-$attention"
+        eval_run "$name" "$attention" "$OUT/rag_eval_long.jsonl" "$name-$attention-long"
     done
 done
 
@@ -187,8 +199,8 @@ done
 fi  # TABLE_ONLY
 
 # ---- f. tables -------------------------------------------------------------------------------------
-"$PY" - "$OUT" "$SEG_MODELS" "${SEGMENTERS[*]}" "${ORDER[@]}" <<'EOF' | tee "$OUT/table.md"
-import json, re, sys
+LONG="$LONG_PASSAGES passages, $LONG_TOKENS tokens" "$PY" - "$OUT" "$SEG_MODELS" "${SEGMENTERS[*]}" "${ORDER[@]}" <<'EOF' | tee "$OUT/table.md"
+import json, os, re, sys
 from pathlib import Path
 out, seg_models, segmenters, names = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split(), ["base", *sys.argv[4:]]
 labels = {"base": "base (teacher, full-attention SFT)", "block_sft": "block-sft",
@@ -202,10 +214,12 @@ def cell(run):
     (r,) = json.loads(path.read_text())["results"]["rag"].values()
     counts.add(r["samples"])
     return f"{r['score']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}]"
-print("| model | full attention | block attention (KV reuse) |")
-print("| --- | --- | --- |")
+long = os.environ["LONG"]
+print(f"| model | full attention | block attention (KV reuse) | full, longer prompts ({long}) | block, longer prompts |")
+print("| --- | --- | --- | --- | --- |")
 for name in names:
-    print(f"| {labels[name]} | {cell(f'{name}-full')} | {cell(f'{name}-block')} |")
+    runs = [cell(f"{name}-{attention}{suffix}") for suffix in ("", "-long") for attention in ("full", "block")]
+    print(f"| {labels[name]} | " + " | ".join(runs) + " |")
 print()
 print("| blocks from | blocks per sample | answer's fact in one block | " + " | ".join(labels[m] for m in seg_models) + " |")
 print("| --- | --- | --- | " + " | ".join("---" for _ in seg_models) + " |")
@@ -222,7 +236,7 @@ for method in ["passages", *segmenters]:
              if rows else "not run | not run")
     runs = [cell(f"{m}-block") if method == "passages" else cell(f"{m}-seg-{method}") for m in seg_models]
     print(f"| {method} | {shape} | " + " | ".join(runs) + " |")
-print(f"\naccuracy in % (answer code in the reply), block attention with KV reuse in the second table, 95% "
+print(f"\naccuracy in % (the whole answer in the reply), block attention with KV reuse in the second table, 95% "
       f"bootstrap interval, {sorted(counts)} held-out samples")
 EOF
 log "done: $OUT/table.md"

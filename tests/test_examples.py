@@ -100,8 +100,10 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
     evals = [c[3:] for c in calls if c[:3] == ["-m", "megatron_focusft.cli", "eval"]]
     assert sorted(train) == sorted(["base_copy", "base", "block_sft", "block_distill", "distill_no_sinks",
                                     "distill_no_dropout", "distill_no_weighting"])
-    # 6 models x 2 attentions, then 3 models x 4 segmenters (fixed16, fixed32, delimiter, learned)
-    assert len(evals) == 12 + 12 and "| block-sft |" in (out / "table.md").read_text()
+    # 6 models x 2 attentions x 2 eval sets (the passages of training, longer prompts), then 3 models
+    # x 4 segmenters (fixed16, fixed32, delimiter, learned)
+    assert len(evals) == 24 + 12 and "| block-sft |" in (out / "table.md").read_text()
+    assert sum(parse_eval_args(argv).rag_file == [str(out / "rag_eval_long.jsonl")] for argv in evals) == 12
     applies = [c[2:] for c in calls if c[:4] == ["-m", "megatron_focusft.cli", "segment", "apply"]]
     methods = []
     for argv in applies:
@@ -112,6 +114,8 @@ def test_block_attention_evidence_commands(tmp_path, monkeypatch):
     parsed = {name: parse_training_args(argv) for name, argv in train.items()}
     assert all(parsed[n].training_mode == "sft" and parsed[n].sft_mask == "causal" for n in ("base_copy", "base"))
     assert parsed["base"].pretrained_checkpoint == str(out / "base_copy") and parsed["base"].finetune
+    # the label form's base: a quarter copy rows, the rest questions (no fact-sentence rows)
+    assert parsed["base"].data_path == ["0.25", str(out / "copy.jsonl"), "0.75", str(out / "rag_base.jsonl")]
     assert parsed["block_sft"].training_mode == "block-sft"
     parts = {name: (a.block_sink_tokens > 0, a.block_dropout > 0, a.distill_token_weighting)
              for name, a in parsed.items() if a.training_mode == "block-distill"}

@@ -66,9 +66,9 @@ def add_data_commands(commands: Any) -> None:
     copy.add_argument("--form", choices=COPY_FORMS, default=copy_defaults.form,
                       help="repeat: the reply repeats the sequence; continue: 'The <key> <next words>'")
     copy.add_argument("--words", type=int, default=copy_defaults.words,
-                      help="words per sequence (continue: the most)")
+                      help="the most words per sequence (a row's number is drawn in [--min-words, --words])")
     copy.add_argument("--min-words", type=int, default=copy_defaults.min_words,
-                      help="continue: the fewest words per sequence")
+                      help="the fewest words per sequence (= --words: one length, which a fixed offset answers)")
     copy.add_argument("--span", type=int, default=copy_defaults.span, help="continue: reply words from the key on")
     copy.add_argument("--seed", type=int, default=copy_defaults.seed)
 

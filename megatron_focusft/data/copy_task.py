@@ -1,18 +1,21 @@
 """Copy tasks for a model's first steps: repeat a random sequence of words, or continue it after a key.
 
 Every reply token is a copy from the context, so a model trained from random init on these rows
-learns to copy within a few hundred steps; on the RAG task's questions alone, whose answers are a
-few copied tokens, it does not within the CPU budget (README, block attention Evidence). The words
-are the RAG task's (`rag_task.vocabulary_texts`), so its word-level tokenizer knows them all.
+learns to copy; on the RAG task's questions alone, whose answers are a few copied tokens, it does
+not within the CPU budget (README, block attention Evidence). The words are the RAG task's
+(`rag_task.vocabulary_texts`), so its word-level tokenizer knows them all.
 
 Forms (chat rows for any training mode):
     repeat:   user "w_1 ... w_n"                   assistant "w_1 ... w_n"
     continue: user "w_1 ... w_n ? w_k"             assistant "The w_k w_(k+1) ... w_(k+span-1)"
-Repeat rows of one length can be answered by a fixed offset (reply token i is the prompt's token
-i), which does not carry over to looking anything up. Continue rows draw distinct words and a
-length per row, so the reply is made by finding the key in the sequence and copying what follows
-it, token after token (an induction pattern); their reply has the shape of the RAG task's label
-answers ("The <entity> <code words>.", rag_task.py), whose look-up the same pattern makes.
+n is drawn per row, uniform in [min_words, words]. With one length (min_words = words) a repeat
+row is answered by a fixed offset (reply token i is the prompt's token i), which does not carry
+over to looking anything up; with lengths that vary, the next reply token is found by content:
+the token after the earlier occurrence of the current one (an induction pattern), the copy that
+answers the RAG task's label questions ("The <entity> <code words>.", rag_task.py). Continue rows
+draw distinct words and supervise only the span after the key (sparser: a 0.9M model trained on
+them from random init learned nothing in 1200 steps, where one on varying repeat rows forms the
+copy; README, Evidence).
 """
 
 from __future__ import annotations
@@ -35,23 +38,25 @@ COPY_FORMS = ("repeat", "continue")
 
 @dataclass(frozen=True)
 class CopyTaskConfig:
-    """num_samples rows; sample i depends on (seed, form, i) alone. repeat: `words` words drawn
-    uniformly with replacement. continue: distinct words, their number uniform in [min_words,
-    words], a key drawn among the first n - span + 1, and a reply of `span` words from it."""
+    """num_samples rows; sample i depends on (seed, form, i) alone; a row has n words, n uniform in
+    [min_words, words]. repeat: words drawn uniformly with replacement. continue: distinct words,
+    a key drawn among the first n - span + 1, and a reply of `span` words from it."""
 
     num_samples: int = 1000
-    words: int = 50
+    words: int = 60
     seed: int = 0
     form: str = "repeat"
-    min_words: int = 20
+    min_words: int = 10
     span: int = 5
 
     def __post_init__(self) -> None:
-        for name in ("num_samples", "words", "span"):
+        for name in ("num_samples", "words", "min_words", "span"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.form not in COPY_FORMS:
             raise ValueError(f"--form must be one of {COPY_FORMS}, got {self.form!r}")
+        if self.form == "repeat" and self.min_words > self.words:
+            raise ValueError(f"--min-words must be <= --words, got min_words={self.min_words}, words={self.words}")
         if self.form == "continue" and not self.span <= self.min_words <= self.words <= len(task_words()):
             raise ValueError(f"--form continue needs --span <= --min-words <= --words <= {len(task_words())} (the "
                              f"task's distinct words), got span={self.span}, min_words={self.min_words}, "
@@ -64,7 +69,8 @@ def copy_rows(config: CopyTaskConfig) -> list[dict[str, Any]]:
     for index in range(config.num_samples):
         if config.form == "repeat":
             rng = random.Random(f"{config.seed}:copy:{index}")
-            prompt = reply = " ".join(rng.choice(vocabulary) for _ in range(config.words))
+            length = rng.randint(config.min_words, config.words)
+            prompt = reply = " ".join(rng.choice(vocabulary) for _ in range(length))
         else:
             rng = random.Random(f"{config.seed}:continue:{index}")
             sequence = rng.sample(vocabulary, rng.randint(config.min_words, config.words))
