@@ -99,10 +99,11 @@ DISTINCT_FLAG=()
     --num-samples "$COPY_ROWS" --form "$COPY_FORM" --words "$COPY_WORDS" --min-words "$COPY_MIN_WORDS" --seed 0; }
 rag_rows "$OUT/rag_base.jsonl" "$TRAIN_ROWS" "$BASE_SEED_DATA" "$BASE_QUESTIONS" "$ANSWER_FORM"
 # the code form's base also reads the fact-sentence rows (a copy of the passage's words)
-BASE_DATA=("$COPY_SHARE" "$OUT/copy.jsonl" "$(awk "BEGIN {print 1 - $COPY_SHARE}")" "$OUT/rag_base.jsonl")
+QUESTION_SHARE=$(awk "BEGIN {print 1 - $COPY_SHARE}")
+BASE_DATA=("$COPY_SHARE" "$OUT/copy.jsonl" "$QUESTION_SHARE" "$OUT/rag_base.jsonl")
 if [[ $ANSWER_FORM == code ]]; then
     rag_rows "$OUT/rag_base_sentences.jsonl" "$TRAIN_ROWS" 5 "$BASE_QUESTIONS" sentence
-    BASE_DATA+=("$(awk "BEGIN {print 1 - $COPY_SHARE}")" "$OUT/rag_base_sentences.jsonl")
+    BASE_DATA+=("$QUESTION_SHARE" "$OUT/rag_base_sentences.jsonl")
 fi
 rag_rows "$OUT/rag_train.jsonl" "$TRAIN_ROWS" "$TRAIN_SEED" 1 "$ANSWER_FORM"
 rag_rows "$OUT/rag_eval.jsonl" "$EVAL_ROWS" "$EVAL_SEED" 1 "$ANSWER_FORM"

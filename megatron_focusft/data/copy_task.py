@@ -55,25 +55,24 @@ class CopyTaskConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.form not in COPY_FORMS:
             raise ValueError(f"--form must be one of {COPY_FORMS}, got {self.form!r}")
-        if self.form == "repeat" and self.min_words > self.words:
-            raise ValueError(f"--min-words must be <= --words, got min_words={self.min_words}, words={self.words}")
         if self.form == "continue" and not self.span <= self.min_words <= self.words <= len(task_words()):
             raise ValueError(f"--form continue needs --span <= --min-words <= --words <= {len(task_words())} (the "
                              f"task's distinct words), got span={self.span}, min_words={self.min_words}, "
                              f"words={self.words}")
+        if self.min_words > self.words:
+            raise ValueError(f"--min-words must be <= --words, got min_words={self.min_words}, words={self.words}")
 
 
 def copy_rows(config: CopyTaskConfig) -> list[dict[str, Any]]:
     vocabulary = task_words()
     rows = []
     for index in range(config.num_samples):
+        rng = random.Random(f"{config.seed}:{'copy' if config.form == 'repeat' else 'continue'}:{index}")
+        length = rng.randint(config.min_words, config.words)
         if config.form == "repeat":
-            rng = random.Random(f"{config.seed}:copy:{index}")
-            length = rng.randint(config.min_words, config.words)
             prompt = reply = " ".join(rng.choice(vocabulary) for _ in range(length))
         else:
-            rng = random.Random(f"{config.seed}:continue:{index}")
-            sequence = rng.sample(vocabulary, rng.randint(config.min_words, config.words))
+            sequence = rng.sample(vocabulary, length)
             key = rng.randrange(len(sequence) - config.span + 1)
             prompt = f"{' '.join(sequence)} ? {sequence[key]}"
             reply = "The " + " ".join(sequence[key:key + config.span])
