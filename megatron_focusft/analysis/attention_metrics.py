@@ -84,8 +84,8 @@ def _explicit_attention(acc: _Accumulator, layer: int, max_elements: int):
 
 
 @contextlib.contextmanager
-def _recording(model: torch.nn.Module, acc: _Accumulator, max_elements: int) -> Iterator[None]:
-    modules = [m for m in model.modules() if isinstance(m, SegmentCoreAttention)]
+def _recording(chunks: list[torch.nn.Module], acc: _Accumulator, max_elements: int) -> Iterator[None]:
+    modules = [m for chunk in chunks for m in chunk.modules() if isinstance(m, SegmentCoreAttention)]
     saved = [m.attention_fn for m in modules]
     for m in modules:
         m.attention_fn = _explicit_attention(acc, m.layer_number, max_elements)
@@ -97,18 +97,20 @@ def _recording(model: torch.nn.Module, acc: _Accumulator, max_elements: int) -> 
 
 
 @torch.no_grad()
-def _run(model: torch.nn.Module, probe: SegmentBatch, max_elements: int) -> _Accumulator:
+def _run(chunks: list[torch.nn.Module], probe: SegmentBatch, max_elements: int) -> _Accumulator:
     acc = _Accumulator(probe=probe)
-    was_training = model.training
-    model.eval()
+    was_training = [chunk.training for chunk in chunks]
+    for chunk in chunks:
+        chunk.eval()
     try:
-        with _recording(model, acc, max_elements):
+        with _recording(chunks, acc, max_elements):
             if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-                model(probe.tokens, probe.position_ids, probe.attention)
+                chunks[0](probe.tokens, probe.position_ids, probe.attention)
             else:
-                _pipelined_forward(model, probe)
+                _pipelined_forward(chunks, probe)
     finally:
-        model.train(was_training)
+        for chunk, training in zip(chunks, was_training):
+            chunk.train(training)
     return acc
 
 
@@ -125,11 +127,12 @@ class AttentionProfile:
         return {name: float(v.mean()) for name, v in self.values.items()}
 
 
-def attention_profile(model: torch.nn.Module, probe: SegmentBatch,
+def attention_profile(model: torch.nn.Module | list[torch.nn.Module], probe: SegmentBatch,
                       max_elements: int = MAX_CHUNK_ELEMENTS) -> AttentionProfile:
-    """The per-layer, per-head metrics of `model` (plain, no fast weights) on `probe`; collective
+    """The per-layer, per-head metrics of `model` (plain GPTModels, no fast weights: this rank's
+    stage, or its model chunks in order under virtual pipeline stages) on `probe`; collective
     over TP and PP (every rank returns the whole model's profile)."""
-    acc = _run(model, probe, max_elements)
+    acc = _run(model if isinstance(model, list) else [model], probe, max_elements)
     local = {layer: sums.cpu() for layer, sums in acc.sums.items()}
     layers: dict[int, torch.Tensor] = {}
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -153,25 +156,30 @@ def attention_profile(model: torch.nn.Module, probe: SegmentBatch,
     return AttentionProfile(order, {name: means[:, i] for i, name in enumerate(METRICS)}, queries)
 
 
-def attention_metrics(model: torch.nn.Module, probe: SegmentBatch) -> dict[str, float]:
+def attention_metrics(model: torch.nn.Module | list[torch.nn.Module], probe: SegmentBatch) -> dict[str, float]:
     """{"sink_mass", "sink_mass_first4", "context_engagement"} pooled over layers, heads and
     response queries (what the training log records; the profile's mean). Under pipeline
-    parallelism `model` is this stage's part: the probe goes through Megatron's forward-only
-    schedule; collective over TP and PP."""
+    parallelism `model` is this stage's part (or its model chunks): the probe goes from stage to
+    stage (_pipelined_forward); collective over TP and PP."""
     return attention_profile(model, probe).pooled()
 
 
-def _pipelined_forward(model: torch.nn.Module, probe: SegmentBatch) -> None:
-    """One forward of the probe through the pipeline stages (no loss, no backward)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def _pipelined_forward(chunks: list[torch.nn.Module], probe: SegmentBatch) -> None:
+    """One forward of the probe through the pipeline (no loss, no backward): this rank's chunk v is
+    stage v x P + rank (one chunk: stage = rank); each receives its input from the previous rank
+    on the ring and sends its output to the next, through Megatron's p2p helper, so the stages run
+    in order. (Megatron's forward-only interleaved schedule needs a micro-batch per stage.)"""
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-    def forward_step(data_iterator, stage):
-        batch = next(data_iterator)
-        output = stage(batch.tokens, batch.position_ids, batch.attention)
-        # The schedule wants (loss, token count, logs) from the last stage; nothing is trained.
-        return output, lambda _output: (torch.zeros((), device=output.device),
-                                        torch.ones((), dtype=torch.int, device=output.device), {})
-
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([probe]), model=[model], num_microbatches=1,
-        seq_length=probe.tokens.shape[1], micro_batch_size=probe.tokens.shape[0], forward_only=True)
+    config = chunks[0].config
+    group = parallel_state.get_pipeline_model_parallel_group()
+    p2p = P2PCommunicator(pp_group=group, config=config)
+    b, s = probe.tokens.shape
+    shards = parallel_state.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
+    shape = (s // shards, b, config.hidden_size)  # [s, b, h]: under SP this TP rank's sequence shard
+    last = group.size() * len(chunks) - 1
+    for v, chunk in enumerate(chunks):
+        stage = v * group.size() + group.rank()
+        chunk.set_input_tensor(p2p.recv_forward(shape, is_first_stage=stage == 0))
+        output = chunk(probe.tokens, probe.position_ids, probe.attention)
+        p2p.send_forward(output, is_last_stage=stage == last)

@@ -23,11 +23,16 @@ class ForwardStep:
     `prepare(model, micro_batches)` runs once per optimizer step before the schedule, with every
     micro-batch of the step (FocuSFT's sequential pipeline schedule with adapted layers on several
     stages runs its inner loop there); the default does nothing. `forward_backward_func(model)` is
-    the schedule (FocuSFT under PP: its interleaved one).
+    the schedule (FocuSFT under PP: its interleaved one). `after_schedule(model)` runs after each
+    schedule call; True asks for the call once more, from zeroed gradients (FocuSFT's guard under
+    the sequential schedule); the default is False.
     """
 
     def prepare(self, model: torch.nn.Module, micro_batches: list[SegmentBatch]) -> None:
         return None
+
+    def after_schedule(self, model: torch.nn.Module) -> bool:
+        return False
 
     def forward_backward_func(self, model: torch.nn.Module) -> Callable[..., list]:
         """The schedule train_step runs this step with (the signature of Megatron's
@@ -51,26 +56,37 @@ def train_step(
     pipeline parallelism the losses exist on the last stage; every stage returns them.
     """
     chunks = model if isinstance(model, list) else [model]
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    logs = forward_backward(chunks, micro_batches, forward_step)
+    _, grad_norm, _ = optimizer.step()
+    last_stage = chunks[-1].module.post_process
+    stats = _summarise(logs, float(grad_norm)) if last_stage else None
+    return _from_last_stage(stats, ParallelContext.of(chunks[0]))
+
+
+def forward_backward(chunks: list[DistributedDataParallel], micro_batches: list[SegmentBatch],
+                     forward_step: ForwardStep) -> list[dict[str, torch.Tensor]]:
+    """The gradients of one optimizer step in the chunks' grad buffers (zeroed first) -> the
+    schedule's logs (the last stage's; [] elsewhere): prepare, then the schedule, run again for as
+    long as the forward step's after_schedule asks."""
     model = chunks[0]
     forward_step.prepare(model, micro_batches)
     # Under context parallelism tokens are this rank's share; Megatron's schedules take the global length.
     b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
-    logs = forward_step.forward_backward_func(model)(
-        forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
-        model=chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=False,
-    )
-    _, grad_norm, _ = optimizer.step()
-    last_stage = chunks[-1].module.post_process
-    stats = _summarise(logs, float(grad_norm)) if last_stage else None
-    return _from_last_stage(stats, ParallelContext.of(model))
+    while True:
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        logs = forward_step.forward_backward_func(model)(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=False,
+        )
+        if not forward_step.after_schedule(model):
+            return logs
 
 
 def _summarise(logs: list[dict[str, torch.Tensor]], grad_norm: float) -> dict[str, float]:

@@ -19,6 +19,11 @@ micro-batches of the iteration (1F1B across them), before the outer call:
   fast weights; a caught sample returns to its initial fast weights on every stage).
 With the `context` objective a forward-only call gives the inner loss after adaptation. The outer
 call then runs every stage's layers with grad and the adapted fast weights bound as constants.
+The guard's outer check (step.outer_broken_samples) sees the last stage's losses only after that
+call, and Megatron's 1F1B has no place to train one micro-batch again: when it finds samples
+(`reset_broken_samples`), every rank resets them and train_step runs the outer call once more,
+from zeroed gradients (step.FocusftForwardStep.after_schedule). Exact, and rare: it costs one
+more outer call in an iteration where the check fires.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from megatron_focusft.focusft.inner_loop import (
     non_finite_samples,
     per_sample_loss,
     per_sample_sums,
+    reset_samples,
     update_sq_norm,
 )
 from megatron_focusft.parallel.context import ParallelContext
@@ -85,6 +91,7 @@ class MicroBatchInner:
     step_loss: torch.Tensor | None = None
     loss_after: torch.Tensor | None = None
     update_norm: torch.Tensor | None = None
+    broken: torch.Tensor | None = None  # [n] the guard's outer check, on the last stage (step.py)
 
     @property
     def num_samples(self) -> int:
@@ -193,11 +200,43 @@ def run_pipelined_inner_loop(model: torch.nn.Module, states: list[MicroBatchInne
         if config.inner_objective == "context":
             with torch.no_grad():
                 _schedule(model, states, True, lambda s: _after_forward(gpt, s, bottom, top, parallel))
+    _set_update_norms(states, parallel)
+
+
+def _set_update_norms(states: list[MicroBatchInner], parallel: ParallelContext) -> None:
     # Each stage holds its own layers' fast weights: the squared norms add up over the stages.
     squares = torch.stack([update_sq_norm(s.initial, s.tensors, parallel) for s in states])
     norms = parallel.pp_all_reduce(squares.to(states[0].counts.device)).sqrt().cpu()
     for state, norm in zip(states, norms):
         state.update_norm = norm
+
+
+def reset_broken_samples(model: torch.nn.Module, states: list[MicroBatchInner], bottom: range, top: range,
+                         config: FocusftConfig, parallel: ParallelContext) -> bool:
+    """The guard's outer check after the outer call, on every stage: the samples the last stage
+    found broken (`state.broken`) get their initial fast weights back, all their steps counted as
+    skipped, as focusft_forward does in one process; their update norms and, with the `context`
+    objective, their inner loss after (a forward-only call over the micro-batches they are in) are
+    computed again. -> whether this pipeline reset any sample (the same answer on every stage)."""
+    gpt = model.module if hasattr(model, "module") else model
+    device = states[0].counts.device
+    flags = torch.cat([torch.zeros(s.num_samples, dtype=torch.bool, device=device) if s.broken is None
+                       else s.broken.to(device) for s in states])
+    flags = agree_on_samples(flags, parallel, over_stages=True)  # the last stage's, on every stage
+    if not bool(flags.any()):
+        return False
+    reset = []
+    for state, broken in zip(states, flags.split([s.num_samples for s in states])):
+        if bool(broken.any()):
+            state.tensors = reset_samples(state.tensors, state.initial, broken)
+            state.skipped = torch.where(broken, config.inner_steps, state.skipped)
+            state.loss_after = None  # response objective: the re-run's outer pass sets it
+            reset.append(state)
+    if config.inner_objective == "context":
+        with torch.no_grad():
+            _schedule(model, reset, True, lambda s: _after_forward(gpt, s, bottom, top, parallel))
+    _set_update_norms(states, parallel)
+    return True
 
 
 def _after_forward(gpt: GPTModel, state: MicroBatchInner, bottom: range, top: range,

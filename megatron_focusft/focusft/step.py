@@ -57,7 +57,12 @@ from megatron_focusft.focusft.inner_loop import (
     run_inner_loop,
     update_sq_norm,
 )
-from megatron_focusft.focusft.pipelined_inner import MicroBatchInner, outer_stage_forward, run_pipelined_inner_loop
+from megatron_focusft.focusft.pipelined_inner import (
+    MicroBatchInner,
+    outer_stage_forward,
+    reset_broken_samples,
+    run_pipelined_inner_loop,
+)
 from megatron_focusft.masks import SegmentMask, segment_mask
 from megatron_focusft.parallel.context import ParallelContext
 
@@ -263,13 +268,15 @@ class FocusftForwardStep(ForwardStep):
     asks for the sequential one: then, when adapted layers sit on several pipeline stages,
     `prepare(model, micro_batches)` (engine.train_step.train_step calls it before the schedule)
     runs the inner loop of all micro-batches first (pipelined_inner.py), and the forward step then
-    runs each stage's outer forward with the adapted fast weights.
+    runs each stage's outer forward with the adapted fast weights; `after_schedule` makes the
+    guard's outer check, and asks for the outer call once more when it resets samples.
     """
 
     def __init__(self, config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]) -> None:
         self.config = config
         self.fast_weights_for = fast_weights_for
-        self._prepared: collections.deque[MicroBatchInner] | None = None
+        self._prepared: collections.deque[MicroBatchInner] | None = None  # the outer call's, in order
+        self._checked: list[MicroBatchInner] | None = None  # the states the guard checks after the call
         self._schedule = None  # the InterleavedSchedule, made on first use
 
     def interleaved(self, model: torch.nn.Module) -> bool:
@@ -290,7 +297,7 @@ class FocusftForwardStep(ForwardStep):
     def prepare(self, model: torch.nn.Module, micro_batches: list[SegmentBatch]) -> None:
         gpt = model.module if hasattr(model, "module") else model
         if self.interleaved(model) or not fast_weights_span_stages(gpt.config, self.config.fast_weights):
-            self._prepared = None
+            self._prepared = self._checked = None
             return
         bottom, top = layer_ranges(gpt, self.config)
         parallel = ParallelContext.of(gpt)
@@ -301,7 +308,28 @@ class FocusftForwardStep(ForwardStep):
         run_pipelined_inner_loop(model, states, bottom, top, self.config, parallel)
         if timers is not None:
             timers(INNER).stop()
+        self._prepared, self._checked = collections.deque(states), states
+
+    def after_schedule(self, model: torch.nn.Module) -> bool:
+        """The guard's outer check when the adapted layers span stages under the sequential schedule
+        (elsewhere focusft_forward or the interleaved schedule makes it in the forward): the samples
+        the last stage found broken are reset on every stage (pipelined_inner.reset_broken_samples)
+        and, when any data-parallel replica reset one, every rank runs the outer call again. The
+        re-run is not checked again, as in one process."""
+        states, self._checked = self._checked, None
+        if states is None:
+            return False
+        gpt = model.module if hasattr(model, "module") else model
+        bottom, top = layer_ranges(gpt, self.config)
+        reset = torch.tensor([reset_broken_samples(model, states, bottom, top, self.config, ParallelContext.of(gpt))],
+                             dtype=torch.int32, device=states[0].counts.device)
+        group = getattr(model, "dp_cp_group", None)  # Megatron DDP's: the replicas that share gradients
+        if group is not None and group.size() > 1:
+            torch.distributed.all_reduce(reset, op=torch.distributed.ReduceOp.MAX, group=group)
+        if not bool(reset.item()):
+            return False
         self._prepared = collections.deque(states)
+        return True
 
     def initial_state(self, gpt: GPTModel, batch: SegmentBatch, top: range, parallel: ParallelContext,
                       fast_weights: FastWeights | None = None) -> MicroBatchInner:
@@ -334,9 +362,13 @@ class FocusftForwardStep(ForwardStep):
                                    "(engine.train_step.train_step does)")
             state = self._prepared.popleft()
             bottom, top = layer_ranges(gpt, self.config)
-            out = outer_stage_forward(gpt, state, bottom, top, ParallelContext.of(gpt))
+            parallel = ParallelContext.of(gpt)
+            out = outer_stage_forward(gpt, state, bottom, top, parallel)
             if not gpt.post_process:
                 return out, sft_loss  # Megatron calls no loss function before the last stage
+            if self._checked is not None:  # the first outer call: after_schedule acts on the check
+                state.broken = outer_broken_samples(out, batch.loss_mask, state.sample_index, state.has_targets,
+                                                    parallel)
             output = FocusftOutput(out, state.result(), state.loss_after, state.update_norm)
             return out, functools.partial(focusft_loss_func, loss_mask=batch.loss_mask, output=output)
         if not gpt.post_process:

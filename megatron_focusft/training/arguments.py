@@ -193,8 +193,6 @@ def _check_virtual_stages(args: argparse.Namespace, uneven: list[str]) -> None:
     if args.training_mode != "focusft" or getattr(args, "focusft_pipeline_schedule", None) != "interleaved":
         raise ValueError(f"{name}: virtual pipeline stages run with --training-mode focusft and its interleaved "
                          f"schedule (--focusft-pipeline-schedule interleaved) only")
-    if args.attention_metrics_interval:
-        raise ValueError(f"{name}: --attention-metrics-interval is not supported with virtual pipeline stages yet")
 
 
 def validate_training_args(args: argparse.Namespace) -> None:

@@ -274,6 +274,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             _restore_rng_states(rng)  # the model is then initialised as a run given these flags would be
             setup = dataclasses.replace(setup, pipeline_model_parallel_layout=layout_of_counts(counts))
             model, model_config = build_model_chunks(setup)
+        stage_models = [chunk.module for chunk in model] if isinstance(model, list) else model.module
         pipelined = args.pipeline_model_parallel_size > 1
         if pipelined:
             model_config.timers = schedule_timers()
@@ -376,7 +377,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             stage_times = collect_stage_times(model_config.timers) if pipelined and logged else []
             stats.update({f"pipeline/stage{t.stage}_busy_fraction": t.busy_fraction for t in stage_times})
             if args.attention_metrics_interval and iteration % args.attention_metrics_interval == 0:
-                stats.update({f"attention/{k}": v for k, v in attention_metrics(model.module, probe).items()})
+                stats.update({f"attention/{k}": v for k, v in attention_metrics(stage_models, probe).items()})
             losses.append(stats["loss"])
             history.append({"iteration": iteration, **stats})
             if writer is not None:

@@ -28,13 +28,17 @@ must adapt (inner loss after < before), so the inner loop is not vacuous.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from megatron_focusft.data.batch import make_batch
-from tests.helpers.pipeline import check_parity, pipeline_batches, reference_step, run_step
+from tests.helpers.pipeline import (
+    GUARD_RERUN,
+    check_parity,
+    guard_batches,
+    pipeline_batches,
+    reference_step,
+    run_step,
+)
 
 
 @pytest.mark.parametrize("objective, fraction, last_stage_layers", [
@@ -51,29 +55,16 @@ def test_interleaved_schedule_matches_one_process(worker_pool, objective, fracti
     check_parity(reference, parallel, focusft=True)
 
 
-def _every_document_scored(batch):
-    """The batch with each document's last token made a response token: then every adapted sample
-    has a scored token, which the outer check needs to see its overflow (with the context objective
-    a sample without one keeps its absurd fast weights, and its overflowing values reach the other
-    samples of its row through masked attention, 0 x inf, in one process as under PP)."""
-    response = batch.response.clone()
-    for row in range(batch.doc_ids.shape[0]):
-        for doc in batch.doc_ids[row].unique():
-            if doc >= 0:
-                response[row, (batch.doc_ids[row] == doc).nonzero()[-1]] = 1
-    return make_batch(batch.tokens, batch.doc_ids, response)
-
-
 @pytest.mark.parametrize("objective, fraction", [("response", 0.5), ("context", 0.75)],
                          ids=["adapted-on-last-stage", "adapted-on-both-stages"])
 def test_the_guards_outer_rerun_matches_one_process(worker_pool, objective, fraction):
-    """One inner step at lr 1e30 with no update-norm bound: the step itself is finite (the inner
-    guard passes it) but the outer pass overflows, so the guard's last check trains every adapted
-    sample again with its initial fast weights (focusft/step.outer_broken_samples). Under PP the
-    last stage sees it; the re-run crosses the stages after the planned units (interleaved._rerun)."""
+    """GUARD_RERUN's inner step overflows the outer pass, so the guard's last check trains every
+    adapted sample again with its initial fast weights (focusft/step.outer_broken_samples). Under
+    PP the last stage sees it; the re-run crosses the stages after the planned units
+    (interleaved._rerun). tests/parallel/test_pipeline.py checks the sequential schedule's."""
     pool = worker_pool(2)
-    batches = [_every_document_scored(batch) for batch in pipeline_batches("focusft")]
-    focusft = {"inner_objective": objective, "inner_steps": 1, "inner_lr": 1e30, "max_update_norm": math.inf}
+    batches = guard_batches()
+    focusft = {"inner_objective": objective, **GUARD_RERUN}
     reference = reference_step(pool, batches, focusft, layer_fraction=fraction)
     for log in reference[0]["logs"]:  # the check fired (a step skipped) and the loss is finite again
         assert log["inner skipped steps"][0] > 0 and torch.isfinite(log["lm loss"][0])

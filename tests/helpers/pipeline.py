@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import re
 
 import torch
 
-from megatron_focusft.data.batch import SegmentBatch
+from megatron_focusft.data.batch import SegmentBatch, make_batch
 from megatron_focusft.fastweights.config import FastWeightConfig
 from megatron_focusft.parallel.tensor_parallel import unshard
 from tests.helpers.batches import random_batch
@@ -36,6 +37,28 @@ def pipeline_batches(kind: str) -> list[SegmentBatch]:
     return [random_batch(2, 40, VOCAB, seed=seed, kind=kind, max_doc=20) for seed in (41, 42, 43)]
 
 
+# One inner step at lr 1e30 with no update-norm bound: the step itself is finite (the inner guard
+# passes it) but the outer pass overflows, so the guard's outer check resets every adapted sample.
+GUARD_RERUN = {"inner_steps": 1, "inner_lr": 1e30, "max_update_norm": math.inf}
+
+
+def guard_batches() -> list[SegmentBatch]:
+    """pipeline_batches("focusft") with each document's last token made a response token: then every
+    adapted sample has a scored token, which the outer check needs to see its overflow (with the
+    context objective a sample without one keeps its absurd fast weights, and its overflowing
+    values reach the other samples of its row through masked attention, 0 x inf, in one process as
+    under PP)."""
+    guarded = []
+    for batch in pipeline_batches("focusft"):
+        response = batch.response.clone()
+        for row in range(batch.doc_ids.shape[0]):
+            for doc in batch.doc_ids[row].unique():
+                if doc >= 0:
+                    response[row, (batch.doc_ids[row] == doc).nonzero()[-1]] = 1
+        guarded.append(make_batch(batch.tokens, batch.doc_ids, response))
+    return guarded
+
+
 def _renumber(name: str, offset: int) -> str:
     """A stage-local parameter name -> the whole model's (layer index + offset)."""
     return _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)
@@ -47,12 +70,14 @@ def _renumber(name: str, offset: int) -> str:
 def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None, last_stage_layers: int | None = None,
          timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None,
          perturb_seed: int | None = None, schedule: str = "sequential", layout: str | None = None,
-         virtual: int | None = None, num_layers: int = 4) -> dict:
+         virtual: int | None = None, num_layers: int = 4,
+         replica_batches: list[list[SegmentBatch]] | None = None) -> dict:
     """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
-    else Megatron's); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
+    else Megatron's; engine.train_step.forward_backward, re-runs included); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
     one ulp, for the noise band); `layout`: the stages' layers as a pipeline layout string instead;
     `virtual`: that many model chunks per rank (virtual stages, FocuSFT's interleaved schedule);
-    `num_layers`: the tiny model with that many layers."""
+    `num_layers`: the tiny model with that many layers; `replica_batches`: data-parallel replica r
+    runs replica_batches[r % len] instead of `batches`."""
     from megatron.core import parallel_state
 
     from megatron_focusft.data.cp_split import split_batch_for_cp
@@ -63,6 +88,7 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
         stage_of_chunk,
     )
     from megatron_focusft.engine.setup import ModelSetup, build_model
+    from megatron_focusft.engine.train_step import forward_backward
     from megatron_focusft.focusft import FocusftConfig, make_focusft_forward_step
     from megatron_focusft.models.presets import get_preset, with_layers
     from megatron_focusft.sft import sft_forward_step
@@ -76,6 +102,9 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
                                       fast_weights=fast))
     weights = whole.module.state_dict()
     init_model_parallel(tp=tp, pp=pp, cp=cp, seed=99, vp=virtual)  # another seed: the stage's own init is overwritten
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if replica_batches is not None:
+        batches = replica_batches[dp_rank % len(replica_batches)]
     first_layers = None if last_stage_layers is None else num_layers - last_stage_layers
     setup = ModelSetup(
         preset=preset, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
@@ -84,7 +113,6 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
         num_layers_in_first_pipeline_stage=first_layers, num_layers_in_last_pipeline_stage=last_stage_layers)
     built = [build_model(setup, vp_stage=v) for v in range(virtual)] if virtual else [build_model(setup)]
     models, config = [model for model, _ in built], built[0][1]
-    model = models[0]
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     cp_rank = parallel_state.get_context_parallel_rank()
     # Under CP every rank holds its load-balanced chunks of each row (and the global mask).
@@ -103,18 +131,12 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
                                                                **focusft), lambda _: initial())
     if timed:
         config.timers = schedule_timers()
-    for chunk in models:
-        chunk.zero_grad_buffer()
-    if focusft is not None:  # as engine.train_step.train_step does
-        forward_step.prepare(model, local)
-    logs = forward_step.forward_backward_func(model)(
-        forward_step_func=forward_step, data_iterator=iter(local), model=models, num_microbatches=len(local),
-        seq_length=batches[0].tokens.shape[1], micro_batch_size=batches[0].tokens.shape[0], forward_only=False)
+    logs = forward_backward(models, local, forward_step)  # train_step's, without the optimizer
     grads = {_renumber(name, offset): (p.main_grad.clone(), getattr(p, "partition_dim", -1),
                                        getattr(p, "partition_stride", 1))
              for chunk, offset in zip(models, offsets) for name, p in chunk.module.named_parameters()}
     return {"logs": logs, "grads": grads, "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-            "pp_rank": pp_rank, "cp_rank": cp_rank,
+            "pp_rank": pp_rank, "cp_rank": cp_rank, "dp_rank": dp_rank,
             "layers": [n for v in range(len(models))
                        for n in stage_layer_numbers(config, stage_of_chunk(config, pp_rank, v if virtual else None))],
             "stage_times": collect_stage_times(config.timers) if timed else None}

@@ -10,8 +10,17 @@ layers on both stages), with CP = 2 (also with two model chunks per rank) and at
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.helpers.pipeline import check_parity, pipeline_batches, reference_step, run_step
+from megatron_focusft.data.batch import make_batch
+from tests.helpers.pipeline import (
+    GUARD_RERUN,
+    check_parity,
+    guard_batches,
+    pipeline_batches,
+    reference_step,
+    run_step,
+)
 
 # --- PP = 2 x TP = 2 (4 processes) -----------------------------------------------------------
 
@@ -56,6 +65,23 @@ def test_interleaved_schedule_at_pp4_and_with_model_chunks_under_cp(worker_pool,
     parallel = pool.run(run_step, 1, pp, batches, focusft, None, False, False, cp, layer_fraction=0.75,
                         schedule="interleaved", virtual=virtual)
     check_parity(reference, parallel, focusft=True)
+
+
+def test_the_sequential_guard_reruns_every_data_parallel_replica(worker_pool):
+    """PP = 2 x DP = 2, adapted layers on both stages, GUARD_RERUN: replica 0's samples overflow,
+    replica 1's have no response tokens (nothing adapted, nothing to reset). Both replicas must
+    run the outer call again, since their gradients are reduced together (a replica that did not
+    would leave the other waiting in the reduction). Reference: one process per replica (DP = 4,
+    replicas 0, 1, 0, 1: the same token-mean gradient as DP = 2)."""
+    pool = worker_pool(4)
+    quiet = [make_batch(b.tokens, b.doc_ids, torch.zeros_like(b.response)) for b in pipeline_batches("focusft")]
+    replicas = [guard_batches(), quiet]
+    focusft = {"inner_objective": "response", **GUARD_RERUN}
+    reference = reference_step(pool, replicas[0], focusft, layer_fraction=0.75, replica_batches=replicas)
+    assert all(log["inner skipped steps"][0] > 0 for log in reference[0]["logs"])
+    parallel = pool.run(run_step, 1, 2, replicas[0], focusft, layer_fraction=0.75, schedule="sequential",
+                        replica_batches=replicas)
+    check_parity(reference, [r for r in parallel if r["dp_rank"] == 0], focusft=True)
 
 
 # --- PP = 2 ----------------------------------------------------------------------------------
@@ -114,4 +140,20 @@ def test_adapted_layers_on_both_stages_match_one_process(worker_pool, objective)
     assert all(log["inner loss after"][0] < log["inner loss before"][0] for log in reference[0]["logs"])
     parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=0.75)
     assert [r["layers"] for r in parallel] == [[1, 2], [3, 4]]
+    check_parity(reference, parallel, focusft=True)
+
+
+@pytest.mark.parametrize("objective", ["response", "context"])
+def test_the_guards_outer_rerun_with_the_sequential_schedule_matches_one_process(worker_pool, objective):
+    """Adapted layers 2-4 on both stages, GUARD_RERUN's overflowing inner step: the last stage's
+    check after the outer call resets every adapted sample on both stages and the outer call runs
+    again (pipelined_inner.reset_broken_samples, FocusftForwardStep.after_schedule); the context
+    objective's inner loss after is taken again with the initial fast weights."""
+    pool = worker_pool(2)
+    batches = guard_batches()
+    focusft = {"inner_objective": objective, **GUARD_RERUN}
+    reference = reference_step(pool, batches, focusft, layer_fraction=0.75)
+    for log in reference[0]["logs"]:  # the check fired (a step skipped) and the loss is finite again
+        assert log["inner skipped steps"][0] > 0 and torch.isfinite(log["lm loss"][0])
+    parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=0.75, schedule="sequential")
     check_parity(reference, parallel, focusft=True)

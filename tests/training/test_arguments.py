@@ -77,10 +77,6 @@ CASES = [
     (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
      {"WORLD_SIZE": "2"}, "--num-virtual-stages-per-pipeline-rank: virtual pipeline stages run with --training-mode "
                           "focusft and its interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
-    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2",
-      "--attention-metrics-interval", "2"], {"WORLD_SIZE": "2"},
-     "--num-virtual-stages-per-pipeline-rank: --attention-metrics-interval is not supported with virtual pipeline "
-     "stages yet"),
     (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout",
       "Et|tttL"], {"WORLD_SIZE": "2"},
      "--pipeline-balance auto chooses the stage sizes itself: drop --pipeline-model-parallel-layout"),

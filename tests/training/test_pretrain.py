@@ -208,10 +208,11 @@ def test_virtual_pipeline_stages_continue_a_one_rank_run_and_their_checkpoint_re
     # optimizer included, resharded into the chunks, and runs iteration 2 under FocuSFT's
     # interleaved schedule; it saves (Megatron's model0 / model1 nesting), and a one-rank run
     # resumes that checkpoint for iteration 3. Both continue the uninterrupted run's curves
-    # within its noise band (as in the PP test above).
+    # within its noise band (as in the PP test above), and the probe's attention metrics at
+    # iteration 2 go through the four stages (rank 0, 1, 0, 1) to the same values.
     ckpt = str(tmp_path / "ckpt")
     argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", "focusft",
-            "--focusft-layer-fraction", "0.75"]
+            "--focusft-layer-fraction", "0.75", "--attention-metrics-interval", "2"]
     uninterrupted = _pretrain_history(argv)
     perturbed = [_pretrain_history(argv, seed) for seed in PERTURBATION_SEEDS]
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
@@ -229,6 +230,10 @@ def test_virtual_pipeline_stages_continue_a_one_rank_run_and_their_checkpoint_re
         band = noise_band([h[key] for h in uninterrupted], [[h[key] for h in run] for run in perturbed])
         assert_curve_within([h[key] for h in continued], [h[key] for h in uninterrupted[1:]], band[1:],
                             f"virtual stages, then one rank: {key}")
+    for key in ("attention/sink_mass", "attention/context_engagement"):
+        assert key in virtual[0][0] and key in virtual[1][0] and key not in resumed[0]  # iteration 2 only
+        band = noise_band([uninterrupted[1][key]], [[run[1][key]] for run in perturbed])
+        assert_curve_within([virtual[0][0][key]], [uninterrupted[1][key]], band, f"virtual stages {key}")
 
 
 @pytest.mark.parametrize("mode", ["focusft", "sft"])
