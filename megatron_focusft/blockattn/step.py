@@ -119,9 +119,10 @@ class DistillConfig:
 
 
 class BlockDistillForwardStep(ForwardStep):
-    """Block distillation (module doc); `teacher` is this stage's frozen GPTModel."""
+    """Block distillation (module doc); `teacher`: this rank's frozen GPTModels, one per model
+    chunk of the student (one without virtual pipeline stages)."""
 
-    def __init__(self, config: DistillConfig, teacher: GPTModel) -> None:
+    def __init__(self, config: DistillConfig, teacher: list[GPTModel]) -> None:
         self.config, self.teacher = config, teacher
         self.micro_batches_seen = 0
         self._teacher_logits: list[torch.Tensor] = []
@@ -137,9 +138,8 @@ class BlockDistillForwardStep(ForwardStep):
     @torch.no_grad()
     def _run_teacher(self, micro_batches: list[SegmentBatch]) -> list[torch.Tensor]:
         kept: list[torch.Tensor] = []
-        teacher = self.teacher
 
-        def teacher_step(data_iterator: Iterator[SegmentBatch], model: torch.nn.Module):
+        def teacher_step(data_iterator: Iterator[SegmentBatch], teacher: GPTModel):
             batch = next(data_iterator)
             hidden = stage_hidden(teacher, batch, teacher_view(batch.attention))
             if not teacher.post_process:
@@ -149,8 +149,11 @@ class BlockDistillForwardStep(ForwardStep):
             return zero, lambda output: (output, torch.ones((), dtype=torch.int), {})
 
         b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
-        get_forward_backward_func()(forward_step_func=teacher_step, data_iterator=iter(micro_batches),
-                                    model=[teacher], num_microbatches=len(micro_batches), seq_length=s,
+        chunks = self.teacher
+        get_forward_backward_func()(forward_step_func=teacher_step,
+                                    data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1
+                                    else iter(micro_batches),
+                                    model=chunks, num_microbatches=len(micro_batches), seq_length=s,
                                     micro_batch_size=b, forward_only=True)
         return kept
 

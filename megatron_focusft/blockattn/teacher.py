@@ -50,9 +50,10 @@ def check_teacher(teacher_dir: str, teacher: ModelPreset, student: ModelPreset, 
 
 
 def load_teacher(teacher_dir: str, student: ModelPreset, student_tokenizer: str | None, setup: ModelSetup,
-                 ) -> GPTModel:
-    """This rank's stage of the teacher, frozen, in eval mode; collective. `setup` is the
-    student's parallel layout (its preset is replaced by the teacher's shape)."""
+                 ) -> list[GPTModel]:
+    """This rank's stage of the teacher (with virtual pipeline stages: its model chunks, in
+    order), frozen, in eval mode; collective. `setup` is the student's parallel layout (its
+    preset is replaced by the teacher's shape)."""
     info = read_checkpoint_info(teacher_dir)
     if info is None:
         raise TeacherMismatch(f"--teacher-checkpoint {teacher_dir}: no checkpoint there")
@@ -60,10 +61,13 @@ def load_teacher(teacher_dir: str, student: ModelPreset, student_tokenizer: str 
     if info.shape.block_sink_tokens:
         raise TeacherMismatch(f"--teacher-checkpoint {teacher_dir} holds block sink tokens: the teacher is a "
                               f"full-attention model")
-    model, _ = build_gpt(dataclasses.replace(setup, preset=info.shape, fast_weights=None))
-    load_checkpoint(teacher_dir, model, None, None, restore_rng=False)
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
+    setup = dataclasses.replace(setup, preset=info.shape, fast_weights=None)
+    virtual = setup.virtual_pipeline_model_parallel_size
+    chunks = [build_gpt(setup, vp_stage=v)[0] for v in range(virtual)] if virtual else [build_gpt(setup)[0]]
+    load_checkpoint(teacher_dir, chunks, None, None, restore_rng=False)
+    for chunk in chunks:
+        chunk.eval()
+        for parameter in chunk.parameters():
+            parameter.requires_grad_(False)
+    return chunks
 

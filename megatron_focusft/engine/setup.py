@@ -154,9 +154,16 @@ def build_gpt(setup: ModelSetup, vp_stage: int | None = None) -> tuple[GPTModel,
         num_layers_in_last_pipeline_stage=setup.num_layers_in_last_pipeline_stage,
         pipeline_model_parallel_layout=layout,
         virtual_pipeline_model_parallel_size=setup.virtual_pipeline_model_parallel_size,
-        # Stages exchange activation shapes: FocuSFT's context objective sends [s, 2b, h]. (The
-        # config refuses that with the MoE "allgather" dispatcher, which a dense model never uses.)
-        variable_seq_lengths=setup.pipeline_model_parallel_size > 1,
+        # Stages exchange activation shapes: FocuSFT's context objective sends [s, 2b, h] through
+        # Megatron's 1F1B. (The config refuses that with the MoE "allgather" dispatcher, which a
+        # dense model never uses.) Not with virtual stages: FocuSFT's interleaved schedule plans its
+        # own messages, SFT's are all [s, b, h]. Megatron's interleaved 1F1B sends to the previous
+        # and next rank at once, the same peer at PP = 2; its shape exchange and its batched p2p
+        # ops post them in an order that pairs one direction's message with the other's receive
+        # (seen on gloo: a hang, and swapped tensors from the third micro-batch on), so virtual
+        # stages use the per-op path, which orders them by rank parity.
+        variable_seq_lengths=setup.pipeline_model_parallel_size > 1 and setup.virtual_pipeline_model_parallel_size is None,
+        batch_p2p_comm=setup.virtual_pipeline_model_parallel_size is None,
         moe_token_dispatcher_type="alltoall",
         pipeline_dtype=torch.bfloat16 if setup.bf16 else torch.float32,
         context_parallel_size=setup.context_parallel_size,

@@ -78,7 +78,8 @@ def forward_backward(chunks: list[DistributedDataParallel], micro_batches: list[
             chunk.zero_grad_buffer()
         logs = forward_step.forward_backward_func(model)(
             forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
+            # With model chunks Megatron's schedules take one iterator per chunk, each over every micro-batch.
+            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
             model=chunks,
             num_microbatches=len(micro_batches),
             seq_length=s,

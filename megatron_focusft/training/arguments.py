@@ -171,12 +171,11 @@ def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace
 def _check_virtual_stages(args: argparse.Namespace, uneven: list[str]) -> None:
     """Virtual pipeline stages (from their flags, or a layout of V x P stages): what they need and
     exclude (the layer count is checked against the model shape later, by build_gpt)."""
+    if not _has_virtual_stages(args):
+        return
     given = [flag for flag in ("num_virtual_stages_per_pipeline_rank", "num_layers_per_virtual_pipeline_stage")
              if getattr(args, flag) is not None]
     layout = args.pipeline_model_parallel_layout
-    virtual_layout = layout is not None and layout_virtual_stages(layout, args.pipeline_model_parallel_size)
-    if not given and not virtual_layout:
-        return
     name = f"--{given[0].replace('_', '-')}" if given else f"--pipeline-model-parallel-layout {layout!r}"
     if len(given) > 1:
         raise ValueError("give --num-virtual-stages-per-pipeline-rank or --num-layers-per-virtual-pipeline-stage, "
@@ -190,9 +189,9 @@ def _check_virtual_stages(args: argparse.Namespace, uneven: list[str]) -> None:
                          f"itself: drop one of them")
     if given and uneven:
         raise ValueError(f"{name} splits the layers into even chunks: drop --{uneven[0].replace('_', '-')}")
-    if args.training_mode != "focusft" or getattr(args, "focusft_pipeline_schedule", None) != "interleaved":
-        raise ValueError(f"{name}: virtual pipeline stages run with --training-mode focusft and its interleaved "
-                         f"schedule (--focusft-pipeline-schedule interleaved) only")
+    if args.training_mode == "focusft" and args.focusft_pipeline_schedule != "interleaved":
+        raise ValueError(f"{name}: FocuSFT runs virtual pipeline stages with its interleaved schedule "
+                         f"(--focusft-pipeline-schedule interleaved) only")
 
 
 def validate_training_args(args: argparse.Namespace) -> None:
@@ -281,6 +280,23 @@ def _validate_batch(args: argparse.Namespace) -> None:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not a positive multiple of "
                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp} (WORLD_SIZE {world} "
                          f"/ model-parallel size {model_parallel})")
+    pp = args.pipeline_model_parallel_size
+    micro_batches = (args.global_batch_size or args.micro_batch_size * dp) // (args.micro_batch_size * dp)
+    if args.training_mode != "focusft" and _has_virtual_stages(args) and micro_batches % pp:
+        how = ("without --global-batch-size" if args.global_batch_size is None else
+               f"--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x "
+               f"data-parallel size {dp})")
+        raise ValueError(f"virtual pipeline stages with --training-mode {args.training_mode} run Megatron's "
+                         f"interleaved 1F1B, which needs the micro-batches per iteration to be a multiple of "
+                         f"--pipeline-model-parallel-size {pp}: {micro_batches} ({how})")
+
+
+def _has_virtual_stages(args: argparse.Namespace) -> bool:
+    """Whether the flags give each pipeline rank several model chunks (checked: _check_virtual_stages)."""
+    layout = args.pipeline_model_parallel_layout
+    return (args.num_virtual_stages_per_pipeline_rank is not None
+            or args.num_layers_per_virtual_pipeline_stage is not None
+            or (layout is not None and layout_virtual_stages(layout, args.pipeline_model_parallel_size) is not None))
 
 
 def _validate_schedule(args: argparse.Namespace) -> None:

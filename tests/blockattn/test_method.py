@@ -59,8 +59,8 @@ def _train(argv: list[str]) -> dict:
     return pretrain(parse_training_args(argv))
 
 
-def _first_loss(argv: list[str]) -> float:
-    return _train(argv)["losses"][0]
+def _losses(argv: list[str]) -> list[float]:
+    return _train(argv)["losses"]
 
 
 def test_distillation_loss_equals_a_plain_kl_of_teacher_and_student(single_rank, base, tmp_path):
@@ -76,7 +76,7 @@ def test_distillation_loss_equals_a_plain_kl_of_teacher_and_student(single_rank,
     teacher_ckpt = ckpt.parent / "teacher"  # the fixture's second model
     argv = _argv((hf, ckpt, one), "block-distill", "--micro-batch-size", "1", "--train-iters", "1",
                  "--distill-temperature", "2", "--teacher-checkpoint", str(teacher_ckpt))
-    loss = _first_loss(argv)
+    loss = _losses(argv)[0]
 
     tokenizer = load_chat_tokenizer(str(hf))
     blocks = row["blocks"]
@@ -187,14 +187,23 @@ def test_block_flags_are_checked_before_anything_starts(base):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                    ["--context-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
-                         ids=["tp2-sp", "cp2", "pp2"])
-def test_block_distillation_is_the_same_under_tp_sp_cp_and_pp(single_rank, worker_pool, base, layout):
+@pytest.mark.parametrize("mode, layout", [
+    ("block-distill", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    ("block-distill", ["--context-parallel-size", "2"]), ("block-distill", ["--pipeline-model-parallel-size", "2"]),
+    ("block-distill", ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]),
+    ("block-sft", ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"])],
+    ids=["tp2-sp", "cp2", "pp2", "pp2-two-chunks-per-rank", "block-sft-pp2-two-chunks-per-rank"])
+def test_block_training_is_the_same_under_tp_sp_cp_and_pp(single_rank, worker_pool, base, mode, layout):
     # Two micro-batches: under PP the teacher's forward-only schedule and the student's 1F1B
-    # both pipeline them.
-    argv = _argv(base, "block-distill", "--train-iters", "1", "--block-sink-tokens", "1", "--block-dropout", "0.5",
-                 "--distill-token-weighting", "--global-batch-size", "4")
-    single = _first_loss(argv)
-    for loss in worker_pool(2).run(_first_loss, [*argv, *layout]):
-        assert loss == pytest.approx(single, rel=1e-5), layout
+    # both pipeline them; with two model chunks per rank (four one-layer stages, sinks on the
+    # first) both are Megatron's interleaved schedule, the teacher in chunks of its own.
+    # Two iterations: the second loss follows the first update, so it checks the gradients too.
+    # Tolerance: the layouts only reorder fp32 sums (~1e-7 relative); Adam's first step is
+    # lr x sign(g) per element, which such noise flips only where |g| is itself at noise level,
+    # so the second loss moves by orders of magnitude less than 1e-5 of its value, while a wrong
+    # or missing gradient (a swapped message, a chunk without its update) moves it by ~lr.
+    extra = ["--block-dropout", "0.5", "--distill-token-weighting"] if mode == "block-distill" else []
+    argv = _argv(base, mode, "--train-iters", "2", "--block-sink-tokens", "1", "--global-batch-size", "4", *extra)
+    single = _train(argv)["losses"]
+    for losses in worker_pool(2).run(_losses, [*argv, *layout]):
+        assert losses == pytest.approx(single, rel=1e-5), layout

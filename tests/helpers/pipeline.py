@@ -73,9 +73,10 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
          virtual: int | None = None, num_layers: int = 4,
          replica_batches: list[list[SegmentBatch]] | None = None) -> dict:
     """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
-    else Megatron's; engine.train_step.forward_backward, re-runs included); this rank's logs and main_grads (with `perturb_seed`: from weights moved by
-    one ulp, for the noise band); `layout`: the stages' layers as a pipeline layout string instead;
-    `virtual`: that many model chunks per rank (virtual stages, FocuSFT's interleaved schedule);
+    else Megatron's; engine.train_step.forward_backward, re-runs included); this rank's logs and
+    main_grads (with `perturb_seed`: from weights moved by one ulp, for the noise band); `layout`:
+    the stages' layers as a pipeline layout string instead; `virtual`: that many model chunks per
+    rank (virtual stages: FocuSFT's interleaved schedule, or Megatron's interleaved 1F1B for SFT);
     `num_layers`: the tiny model with that many layers; `replica_batches`: data-parallel replica r
     runs replica_batches[r % len] instead of `batches`."""
     from megatron.core import parallel_state

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from megatron_focusft.data.batch import make_batch
+from tests.helpers.batches import random_batch
 from tests.helpers.pipeline import (
     GUARD_RERUN,
+    VOCAB,
     check_parity,
     guard_batches,
     pipeline_batches,
@@ -92,6 +94,20 @@ def test_sft_pp2_matches_one_process(worker_pool, kind):
     pool = worker_pool(2)
     batches = pipeline_batches(kind)
     check_parity(reference_step(pool, batches, None), pool.run(run_step, 1, 2, batches, None), focusft=False)
+
+
+@pytest.mark.parametrize("kind", ["focusft", "block"])
+def test_sft_with_virtual_stages_matches_one_process(worker_pool, kind):
+    """Two model chunks per rank (four stages of one layer) through Megatron's interleaved 1F1B,
+    four micro-batches (a multiple of PP, as it needs): from the third on, each rank sends to its
+    one peer in both directions at once, which the p2p settings of engine/setup.build_gpt keep
+    apart (with batched p2p the two directions' tensors were swapped there)."""
+    pool = worker_pool(2)
+    batches = [*pipeline_batches(kind), random_batch(2, 40, VOCAB, seed=44, kind=kind, max_doc=20)]
+    reference = reference_step(pool, batches, None)
+    parallel = pool.run(run_step, 1, 2, batches, None, virtual=2)
+    assert {r["pp_rank"]: r["layers"] for r in parallel} == {0: [1, 3], 1: [2, 4]}
+    check_parity(reference, parallel, focusft=False)
 
 
 @pytest.mark.parametrize("objective", ["response", "context"])

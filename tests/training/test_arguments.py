@@ -57,9 +57,15 @@ CASES = [
      "--pipeline-model-parallel-layout 'Et|t|ttL' has 3 stages, not a multiple of --pipeline-model-parallel-size 2 "
      "(V x P stages give V virtual stages per rank)"),
     (["--pipeline-model-parallel-layout", "Et|t|t|tL", "--pipeline-model-parallel-size", "2", "--training-mode",
-      "sft"], {"WORLD_SIZE": "2"},
-     "--pipeline-model-parallel-layout 'Et|t|t|tL': virtual pipeline stages run with --training-mode focusft and its "
-     "interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
+      "block-sft"], {"WORLD_SIZE": "2"},
+     "virtual pipeline stages with --training-mode block-sft run Megatron's interleaved 1F1B, which needs the "
+     "micro-batches per iteration to be a multiple of --pipeline-model-parallel-size 2: 1 (without "
+     "--global-batch-size)"),
+    (["--pipeline-model-parallel-layout", "Et|t|t|tL", "--pipeline-model-parallel-size", "2", "--training-mode",
+      "sft", "--global-batch-size", "6"], {"WORLD_SIZE": "2"},
+     "virtual pipeline stages with --training-mode sft run Megatron's interleaved 1F1B, which needs the "
+     "micro-batches per iteration to be a multiple of --pipeline-model-parallel-size 2: 3 (--global-batch-size 6 / "
+     "(--micro-batch-size 2 x data-parallel size 1))"),
     (["--num-virtual-stages-per-pipeline-rank", "2"], {},
      "--num-virtual-stages-per-pipeline-rank needs --pipeline-model-parallel-size > 1"),
     (["--num-virtual-stages-per-pipeline-rank", "2", "--num-layers-per-virtual-pipeline-stage", "1"], {},
@@ -74,9 +80,10 @@ CASES = [
       "--decoder-first-pipeline-num-layers", "1"], {"WORLD_SIZE": "2"},
      "--num-virtual-stages-per-pipeline-rank splits the layers into even chunks: drop "
      "--decoder-first-pipeline-num-layers"),
-    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2", "--training-mode", "sft"],
-     {"WORLD_SIZE": "2"}, "--num-virtual-stages-per-pipeline-rank: virtual pipeline stages run with --training-mode "
-                          "focusft and its interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-model-parallel-size", "2",
+      "--focusft-pipeline-schedule", "sequential"],
+     {"WORLD_SIZE": "2"}, "--num-virtual-stages-per-pipeline-rank: FocuSFT runs virtual pipeline stages with its "
+                          "interleaved schedule (--focusft-pipeline-schedule interleaved) only"),
     (["--pipeline-balance", "auto", "--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout",
       "Et|tttL"], {"WORLD_SIZE": "2"},
      "--pipeline-balance auto chooses the stage sizes itself: drop --pipeline-model-parallel-layout"),
@@ -144,7 +151,8 @@ def test_virtual_stages_that_do_not_split_the_model_are_errors_before_any_proces
     (["--pipeline-model-parallel-layout", "Et|tt|t|tL"], 2),
     (["--pipeline-model-parallel-layout", "Ett|ttL"], None),
     (["--num-virtual-stages-per-pipeline-rank", "2", "--pipeline-balance", "auto"], 2),
-], ids=["layout-of-virtual-stages", "layout", "auto-balanced-chunks"])
+    (["--num-virtual-stages-per-pipeline-rank", "2", "--training-mode", "sft", "--global-batch-size", "4"], 2),
+], ids=["layout-of-virtual-stages", "layout", "auto-balanced-chunks", "sft-four-micro-batches"])
 def test_virtual_stages_from_a_layout_or_balanced_automatically_are_accepted(flags, virtual, monkeypatch):
     # A layout of V x P stages gives V chunks per rank of its sizes (Megatron's reading); with
     # --pipeline-balance auto the even chunks are only the start: the chunk sizes are measured.

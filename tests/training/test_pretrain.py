@@ -200,33 +200,36 @@ def test_pipeline_parallel_training_continues_a_one_rank_run(worker_pool, tmp_pa
         assert 0 < got["pipeline/stage0_busy_fraction"] <= 1 and 0 < got["pipeline/stage1_busy_fraction"] <= 1
 
 
+@pytest.mark.parametrize("mode, extra, pp_extra", [
+    ("focusft", ["--focusft-layer-fraction", "0.75"], ["--pipeline-balance", "auto"]), ("sft", [], [])],
+    ids=["focusft-interleaved-balanced", "sft-megatron-interleaved"])
 def test_virtual_pipeline_stages_continue_a_one_rank_run_and_their_checkpoint_resumes_on_one_rank(
-        worker_pool, tmp_path: Path):
-    # PP = 2 with two model chunks per rank (four stages of one layer, stage s on rank s mod 2;
-    # adapted layers 2-4 from stage 1 on; --pipeline-balance auto measures every chunk and, with
-    # one layer per chunk, can only keep that split) resumes the one-rank run's checkpoint of iteration 1,
-    # optimizer included, resharded into the chunks, and runs iteration 2 under FocuSFT's
-    # interleaved schedule; it saves (Megatron's model0 / model1 nesting), and a one-rank run
-    # resumes that checkpoint for iteration 3. Both continue the uninterrupted run's curves
+        worker_pool, tmp_path: Path, mode: str, extra: list[str], pp_extra: list[str]):
+    # PP = 2 with two model chunks per rank (four stages of one layer, stage s on rank s mod 2)
+    # resumes the one-rank run's checkpoint of iteration 1, optimizer included, resharded into the
+    # chunks, and runs iteration 2: FocuSFT under its interleaved schedule (adapted layers 2-4
+    # from stage 1 on; --pipeline-balance auto measures every chunk and, with one layer per chunk,
+    # can only keep that split), SFT under Megatron's interleaved 1F1B (two micro-batches per
+    # iteration: a multiple of PP). It saves (Megatron's model0 / model1 nesting), and a one-rank
+    # run resumes that checkpoint for iteration 3. Both continue the uninterrupted run's curves
     # within its noise band (as in the PP test above), and the probe's attention metrics at
     # iteration 2 go through the four stages (rank 0, 1, 0, 1) to the same values.
     ckpt = str(tmp_path / "ckpt")
-    argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", "focusft",
-            "--focusft-layer-fraction", "0.75", "--attention-metrics-interval", "2"]
+    argv = [*BASE, "--global-batch-size", "4", "--mock-data", "--training-mode", mode,
+            "--attention-metrics-interval", "2", *extra]
     uninterrupted = _pretrain_history(argv)
     perturbed = [_pretrain_history(argv, seed) for seed in PERTURBATION_SEEDS]
     pretrain(parse_training_args([*argv, "--save", ckpt, "--exit-interval", "1"]))
     results = worker_pool(2).run(_pretrain_result, [*argv, "--load", ckpt, "--save", ckpt, "--exit-interval", "2",
                                                     "--pipeline-model-parallel-size", "2",
-                                                    "--num-virtual-stages-per-pipeline-rank", "2",
-                                                    "--pipeline-balance", "auto"])
+                                                    "--num-virtual-stages-per-pipeline-rank", "2", *pp_extra])
     assert results[0]["stage_layers"] == [1, 1, 1, 1]
     virtual = [r["history"] for r in results]
     assert [h["loss"] for h in virtual[0]] == [h["loss"] for h in virtual[1]]
     resumed = _pretrain_history([*argv, "--load", ckpt, "--save", ckpt])
     continued = virtual[0] + resumed
     assert [h["iteration"] for h in continued] == [2, 3]
-    for key in ("loss", "grad_norm", "inner_loss_before", "inner_loss_after"):
+    for key in ("loss", "grad_norm", *(("inner_loss_before", "inner_loss_after") if mode == "focusft" else ())):
         band = noise_band([h[key] for h in uninterrupted], [[h[key] for h in run] for run in perturbed])
         assert_curve_within([h[key] for h in continued], [h[key] for h in uninterrupted[1:]], band[1:],
                             f"virtual stages, then one rank: {key}")
