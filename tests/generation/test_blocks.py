@@ -95,10 +95,13 @@ def test_generate_cli_with_blocks(single_rank, tmp_path, capsys):
         cli_main(["generate", "--hf-path", str(tmp_path / "llama"), "--input", str(path), "--blocks"])
 
 
-def test_sink_tokens_are_private_to_their_block_and_reused_with_it(single_rank, tmp_path):
+@pytest.mark.parametrize("lengths", [(7, 9), (38, 36, 40, 35, 37, 39, 36, 38)], ids=["two-blocks", "eight-long-blocks"])
+def test_sink_tokens_are_private_to_their_block_and_reused_with_it(single_rank, tmp_path, lengths):
     """A model with 2 sink tokens: the assembled prompt (sinks + block per local block, cached,
     reused at another offset) equals a full forward whose embeddings hold the sink vectors at
-    the sink slots, under the block mask with the sinks private; the sinks change the answer."""
+    the sink slots, under the block mask with the sinks private; the sinks change the answer.
+    Also with eight blocks of 35-40 tokens (a 320-token prompt with its sinks), the size of the
+    block evidence's longer prompts (README), where the sink-trained models fall."""
     from megatron_focusft.models.block_sinks import add_block_sinks
 
     _, model = _hf_model(tmp_path)
@@ -107,8 +110,8 @@ def test_sink_tokens_are_private_to_their_block_and_reused_with_it(single_rank, 
         model.block_sinks.weight.normal_(generator=torch.Generator().manual_seed(4))
     cache = BlockKVCache()
     config = GenerationConfig(max_new_tokens=STEPS, keep_logits=True)
-    a, b, question = _blocks(5, (7, 9, 5))
-    for layout in ((a, b), (b, a)):
+    *blocks, question = _blocks(5, (*lengths, 5))
+    for layout in (tuple(blocks), tuple(reversed(blocks))):
         prompt = BlockPrompt(layout, question)
         result = generate_with_blocks(model, prompt, config, cache)
         expected = []
@@ -127,8 +130,8 @@ def test_sink_tokens_are_private_to_their_block_and_reused_with_it(single_rank, 
                 logits = model(torch.tensor([tokens]), positions, block_mask(ids, "cpu", flags), decoder_input=hidden)
             expected.append(logits[0, -1].float())
         torch.testing.assert_close(result.logits, torch.stack(expected), atol=TOL, rtol=0)
-    assert (cache.misses, cache.hits) == (2, 2)
+    assert (cache.misses, cache.hits) == (len(blocks), len(blocks))
     with torch.no_grad():
         model.block_sinks.weight.zero_()
-    zeroed = generate_with_blocks(model, BlockPrompt((b, a), question), config, BlockKVCache())
+    zeroed = generate_with_blocks(model, BlockPrompt(tuple(reversed(blocks)), question), config, BlockKVCache())
     assert (zeroed.logits[0] - result.logits[0]).abs().max() > 1e-3  # the blocks' keys saw their sinks
