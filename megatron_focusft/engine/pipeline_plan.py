@@ -23,8 +23,7 @@ consistent execution, so no stage waits for a message that is never sent).
 
 Virtual pipeline stages (Megatron's interleaved placement): V x P stages on P devices, stage s on
 device s mod P. The rule is the same per stage; a device runs one unit at a time, the earliest
-ready one of any of its stages. Only the simulator models them so far: focusft/interleaved.py
-executes one stage per device.
+ready one of any of its stages; focusft/interleaved.py executes the device orders this yields.
 """
 
 from __future__ import annotations
