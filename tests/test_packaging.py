@@ -8,7 +8,8 @@ cannot notice a package missing from the wheel (the Dockerfile's non-editable in
   outside megatron_focusft/ besides its dist-info: no top-level `kernels` or `patches`;
 - that wheel, installed into a fresh virtual environment, imports megatron_focusft from that
   environment and runs `focusft --help` and one `--mock-data` training iteration with a finite loss;
-- the Dockerfile installs every dependency of pyproject.toml except torch (the container's).
+- the Dockerfile installs every dependency of pyproject.toml except torch (the container's);
+- no regular package at the checkout root has the name of an installed distribution's module.
 
 The fresh environment uses the same base interpreter and sees this environment's site-packages
 (torch, megatron-core, ...) through a path line in a .pth file. Such a line only appends the folder
@@ -72,6 +73,19 @@ def test_wheel_holds_every_module(wheel: Path) -> None:
     outside = sorted(name for name in names if name.split("/")[0] != "megatron_focusft"
                      and not name.split("/")[0].endswith(".dist-info"))
     assert not outside, f"{wheel.name} installs files outside megatron_focusft/: {outside}"
+
+
+def test_no_checkout_folder_shadows_an_installed_distribution() -> None:
+    # The checkout root is on sys.path under the test suite (and for `python -m` from it), where
+    # a regular package of the checkout beats an installed one of the same name. kernels/ is a
+    # namespace package for that reason (kernels/README.md): Hugging Face's `kernels`, which
+    # transformers >= 5.25 imports, must come from site-packages.
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    regular = [folder.name for folder in ROOT.iterdir() if (folder / "__init__.py").is_file()]
+    shadowing = {name: installed[name] for name in regular if set(installed.get(name, ())) - {"megatron-focusft"}}
+    assert not shadowing, f"checkout folders shadow installed distributions' modules: {shadowing}"
 
 
 def test_installed_wheel_trains_without_checkout(wheel: Path, tmp_path: Path) -> None:
