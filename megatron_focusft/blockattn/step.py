@@ -34,7 +34,7 @@ from megatron_focusft.blockattn.dropout import promote_blocks
 from megatron_focusft.data.batch import SegmentBatch
 from megatron_focusft.engine.loss import masked_token_loss
 from megatron_focusft.engine.split_model import forward_layers, lm_head_loss, output_logits, stage_input
-from megatron_focusft.engine.train_step import ForwardStep
+from megatron_focusft.engine.train_step import ForwardStep, chunk_data_iterators
 from megatron_focusft.masks import SegmentMask
 from megatron_focusft.models.block_sinks import block_sinks_of, sink_slots
 from megatron_focusft.parallel.context import ParallelContext
@@ -149,11 +149,9 @@ class BlockDistillForwardStep(ForwardStep):
             return zero, lambda output: (output, torch.ones((), dtype=torch.int), {})
 
         b, s = micro_batches[0].tokens.shape[0], micro_batches[0].attention.shape[1]
-        chunks = self.teacher
         get_forward_backward_func()(forward_step_func=teacher_step,
-                                    data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1
-                                    else iter(micro_batches),
-                                    model=chunks, num_microbatches=len(micro_batches), seq_length=s,
+                                    data_iterator=chunk_data_iterators(micro_batches, len(self.teacher)),
+                                    model=self.teacher, num_microbatches=len(micro_batches), seq_length=s,
                                     micro_batch_size=b, forward_only=True)
         return kept
 

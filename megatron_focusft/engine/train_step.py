@@ -78,8 +78,7 @@ def forward_backward(chunks: list[DistributedDataParallel], micro_batches: list[
             chunk.zero_grad_buffer()
         logs = forward_step.forward_backward_func(model)(
             forward_step_func=forward_step,
-            # With model chunks Megatron's schedules take one iterator per chunk, each over every micro-batch.
-            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+            data_iterator=chunk_data_iterators(micro_batches, len(chunks)),
             model=chunks,
             num_microbatches=len(micro_batches),
             seq_length=s,
@@ -88,6 +87,12 @@ def forward_backward(chunks: list[DistributedDataParallel], micro_batches: list[
         )
         if not forward_step.after_schedule(model):
             return logs
+
+
+def chunk_data_iterators(micro_batches: list[SegmentBatch], num_chunks: int) -> Iterator | list[Iterator]:
+    """A schedule's data_iterator: with model chunks Megatron's schedules take one iterator per
+    chunk, each over every micro-batch; one iterator otherwise."""
+    return [iter(micro_batches) for _ in range(num_chunks)] if num_chunks > 1 else iter(micro_batches)
 
 
 def _summarise(logs: list[dict[str, torch.Tensor]], grad_norm: float) -> dict[str, float]:

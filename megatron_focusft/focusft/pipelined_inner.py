@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from megatron.core.models.gpt import GPTModel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -222,7 +223,8 @@ def reset_broken_samples(model: torch.nn.Module, states: list[MicroBatchInner], 
     device = states[0].counts.device
     flags = torch.cat([torch.zeros(s.num_samples, dtype=torch.bool, device=device) if s.broken is None
                        else s.broken.to(device) for s in states])
-    flags = agree_on_samples(flags, parallel, over_stages=True)  # the last stage's, on every stage
+    # The last stage's flags (agreed over TP and CP there), on every stage.
+    flags = parallel.pp_all_reduce(flags.to(torch.int32), dist.ReduceOp.MAX).bool()
     if not bool(flags.any()):
         return False
     reset = []
