@@ -13,8 +13,11 @@ shared with other work disturbs them alike. Per schedule: the median step time, 
 stage's busy share ((forward + backward compute) / step time, Megatron's schedule timers), pipeline
 efficiency (their mean) and bubble fraction (1 - efficiency).
 
-The simulator (engine/pipeline_plan.py): each interleaved run's measured unit times (mean per stage
-and unit kind) replayed give its predicted forward-backward time, against the measured one; the
+The interleaved runs plan their unit order from the layer costs measured on the first model, as
+`--pipeline-balance auto` does in training (FocusftPipeline.planned: the best wavefront stride).
+The simulator (engine/pipeline_plan.py): each interleaved run's plan replayed with its measured
+unit times (mean per stage and unit kind) gives its predicted forward-backward time, against the
+measured one; the
 measured layer costs give the balanced split and simulated efficiency at other PP sizes, also
 with virtual pipeline stages (even and balanced chunks), each with the efficiency no schedule of
 its units can exceed (`FocusftPipeline.efficiency_bound`; also on the interleaved runs).
@@ -86,7 +89,6 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.focusft import FocusftConfig, SeededFastWeights, make_focusft_forward_step
     from megatron_focusft.focusft.interleaved import focusft_pipeline
     from megatron_focusft.focusft.pipeline_cost import (
-        NOMINAL_COSTS,
         FocusftPipeline,
         balance,
         best_split,
@@ -110,7 +112,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     batches = [_batch(config.seq_length, config.micro_batch_size, preset.vocab_size, torch.device("cpu"),
                       config.seed + m) for m in range(config.num_micro_batches)]
 
-    def build(layout: str | None, schedule: str, virtual: int | None = None):
+    def build(layout: str | None, schedule: str, virtual: int | None = None, plan_costs=None):
         torch.manual_seed(config.seed)
         setup = ModelSetup(preset=config.preset, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=layout,
                            virtual_pipeline_model_parallel_size=virtual, fast_weights=fast)
@@ -125,7 +127,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
         focusft = FocusftConfig(inner_steps=config.inner_steps, inner_objective=config.inner_objective,
                                 pipeline_schedule=schedule, fast_weights=fast)
         source = SeededFastWeights(fast_weight_layout(model_config, fast), fast.rank, config.seed)
-        return chunks, model_config, build_optimizer(chunks, OptimizerSetup()), make_focusft_forward_step(focusft, source)
+        return (chunks, model_config, build_optimizer(chunks, OptimizerSetup()),
+                make_focusft_forward_step(focusft, source, plan_costs))
 
     even = build(None, "sequential")
     probe_source = SeededFastWeights(fast_weight_layout(even[1], fast), fast.rank, config.seed + 1)
@@ -133,17 +136,18 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     chosen = best_split(preset.num_layers, pp, first_adapted, config.inner_steps, context, config.num_micro_batches,
                         costs)
     balanced = layout_of_counts(chosen.counts)
+    # The interleaved runs plan their order from the measured costs, as --pipeline-balance auto does.
     runs = {"sequential, even split": even, "sequential, balanced split": build(balanced, "sequential"),
-            "interleaved, balanced split": build(balanced, "interleaved")}
+            "interleaved, balanced split": build(balanced, "interleaved", plan_costs=costs)}
     virtual_chosen = {}
     for virtual in config.virtual_stages:
         if preset.num_layers % (pp * virtual) == 0:
-            runs[f"interleaved, {virtual} virtual stages per device"] = build(None, "interleaved", virtual)
+            runs[f"interleaved, {virtual} virtual stages per device"] = build(None, "interleaved", virtual, costs)
         if preset.num_layers >= pp * virtual:
             virtual_chosen[virtual] = virtual_balance(preset.num_layers, pp, virtual, first_adapted, config.inner_steps,
                                                       context, config.num_micro_batches, costs)
             runs[f"interleaved, {virtual} virtual stages per device, balanced"] = build(
-                layout_of_counts(virtual_chosen[virtual].counts), "interleaved", virtual)
+                layout_of_counts(virtual_chosen[virtual].counts), "interleaved", virtual, costs)
     step_s: dict[str, list[float]] = defaultdict(list)
     busy: dict[str, list[list[float]]] = defaultdict(list)
     fb_s: dict[str, list[float]] = defaultdict(list)
@@ -195,9 +199,11 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
                 config.num_micro_batches)
     for name, pipeline in pipelines.items():
         measured_units = _gather_units(unit_s[name])
-        # The order the executor ran (planned from nominal costs), replayed with the measured unit times.
-        planned = pipeline.simulate(NOMINAL_COSTS)
-        # (With virtual stages each stage keeps its order; a device runs its earliest ready unit.)
+        # The order the executor ran (planned from the measured layer costs), replayed with the
+        # measured unit times (with virtual stages each stage keeps its order; a device runs its
+        # earliest ready unit).
+        chunks, model_config, _, forward_step = runs[name]
+        planned = forward_step.forward_backward_func(chunks[0]).plan(model_config, config.num_micro_batches)
         timeline = pipeline.simulate(lambda u: measured_units[(u.stage, _unit_kind(u, pipeline))], planned.order)
         measured_fb = statistics.median(fb_s[name])
         records.append({"simulator": name, "stages": pp, "predicted_forward_backward_s": timeline.makespan,
@@ -212,7 +218,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
                           config.simulate_micro_batches, costs, any_counts=any_counts)
             records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
                             "split": "any layer count per stage" if any_counts else "first/last-stage flags",
-                            "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                            "layers_per_stage": list(sim.counts), "wavefront_stride": sim.stride,
+                            "predicted_efficiency": sim.efficiency,
                             "efficiency_bound": efficiency_bound(list(sim.counts), stages, None,
                                                                  config.simulate_micro_batches),
                             "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})
@@ -227,7 +234,8 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
             for kind, sim in sims.items():
                 records.append({"simulated_stages": stages, "micro_batches": config.simulate_micro_batches,
                                 "split": f"{virtual} virtual stages per device, {kind}", "virtual_stages": virtual,
-                                "layers_per_stage": list(sim.counts), "predicted_efficiency": sim.efficiency,
+                                "layers_per_stage": list(sim.counts), "wavefront_stride": sim.stride,
+                                "predicted_efficiency": sim.efficiency,
                                 "efficiency_bound": efficiency_bound(list(sim.counts), stages, virtual,
                                                                      config.simulate_micro_batches),
                                 "predicted_stage_busy_s": list(sim.stage_busy), "predicted_iteration_s": sim.iteration})

@@ -12,7 +12,7 @@ from megatron_focusft.blockattn.sample_forms import BlockFormConfig, BlockSample
 from megatron_focusft.blockattn.step import BlockDistillForwardStep, BlockSftForwardStep, DistillConfig
 from megatron_focusft.blockattn.teacher import load_teacher
 from megatron_focusft.data.tokenizer import ChatTokenizer
-from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
+from megatron_focusft.engine.method import MethodModel, MethodRun, StageBalance, TrainingMethod
 from megatron_focusft.engine.setup import model_setup_from_args
 from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.segment.registry import SegmenterSettings, build_segmenter, segmenter_method, segmenter_names
@@ -100,12 +100,13 @@ def _distill_model(args: argparse.Namespace) -> MethodModel:
                        block_sink_tokens=args.block_sink_tokens)
 
 
-def _sft_run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset) -> MethodRun:
+def _sft_run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset,
+             balanced: StageBalance | None) -> MethodRun:
     return MethodRun(BlockSftForwardStep())
 
 
 def _distill_run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int,
-                 shape: ModelPreset) -> MethodRun:
+                 shape: ModelPreset, balanced: StageBalance | None) -> MethodRun:
     teacher_dir = args.teacher_checkpoint or args.pretrained_checkpoint
     teacher = load_teacher(teacher_dir, shape, args.tokenizer_model or args.pretrained_checkpoint,
                            model_setup_from_args(args, shape))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -46,22 +47,34 @@ class MethodModel:
 
 
 @dataclass(frozen=True)
+class StageBalance:
+    """`--pipeline-balance auto`'s choice: decoder layers per (virtual) stage in layer order, a line
+    describing the split, and the costs it was measured from (the method's schedule plans its order
+    from them; None: it has no plan to make)."""
+
+    counts: tuple[int, ...]
+    description: str
+    measured_costs: Any = None
+
+
+@dataclass(frozen=True)
 class TrainingMethod:
     """name: the --training-mode value. add_arguments: adds the method's own flags to its group.
     resume_keys: those flags a resumed run must share with the run that saved the checkpoint.
-    model(args) -> MethodModel; run(args, model_config, dp_rank, shape) -> MethodRun, after the
-    model is built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds; shape: the
-    model's ModelPreset). validate(args):
+    model(args) -> MethodModel; run(args, model_config, dp_rank, shape, balanced) -> MethodRun,
+    after the model is built (dp_rank: this rank's data-parallel index, e.g. for per-rank seeds;
+    shape: the model's ModelPreset; balanced: the StageBalance the model was built with, None
+    without `--pipeline-balance auto`). validate(args):
     ValueError naming the flag for values of the method's flags it cannot run, called with the
-    other flag checks before anything starts. balance(args, model, micro_batch, num_micro_batches):
-    `--pipeline-balance auto`'s decoder layer count per stage and a line describing the split,
-    from costs measured on the model as built (even stages); None: the method cannot balance."""
+    other flag checks before anything starts. balance(args, model, micro_batch, num_micro_batches)
+    -> StageBalance: `--pipeline-balance auto`'s split, from costs measured on the model as built
+    (even stages); None: the method cannot balance."""
 
     name: str
     help: str
     add_arguments: Callable[[argparse._ArgumentGroup], None]
     resume_keys: tuple[str, ...]
     model: Callable[[argparse.Namespace], MethodModel]
-    run: Callable[[argparse.Namespace, TransformerConfig, int, ModelPreset], MethodRun]
+    run: Callable[[argparse.Namespace, TransformerConfig, int, ModelPreset, StageBalance | None], MethodRun]
     validate: Callable[[argparse.Namespace], None] = lambda args: None
-    balance: Callable[..., tuple[tuple[int, ...], str]] | None = None
+    balance: Callable[..., StageBalance] | None = None

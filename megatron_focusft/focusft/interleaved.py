@@ -32,11 +32,13 @@ outer pass (engine/pipeline_plan.focusft_passes), each a forward and a backward 
                                every stage, micro-batch by micro-batch (as focusft_forward in one
                                process: once, no second check)
 
-Order: engine.pipeline_plan.simulate plans each stage's unit order from NOMINAL_COSTS (1F1B rules:
-backward first, forwards and backwards in pass order). Passes are ordered as a wavefront
-(pipeline_plan.focusft_passes): pass j of micro-batch m at position m + j x stride, stride = P - k,
-so while one micro-batch's update goes down to stage k and back up the stages run the next
-micro-batches' passes, and the stages below k run later outer forwards and earlier outer backwards.
+Order: engine.pipeline_plan.simulate plans each stage's unit order (1F1B rules: backward first,
+forwards and backwards in pass order) from the step's `plan_costs` (the layer costs
+`--pipeline-balance auto` measured; NOMINAL_COSTS otherwise). Passes are ordered as a wavefront
+(pipeline_plan.focusft_passes): pass j of micro-batch m at position m + j x stride, so while one
+micro-batch's update goes down to stage k and back up the stages run the next micro-batches'
+passes, and the stages below k run later outer forwards and earlier outer backwards. The stride
+is the one of 1 .. 2 (P - k) whose simulated iteration is shortest (FocusftPipeline.planned).
 Megatron's p2p helper (`p2p_communication._p2p_ops`, the ranks of its P2PCommunicator) carries every
 message; shapes are known on both ends, so nothing is exchanged but the tensors; sends are waited for
 at the end of the iteration.
@@ -232,6 +234,15 @@ class InterleavedSchedule:
         self.records: list[UnitRecord] = []
         self._plans: dict[int, Timeline] = {}  # micro-batches per iteration -> the plan (the model is fixed)
 
+    def plan(self, config, num_micro_batches: int) -> Timeline:
+        """The units' order for `num_micro_batches` (the same on every rank): the best plan
+        (FocusftPipeline.planned) under the step's `plan_costs`, NOMINAL_COSTS when none were measured."""
+        if num_micro_batches not in self._plans:
+            costs = self.step.plan_costs or NOMINAL_COSTS
+            pipeline = focusft_pipeline(config, self.step.config, num_micro_batches).planned(costs)
+            self._plans[num_micro_batches] = pipeline.simulate(costs)
+        return self._plans[num_micro_batches]
+
     def __call__(self, *, forward_step_func, data_iterator: Iterator, model, num_microbatches: int, seq_length: int,
                  micro_batch_size: int, decoder_seq_length: int | None = None, forward_only: bool = False,
                  collect_non_loss_data: bool = False, first_val_step: bool | None = None, **unused):
@@ -244,11 +255,8 @@ class InterleavedSchedule:
         # Every chunk reads the same micro-batches (Megatron passes one iterator per chunk).
         data_iterator = data_iterator[0] if isinstance(data_iterator, list) else data_iterator
         config = (chunks[0].module if hasattr(chunks[0], "module") else chunks[0]).config
-        if num_microbatches not in self._plans:
-            pipeline = focusft_pipeline(config, self.step.config, num_microbatches)
-            self._plans[num_microbatches] = pipeline.simulate(NOMINAL_COSTS)
         run = _Run(self.step, chunks, [next(data_iterator) for _ in range(num_microbatches)],
-                   self._plans[num_microbatches])
+                   self.plan(config, num_microbatches))
         self.records = run.records
         return run.execute()
 

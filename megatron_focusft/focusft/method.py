@@ -8,7 +8,7 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
+from megatron_focusft.engine.method import MethodModel, MethodRun, StageBalance, TrainingMethod
 from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.fastweights import FastWeightConfig, fast_weight_layout
 from megatron_focusft.fastweights.config import TARGETS
@@ -76,7 +76,8 @@ def _model(args: argparse.Namespace) -> MethodModel:
     return MethodModel(mask_kind="focusft", fast_weights=focusft_config(vars(args)).fast_weights)
 
 
-def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset) -> MethodRun:
+def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset,
+         balanced: StageBalance | None) -> MethodRun:
     config = focusft_config(vars(args))
     fast = config.fast_weights
     # Per-sample seeds differ across data-parallel ranks (their samples differ) and steps.
@@ -88,13 +89,14 @@ def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int
         # One draw per micro-batch (on the stages holding adapted layers, which alone draw).
         source.micro_batches_seen = micro_batches_done
 
-    return MethodRun(make_focusft_forward_step(config, source), resume)
+    return MethodRun(make_focusft_forward_step(config, source, balanced.measured_costs if balanced else None), resume)
 
 
-def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> tuple[tuple[int, ...], str]:
+def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: int) -> StageBalance:
     """`--pipeline-balance auto`: layer costs measured on each stage (each model chunk with virtual
     stages), then the split whose simulated iteration is shortest (focusft/pipeline_cost.best_split;
-    with V virtual stages per rank, virtual_balance's V x P chunk sizes)."""
+    with V virtual stages per rank, virtual_balance's V x P chunk sizes); the interleaved schedule
+    then plans its order from the same costs (the same on every rank: measure_layer_costs gathers them)."""
     from megatron_focusft.fastweights.config import adapted_layer_numbers
     from megatron_focusft.focusft.pipeline_cost import best_split, virtual_balance
     from megatron_focusft.focusft.pipeline_measure import measure_layer_costs
@@ -110,7 +112,7 @@ def _balance(args: argparse.Namespace, model, micro_batch, num_micro_batches: in
     work = (adapted_layer_numbers(num_layers, config.fast_weights.layer_fraction)[0], config.inner_steps,
             config.inner_objective == "context", num_micro_batches, costs)
     chosen = virtual_balance(num_layers, pp, virtual, *work) if virtual else best_split(num_layers, pp, *work)
-    return chosen.counts, chosen.describe()
+    return StageBalance(chosen.counts, chosen.describe(), costs)
 
 
 FOCUSFT = TrainingMethod(

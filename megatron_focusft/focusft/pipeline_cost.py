@@ -19,13 +19,15 @@ head, measured by focusft/pipeline_measure.py), the units of engine/pipeline_pla
 simulated iteration (engine.pipeline_plan.simulate) is shortest; `best_split` also weighs the
 min-max split of the layers' loads (any count per stage: `--pipeline-model-parallel-layout`).
 With virtual stages, `virtual_split` simulates even chunks and `virtual_balance` searches chunk
-sizes (a layout of V x P stages).
+sizes (a layout of V x P stages). Every split is simulated under its best plan: the wavefront
+stride with the shortest iteration (`FocusftPipeline.planned`), which the interleaved schedule
+then runs (focusft/interleaved.py plans with the same costs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_focusft.engine.pipeline import layout_of_counts
 from megatron_focusft.engine.pipeline_plan import Timeline, Unit, default_window, focusft_passes, simulate
@@ -71,15 +73,34 @@ class FocusftPipeline:
     context_objective: bool
     num_micro_batches: int
     num_devices: int | None = None
+    wavefront_stride: int | None = None  # None: the adapted stages' depth
 
     @property
     def first_adapted_stage(self) -> int:
         return next(s for s, layers in enumerate(self.stages) if layers.adapted)
 
     @property
-    def stride(self) -> int:
-        """Passes between a micro-batch's consecutive passes (focusft_passes): the adapted stages' depth."""
+    def adapted_depth(self) -> int:
+        """How many stages, from the first adapted one up, an inner pass runs on."""
         return len(self.stages) - self.first_adapted_stage
+
+    @property
+    def stride(self) -> int:
+        """Passes between a micro-batch's consecutive passes (focusft_passes): `wavefront_stride`, by
+        default the adapted stages' depth (one micro-batch's update goes down and up meanwhile)."""
+        return self.wavefront_stride or self.adapted_depth
+
+    def planned(self, costs: LayerCosts) -> FocusftPipeline:
+        """This pipeline with the wavefront stride, of 1 .. 2 x adapted_depth, whose simulated
+        iteration under `costs` is shortest (ties: the smaller stride, whose windows hold fewer
+        micro-batches). A longer stride lets more micro-batches' inner passes fill the gaps of
+        uneven stages, at the cost of a larger window (`window`: the in-flight bound)."""
+        best: tuple[float, int] | None = None
+        for stride in range(1, 2 * self.adapted_depth + 1):
+            makespan = replace(self, wavefront_stride=stride).simulate(costs).makespan
+            if best is None or round(makespan, 12) < best[0]:
+                best = (round(makespan, 12), stride)
+        return replace(self, wavefront_stride=best[1])
 
     @property
     def window(self) -> list[int]:
@@ -173,13 +194,15 @@ def megatron_splits(num_layers: int, num_stages: int) -> list[tuple[int, int, li
 @dataclass(frozen=True)
 class Balance:
     """The chosen split: Megatron's flag values, each stage's layers and predicted busy seconds
-    (with virtual stages: `counts` per virtual stage in layer order, `stage_busy` per device)."""
+    (with virtual stages: `counts` per virtual stage in layer order, `stage_busy` per device), under
+    the plan of wavefront stride `stride` (FocusftPipeline.planned)."""
 
     first: int
     last: int
     counts: tuple[int, ...]
     stage_busy: tuple[float, ...]
     iteration: float
+    stride: int
     virtual_stages: int = 1
 
     @property
@@ -194,7 +217,7 @@ class Balance:
             loads = ", ".join(f"stage {s}: {n} layers, busy {busy:.3f} s ({100 * busy / self.iteration:.0f}%)"
                               for s, (n, busy) in enumerate(zip(self.counts, self.stage_busy)))
         return (f"{self.flags} | predicted iteration {self.iteration:.3f} s, efficiency "
-                f"{100 * self.efficiency:.0f}% | {loads}")
+                f"{100 * self.efficiency:.0f}% (wavefront stride {self.stride}) | {loads}")
 
     @property
     def flags(self) -> str:
@@ -266,12 +289,12 @@ def balance(num_layers: int, num_stages: int, first_adapted_layer: int, inner_st
     best = None
     for first, last, counts in splits:
         pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, counts), inner_steps,
-                                   context_objective, num_micro_batches)
+                                   context_objective, num_micro_batches).planned(costs)
         timeline = pipeline.simulate(costs)
         busy = tuple(timeline.busy(s) for s in range(num_stages))
         key = (round(timeline.makespan, 12), max(busy))
         if best is None or key < best[0]:
-            best = (key, Balance(first, last, tuple(counts), busy, timeline.makespan))
+            best = (key, Balance(first, last, tuple(counts), busy, timeline.makespan, pipeline.stride))
     if best is None:
         raise ValueError(f"{num_layers} layers cannot be split over {num_stages} pipeline stages")
     return best[1]
@@ -289,12 +312,13 @@ def best_split(num_layers: int, num_stages: int, first_adapted_layer: int, inner
 def _simulate_chunks(num_layers: int, counts: Sequence[int], num_devices: int, virtual_stages: int,
                      first_adapted_layer: int, inner_steps: int, context_objective: bool, num_micro_batches: int,
                      costs: LayerCosts) -> Balance:
-    """Virtual stages of `counts` layers (layer order, stage v on device v % P), simulated."""
+    """Virtual stages of `counts` layers (layer order, stage v on device v % P), simulated under
+    their best plan (FocusftPipeline.planned)."""
     pipeline = FocusftPipeline(stage_layers(num_layers, first_adapted_layer, list(counts)), inner_steps,
-                               context_objective, num_micro_batches, num_devices)
+                               context_objective, num_micro_batches, num_devices).planned(costs)
     timeline = pipeline.simulate(costs)
     busy = tuple(timeline.device_busy(d) for d in range(num_devices))
-    return Balance(counts[0], counts[-1], tuple(counts), busy, timeline.makespan, virtual_stages)
+    return Balance(counts[0], counts[-1], tuple(counts), busy, timeline.makespan, pipeline.stride, virtual_stages)
 
 
 def virtual_split(num_layers: int, num_stages: int, virtual_stages: int, first_adapted_layer: int, inner_steps: int,

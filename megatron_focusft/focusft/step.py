@@ -57,6 +57,7 @@ from megatron_focusft.focusft.inner_loop import (
     run_inner_loop,
     update_sq_norm,
 )
+from megatron_focusft.focusft.pipeline_cost import LayerCosts
 from megatron_focusft.focusft.pipelined_inner import (
     MicroBatchInner,
     outer_stage_forward,
@@ -270,11 +271,15 @@ class FocusftForwardStep(ForwardStep):
     runs the inner loop of all micro-batches first (pipelined_inner.py), and the forward step then
     runs each stage's outer forward with the adapted fast weights; `after_schedule` makes the
     guard's outer check, and asks for the outer call once more when it resets samples.
+    plan_costs: the LayerCosts (focusft/pipeline_cost.py) the interleaved schedule plans its unit
+    order from, identical on every rank (None: nominal costs).
     """
 
-    def __init__(self, config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]) -> None:
+    def __init__(self, config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights],
+                 plan_costs: LayerCosts | None = None) -> None:
         self.config = config
         self.fast_weights_for = fast_weights_for
+        self.plan_costs = plan_costs
         self._prepared: collections.deque[MicroBatchInner] | None = None  # the outer call's, in order
         self._checked: list[MicroBatchInner] | None = None  # the states the guard checks after the call
         self._schedule = None  # the InterleavedSchedule, made on first use
@@ -378,7 +383,8 @@ class FocusftForwardStep(ForwardStep):
 
 
 def make_focusft_forward_step(
-    config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights]
+    config: FocusftConfig, fast_weights_for: Callable[[SegmentBatch], FastWeights],
+    plan_costs: LayerCosts | None = None,
 ) -> FocusftForwardStep:
     """The bilevel step as a Megatron `forward_step_func` (FocusftForwardStep)."""
-    return FocusftForwardStep(config, fast_weights_for)
+    return FocusftForwardStep(config, fast_weights_for, plan_costs)

@@ -6,7 +6,7 @@ import argparse
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_focusft.engine.method import MethodModel, MethodRun, TrainingMethod
+from megatron_focusft.engine.method import MethodModel, MethodRun, StageBalance, TrainingMethod
 from megatron_focusft.models.presets import ModelPreset
 from megatron_focusft.sft.step import sft_forward_step
 
@@ -23,7 +23,8 @@ def _model(args: argparse.Namespace) -> MethodModel:
     return MethodModel(mask_kind=args.sft_mask, fast_weights=None)
 
 
-def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset) -> MethodRun:
+def _run(args: argparse.Namespace, model_config: TransformerConfig, dp_rank: int, shape: ModelPreset,
+         balanced: StageBalance | None) -> MethodRun:
     return MethodRun(sft_forward_step)
 
 

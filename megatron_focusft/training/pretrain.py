@@ -266,13 +266,14 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
                             seed_offset=7919).next_micro_batch()
         rng = _rng_states()
         model, model_config = build_model_chunks(setup)  # with virtual stages: this rank's chunks
+        balanced = None
         if args.pipeline_balance == "auto":
-            counts, line = method.balance(
+            balanced = method.balance(
                 args, model, probe if cp == 1 else split_batch_for_cp(probe, cp, cp_rank, chunk_multiple=chunk_multiple),
                 num_micro_batches)
-            log(f"pipeline balance: {line}")
+            log(f"pipeline balance: {balanced.description}")
             _restore_rng_states(rng)  # the model is then initialised as a run given these flags would be
-            setup = dataclasses.replace(setup, pipeline_model_parallel_layout=layout_of_counts(counts))
+            setup = dataclasses.replace(setup, pipeline_model_parallel_layout=layout_of_counts(balanced.counts))
             model, model_config = build_model_chunks(setup)
         stage_models = [chunk.module for chunk in model] if isinstance(model, list) else model.module
         pipelined = args.pipeline_model_parallel_size > 1
@@ -288,7 +289,7 @@ def _train(args: argparse.Namespace, on_finish: Callable[[Any], None] | None, si
             adam_beta2=args.adam_beta2, clip_grad=args.clip_grad), bf16=args.bf16)
         scheduler = built.build(optimizer)
         data = _build_data(args, preset, needs, start.tokenizer_dir, dp_rank, dp_size, device, log)
-        run = method.run(args, model_config, dp_rank, preset)
+        run = method.run(args, model_config, dp_rank, preset, balanced)
         run_config = {key: getattr(args, key) for key in (*_RESUME_KEYS, *method.resume_keys)}
 
         def next_micro_batch():

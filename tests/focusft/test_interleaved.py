@@ -14,8 +14,9 @@ norm, and every slow-weight gradient (main_grad after finalize_model_grads). Pla
 - response objective, layer fraction 0.75 with one layer on the last stage: stage 0 holds a
   bottom layer and two adapted ones (uneven stages).
 And the guard's outer re-run (an inner lr that overflows the outer pass), adapted layers on the
-last stage and on both stages. Five cases keep the file near 2 minutes on two cores (each
-reference is four one-process runs).
+last stage and on both stages; two model chunks per rank, also with a plan of another wavefront
+stride. The cases keep the file near 2 minutes on two cores (each reference is four one-process
+runs; the stride case reuses the virtual-stage case's).
 
 Tolerance: the one-process run's own noise band (tests/helpers/noise_band.py): the reference
 repeated from weights moved by one ulp (three seeds), each tensor's relative error x10, at least
@@ -31,6 +32,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, FocusftPipeline, LayerCosts, stage_layers
 from tests.helpers.pipeline import (
     GUARD_RERUN,
     check_parity,
@@ -83,6 +85,29 @@ def test_virtual_stages_match_one_process(worker_pool, objective, fraction):
     reference = reference_step(pool, batches, focusft, layer_fraction=fraction)
     parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=fraction, schedule="interleaved", virtual=2)
     assert {r["pp_rank"]: r["layers"] for r in parallel} == {0: [1, 3], 1: [2, 4]}
+    check_parity(reference, parallel, focusft=True)
+
+
+def test_a_plan_of_another_stride_from_plan_costs_matches_one_process(worker_pool):
+    """With an inner backward three times its forward, FocusftPipeline.planned picks wavefront
+    stride 3 for two chunks per rank with layers 3-4 adapted (the default, the adapted stages'
+    depth, is 2; nominal costs keep 2): every rank runs that plan's units, in its order, and the
+    step trains as one process."""
+    costs = LayerCosts(bottom_forward=1, bottom_backward=2, adapted_inner_forward=1, adapted_inner_backward=6,
+                       adapted_outer_forward=1, adapted_outer_backward=2, head_inner_forward=0,
+                       head_inner_backward=0, head_outer_forward=0, head_outer_backward=0)
+    pipeline = FocusftPipeline(stage_layers(4, 3, [1, 1, 1, 1]), 2, False, 3, num_devices=2)
+    planned = pipeline.planned(costs)
+    assert (pipeline.stride, pipeline.planned(NOMINAL_COSTS).stride, planned.stride) == (2, 2, 3)
+    plan = planned.simulate(costs)
+    assert plan.order != pipeline.simulate(NOMINAL_COSTS).order
+    pool = worker_pool(2)
+    batches = pipeline_batches("focusft")
+    focusft = {"inner_objective": "response"}
+    reference = reference_step(pool, batches, focusft, layer_fraction=0.5)
+    parallel = pool.run(run_step, 1, 2, batches, focusft, layer_fraction=0.5, schedule="interleaved", virtual=2,
+                        plan_costs=costs)
+    assert {r["pp_rank"]: r["units"] for r in parallel} == {rank: list(plan.device_order(rank)) for rank in (0, 1)}
     check_parity(reference, parallel, focusft=True)
 
 

@@ -7,9 +7,11 @@ by hand from the module doc's table.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from megatron_focusft.engine.pipeline_plan import Unit
+from megatron_focusft.engine.pipeline_plan import Unit, default_window, focusft_passes, simulate
 from megatron_focusft.focusft.pipeline_cost import (
     FocusftPipeline,
     LayerCosts,
@@ -127,7 +129,7 @@ def test_virtual_balance_moves_layers_off_the_device_with_the_adapted_chunk():
     assert sum(chosen.stage_busy) == pytest.approx(sum(even.stage_busy))  # the same work, moved
     for moved in _moves(chosen.counts):
         layout = "E" + "|".join("t" * n for n in moved) + "L"
-        other = FocusftPipeline(stage_layers(8, 7, list(moved)), 2, False, 4, 2).simulate(COSTS)
+        other = FocusftPipeline(stage_layers(8, 7, list(moved)), 2, False, 4, 2).planned(COSTS).simulate(COSTS)
         assert (round(other.makespan, 12), max(other.device_busy(d) for d in range(2))) >= (
             round(chosen.iteration, 12), max(chosen.stage_busy)), layout
     assert chosen.flags == "--pipeline-model-parallel-layout " + "E" + "|".join("t" * n for n in chosen.counts) + "L"
@@ -157,6 +159,43 @@ def test_iteration_bound_by_hand_and_no_simulated_schedule_beats_it():
         for context in (False, True):
             pipe = FocusftPipeline(stage_layers(layers, layers - layers // 4 + 1, counts), 2, context, micro_batches,
                                    stages if virtual else None)
-            timeline = pipe.simulate(COSTS)
-            assert timeline.makespan >= pipe.iteration_bound(COSTS) - 1e-9
-            assert timeline.efficiency <= pipe.efficiency_bound(COSTS) + 1e-9
+            for stride in range(1, 2 * pipe.adapted_depth + 1):  # every plan FocusftPipeline.planned weighs
+                timeline = replace(pipe, wavefront_stride=stride).simulate(COSTS)
+                assert timeline.makespan >= pipe.iteration_bound(COSTS) - 1e-9
+                assert timeline.efficiency <= pipe.efficiency_bound(COSTS) + 1e-9
+
+
+@pytest.mark.parametrize("layers, stages, virtual, first_adapted, micro_batches", [
+    (4, 2, None, 2, 4), (16, 4, None, 11, 16), (16, 4, 2, 11, 16), (16, 8, 2, 11, 16), (6, 2, 2, 4, 3)])
+def test_planned_takes_the_stride_with_the_shortest_iteration(layers, stages, virtual, first_adapted, micro_batches):
+    """planned() against every wavefront stride it weighs (1 .. 2 x the adapted stages' depth),
+    each replayed here from the planner's parts (focusft_passes in that stride's order,
+    default_window's bound for it): its stride has the shortest iteration, the smallest such
+    stride, so never longer than the default's (the depth), and its window is that stride's."""
+    chunks = stages * (virtual or 1)
+    counts = [layers // chunks + (c < layers % chunks) for c in range(chunks)]
+    for context in (False, True):
+        pipe = FocusftPipeline(stage_layers(layers, first_adapted, counts), 2, context, micro_batches, virtual and stages)
+        k, depth = pipe.first_adapted_stage, chunks - pipe.first_adapted_stage
+        makespans = {stride: simulate(focusft_passes(chunks, k, 2, micro_batches, stride), chunks,
+                                      lambda unit: pipe.unit_cost(unit, COSTS), default_window(chunks, stride, 2),
+                                      num_devices=virtual and stages).makespan
+                     for stride in range(1, 2 * depth + 1)}
+        planned = pipe.planned(COSTS)
+        shortest = min(makespans.values())
+        assert planned.stride == min(s for s, t in makespans.items() if t <= shortest + 1e-9)
+        assert planned.simulate(COSTS).makespan == pytest.approx(shortest)
+        assert shortest <= makespans[depth] and pipe.stride == depth
+        assert planned.window == default_window(chunks, planned.stride, 2)
+
+
+def test_the_chosen_split_carries_its_plan():
+    """balance and virtual_balance simulate every split under its best plan and say which stride it
+    is (the line --pipeline-balance auto prints)."""
+    chosen = virtual_balance(8, 2, 2, 7, 2, False, 4, COSTS)
+    pipe = FocusftPipeline(stage_layers(8, 7, list(chosen.counts)), 2, False, 4, 2).planned(COSTS)
+    assert chosen.stride == pipe.stride and chosen.iteration == pytest.approx(pipe.simulate(COSTS).makespan)
+    assert f"(wavefront stride {chosen.stride})" in chosen.describe()
+    flags = balance(4, 2, 3, 2, False, 16, LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0))
+    assert flags.stride == FocusftPipeline(stage_layers(4, 3, [3, 1]), 2, False, 16).planned(
+        LayerCosts(1, 2, 1, 2, 1, 2, 0, 0, 0, 0)).stride

@@ -71,14 +71,15 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
          timed: bool = False, sp: bool = False, cp: int = 1, layer_fraction: float | None = None,
          perturb_seed: int | None = None, schedule: str = "sequential", layout: str | None = None,
          virtual: int | None = None, num_layers: int = 4,
-         replica_batches: list[list[SegmentBatch]] | None = None) -> dict:
+         replica_batches: list[list[SegmentBatch]] | None = None, plan_costs=None) -> dict:
     """One forward/backward through the forward step's schedule (FocuSFT's `schedule` under PP,
     else Megatron's; engine.train_step.forward_backward, re-runs included); this rank's logs and
     main_grads (with `perturb_seed`: from weights moved by one ulp, for the noise band); `layout`:
     the stages' layers as a pipeline layout string instead; `virtual`: that many model chunks per
     rank (virtual stages: FocuSFT's interleaved schedule, or Megatron's interleaved 1F1B for SFT);
     `num_layers`: the tiny model with that many layers; `replica_batches`: data-parallel replica r
-    runs replica_batches[r % len] instead of `batches`."""
+    runs replica_batches[r % len] instead of `batches`; `plan_costs`: the LayerCosts FocuSFT's
+    interleaved schedule plans from (its units, in the order this rank ran them, come back)."""
     from megatron.core import parallel_state
 
     from megatron_focusft.data.cp_split import split_batch_for_cp
@@ -129,10 +130,12 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
     else:
         initial = iter([fast_weights_with_random_b(config, fast, batch) for batch in batches]).__next__
         forward_step = make_focusft_forward_step(FocusftConfig(fast_weights=fast, pipeline_schedule=schedule,
-                                                               **focusft), lambda _: initial())
+                                                               **focusft), lambda _: initial(), plan_costs)
     if timed:
         config.timers = schedule_timers()
     logs = forward_backward(models, local, forward_step)  # train_step's, without the optimizer
+    interleaved = focusft is not None and forward_step.interleaved(models[0])
+    units = [record.unit for record in forward_step.forward_backward_func(models[0]).records] if interleaved else None
     grads = {_renumber(name, offset): (p.main_grad.clone(), getattr(p, "partition_dim", -1),
                                        getattr(p, "partition_stride", 1))
              for chunk, offset in zip(models, offsets) for name, p in chunk.module.named_parameters()}
@@ -140,7 +143,7 @@ def run_step(tp: int, pp: int, batches: list[SegmentBatch], focusft: dict | None
             "pp_rank": pp_rank, "cp_rank": cp_rank, "dp_rank": dp_rank,
             "layers": [n for v in range(len(models))
                        for n in stage_layer_numbers(config, stage_of_chunk(config, pp_rank, v if virtual else None))],
-            "stage_times": collect_stage_times(config.timers) if timed else None}
+            "stage_times": collect_stage_times(config.timers) if timed else None, "units": units}
 
 
 # --- comparison ----------------------------------------------------------------------------
