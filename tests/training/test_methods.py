@@ -60,3 +60,30 @@ def test_a_method_says_what_model_and_mask_it_needs(mode, mask_kind, adapted):
     # The baseline under FocuSFT's mask, without the bilevel step (the demo's SFT run).
     focusft_mask = METHODS["sft"].model(parse_training_args([*BASE, "--training-mode", "sft", "--sft-mask", "focusft"]))
     assert focusft_mask.mask_kind == "focusft"
+
+
+def test_focusft_plans_its_pipeline_schedule_from_the_costs_the_balance_measured():
+    """`--pipeline-balance auto`'s StageBalance reaches FocuSFT's forward step: its interleaved
+    schedule plans from those costs (an inner backward three times its forward: stride 3 on two
+    chunks per rank with layers 3-4 adapted), without a balance from nominal costs (stride 2)."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_focusft.engine.method import StageBalance
+    from megatron_focusft.focusft.interleaved import InterleavedSchedule
+    from megatron_focusft.focusft.pipeline_cost import NOMINAL_COSTS, FocusftPipeline, LayerCosts, stage_layers
+    from megatron_focusft.models.presets import get_preset
+
+    args = parse_training_args([*BASE, "--focusft-layer-fraction", "0.5"])
+    config = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                               pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+                               pipeline_dtype=torch.float32)
+    costs = LayerCosts(1, 2, 1, 6, 1, 2, 0, 0, 0, 0)
+    pipeline = FocusftPipeline(stage_layers(4, 3, [1, 1, 1, 1]), 2, False, 3, num_devices=2)
+    for balanced, plan_costs, stride in ((StageBalance((1, 1, 1, 1), "line", costs), costs, 3),
+                                         (None, NOMINAL_COSTS, 2)):
+        step = METHODS["focusft"].run(args, config, 0, get_preset("tiny"), balanced).forward_step
+        assert step.plan_costs is (balanced and costs)
+        planned = pipeline.planned(plan_costs)
+        assert planned.stride == stride
+        assert InterleavedSchedule(step).plan(config, 3).order == planned.simulate(plan_costs).order
