@@ -90,6 +90,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     from megatron_focusft.focusft.interleaved import focusft_pipeline
     from megatron_focusft.focusft.pipeline_cost import (
         FocusftPipeline,
+        LayerCosts,
         balance,
         best_split,
         stage_layers,
@@ -112,7 +113,7 @@ def run_bench_pipeline(config: PipelineBenchConfig, as_json: bool) -> list[dict[
     batches = [_batch(config.seq_length, config.micro_batch_size, preset.vocab_size, torch.device("cpu"),
                       config.seed + m) for m in range(config.num_micro_batches)]
 
-    def build(layout: str | None, schedule: str, virtual: int | None = None, plan_costs=None):
+    def build(layout: str | None, schedule: str, virtual: int | None = None, plan_costs: LayerCosts | None = None):
         torch.manual_seed(config.seed)
         setup = ModelSetup(preset=config.preset, pipeline_model_parallel_size=pp, pipeline_model_parallel_layout=layout,
                            virtual_pipeline_model_parallel_size=virtual, fast_weights=fast)
