@@ -88,7 +88,7 @@ class FocusftPipeline:
     def stride(self) -> int:
         """Passes between a micro-batch's consecutive passes (focusft_passes): `wavefront_stride`, by
         default the adapted stages' depth (one micro-batch's update goes down and up meanwhile)."""
-        return self.wavefront_stride or self.adapted_depth
+        return self.adapted_depth if self.wavefront_stride is None else self.wavefront_stride
 
     def planned(self, costs: LayerCosts) -> FocusftPipeline:
         """This pipeline with the wavefront stride, of 1 .. 2 x adapted_depth, whose simulated
